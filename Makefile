@@ -1,0 +1,42 @@
+# Newcomer entry points (see README):
+#   make demo   -- create/refresh the cached virtual environment, build, run the demo
+#   make test   -- create/refresh the cached virtual environment, build (CPU + CUDA sources), run the tests
+#
+# The virtual environment lives outside the clone, keyed by the hash of requirements/base.txt and the
+# Python version, so repeated runs on one machine do not reinstall torch (5.5 GB for the CUDA build).
+PYTHON      ?= python3
+REQ         := requirements/base.txt
+REQ_HASH    := $(shell cat $(REQ) | sha256sum | cut -c1-12)
+PY_TAG      := $(shell $(PYTHON) -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
+CACHE_DIR   ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mergekernels
+VENV        ?= $(CACHE_DIR)/venv-$(PY_TAG)-$(REQ_HASH)
+VPY         := $(VENV)/bin/python
+# Parallel compile jobs for torch's ninja build.
+export MAX_JOBS ?= $(shell nproc)
+
+.PHONY: venv build demo test lint bench clean
+
+$(VENV)/.complete: $(REQ)
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip wheel setuptools
+	$(VPY) -m pip install -r $(REQ)
+	touch $@
+
+venv: $(VENV)/.complete
+
+build: venv
+	$(VPY) -m pip install --no-build-isolation --no-deps -e . -v 2>&1 | tail -n 30
+
+demo: build
+	$(VPY) -m mergekernels demo
+
+test: build
+	$(VPY) -m ruff check mergekernels tests benchmarks
+	$(VPY) -m pytest
+
+bench: build
+	$(VPY) -m pytest benchmarks --benchmark-only
+	$(VPY) benchmarks/bandwidth.py
+
+clean:
+	rm -rf build *.egg-info mergekernels/_C*.so

@@ -1,0 +1,174 @@
+// Per-element arithmetic of the fused merges, shared by the CPU and CUDA kernels.
+//
+// A fused merge reads, for each element, the base value and the K fine-tuned values once, forms
+// tau_t = theta_t - theta_0 in float32, sparsifies it (trim / band / random drop), and reduces
+// over tasks. TIES consensus is done in the same single pass: positive and negative contributions
+// are accumulated separately next to the election sum, and the elected sign picks one side at
+// the end. So no per-task values are kept per element, whatever K is.
+#pragma once
+
+#include "mk_common.h"
+#include "philox.h"
+
+namespace mk {
+
+enum Sparsify : int32_t { kSparsifyNone = 0, kSparsifyTrim = 1, kSparsifyBand = 2, kSparsifyDrop = 3 };
+enum KeepSource : int32_t { kKeepConstant = 0, kKeepPerRow = 1, kKeepRank = 2 };
+enum Reduce : int32_t { kReduceSum = 0, kReduceMean = 1, kReduceWeighted = 2 };
+
+// mergekit's rule for a vanishing normaliser: divide by 1 instead.
+constexpr float kMinDivisor = 1e-8f;
+
+// Correctly rounded float ops; on the device the _rn intrinsics also forbid FMA contraction.
+MK_HD float fadd(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+MK_HD float fsub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+MK_HD float fmul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MK_HD float fdiv(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// Everything a fused merge needs besides the tensors' data pointers. Plain data, passed by value
+// to CUDA kernels.
+struct MergeConfig {
+  int32_t num_experts;
+  int32_t sparsify;     // Sparsify
+  int32_t keep_source;  // KeepSource (kSparsifyDrop only)
+  int32_t reduce;       // Reduce
+  int32_t expert_offset;  // expert index of task 0 in the RNG counter (masked_drop uses it)
+  bool ties;              // TIES sign election + disjoint merge
+  bool weighted_election;  // elect on w_t * tau_t (mergekit) instead of tau_t (paper)
+  bool rescale_inverse;    // divide kept values by their keep probability
+  float scale;             // lambda
+  PhiloxKey key;
+  int64_t element_offset;  // global index of the first element of this call (chunking)
+  int64_t row_len;         // elements per row, for per-row keep rates
+  int64_t num_rows;        // rows per task in row_keep
+  const float* thresholds;  // [2, K] on the data's device: keep |tau| >= row 0 and < row 1
+  const float* row_keep;    // [K, num_rows] keep probabilities (kKeepPerRow)
+  const int32_t* ranks[kMaxExperts];  // per-row magnitude ranks of this call's elements (kKeepRank)
+  float weight[kMaxExperts];
+  float keep[kMaxExperts];  // constant keep probability, or the rank-0 probability (kKeepRank)
+  float step[kMaxExperts];  // keep-probability increment per rank (kKeepRank)
+  float post[kMaxExperts];  // multiplier applied to kept values (L1 matching); 1 otherwise
+};
+
+MK_HD float keep_probability(const MergeConfig& c, int t, int64_t global, int64_t local) {
+  switch (c.keep_source) {
+    case kKeepPerRow:
+      return c.row_keep[static_cast<int64_t>(t) * c.num_rows + global / c.row_len];
+    case kKeepRank:
+      return fadd(c.keep[t], fmul(c.step[t], static_cast<float>(c.ranks[t][local])));
+    default:
+      return c.keep[t];
+  }
+}
+
+// Sparsified task vector of task t at one element, for a sparsification mode known at compile time
+// (the CPU kernels specialise their loops on it). `word` is the element's Philox word for task t;
+// only kSparsifyDrop reads it.
+template <int kMode>
+MK_HD float sparsify_as(const MergeConfig& c, int t, int64_t global, int64_t local, float tau, uint32_t word) {
+  if constexpr (kMode == kSparsifyTrim) {
+    return abs_f(tau) >= c.thresholds[t] ? tau : 0.0f;
+  } else if constexpr (kMode == kSparsifyBand) {
+    const float m = abs_f(tau);
+    return (m >= c.thresholds[t] && m < c.thresholds[c.num_experts + t]) ? tau : 0.0f;
+  } else if constexpr (kMode == kSparsifyDrop) {
+    const float q = keep_probability(c, t, global, local);
+    if (!(uniform24(word) < q)) return 0.0f;
+    const float kept = c.rescale_inverse ? fdiv(tau, q) : tau;
+    return fmul(kept, c.post[t]);
+  } else {
+    return tau;
+  }
+}
+
+MK_HD float sparsify(const MergeConfig& c, int t, int64_t global, int64_t local, float tau, uint32_t word) {
+  switch (c.sparsify) {
+    case kSparsifyTrim:
+      return sparsify_as<kSparsifyTrim>(c, t, global, local, tau, word);
+    case kSparsifyBand:
+      return sparsify_as<kSparsifyBand>(c, t, global, local, tau, word);
+    case kSparsifyDrop:
+      return sparsify_as<kSparsifyDrop>(c, t, global, local, tau, word);
+    default:
+      return tau;
+  }
+}
+
+// Running sums of one element over tasks.
+struct ElementAccumulator {
+  float elect = 0.0f;                          // election sum
+  float pos = 0.0f, neg = 0.0f;                // sum of w*v over v > 0, v < 0
+  float count_pos = 0.0f, count_neg = 0.0f;    // number of such tasks
+  float weight_pos = 0.0f, weight_neg = 0.0f;  // sum of their weights
+  float all = 0.0f, weight_all = 0.0f;         // sum of w*v and of w over every task
+};
+
+MK_HD void accumulate(const MergeConfig& c, ElementAccumulator& a, int t, float v) {
+  const float w = c.weight[t];
+  const float wv = fmul(w, v);
+  a.elect = fadd(a.elect, c.weighted_election ? wv : v);
+  a.all = fadd(a.all, wv);
+  a.weight_all = fadd(a.weight_all, w);
+  if (v > 0.0f) {
+    a.pos = fadd(a.pos, wv);
+    a.count_pos = fadd(a.count_pos, 1.0f);
+    a.weight_pos = fadd(a.weight_pos, w);
+  } else if (v < 0.0f) {
+    a.neg = fadd(a.neg, wv);
+    a.count_neg = fadd(a.count_neg, 1.0f);
+    a.weight_neg = fadd(a.weight_neg, w);
+  }
+}
+
+MK_HD float normalise(float sum, float divisor) {
+  return abs_f(divisor) < kMinDivisor ? sum : fdiv(sum, divisor);
+}
+
+// The merged task vector of one element.
+MK_HD float finish(const MergeConfig& c, const ElementAccumulator& a) {
+  float sum = a.all, count = static_cast<float>(c.num_experts), weight = a.weight_all;
+  if (c.ties) {
+    const bool positive = a.elect >= 0.0f;  // an election sum of exactly 0 elects +
+    sum = positive ? a.pos : a.neg;
+    count = positive ? a.count_pos : a.count_neg;
+    weight = positive ? a.weight_pos : a.weight_neg;
+  }
+  switch (c.reduce) {
+    case kReduceMean:
+      return count > 0.0f ? fdiv(sum, count) : 0.0f;
+    case kReduceWeighted:
+      return normalise(sum, weight);
+    default:
+      return sum;
+  }
+}
+
+MK_HD float merged_output(const MergeConfig& c, float base, const ElementAccumulator& a) {
+  return fadd(base, fmul(c.scale, finish(c, a)));
+}
+
+}  // namespace mk

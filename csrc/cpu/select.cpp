@@ -1,0 +1,66 @@
+// CPU radix-select histograms for the exact k-th largest |tau| (see csrc/common/mk_common.h for the
+// digit layout). Each thread counts into a private uint32 histogram, task by task over an L1-sized
+// block so one task's bins stay in cache, and the private histograms are added into `hist`.
+#include <torch/library.h>
+
+#include <mutex>
+#include <vector>
+
+#include "../host_args.h"
+#include "cpu_common.h"
+
+namespace mk::cpu {
+namespace {
+
+// Elements per private histogram: below it, counting straight into `hist` is cheaper than zeroing
+// and adding a private copy.
+constexpr int64_t kPrivateMin = 1 << 16;
+
+template <typename scalar_t>
+void count_block(int level, int k, int64_t bins, const scalar_t* b, const std::vector<const scalar_t*>& ft,
+                 const int64_t* prefix, int64_t lo, int64_t hi, uint32_t* h) {
+  alignas(64) float base_f[kBlock];
+  const int64_t len = hi - lo;
+  for (int64_t j = 0; j < len; ++j) base_f[j] = static_cast<float>(b[lo + j]);
+  for (int t = 0; t < k; ++t) {
+    const scalar_t* x = ft[t] + lo;
+    uint32_t* ht = h + t * bins;
+    if (level == 0) {
+      for (int64_t j = 0; j < len; ++j) ++ht[abs_key(fsub(static_cast<float>(x[j]), base_f[j])) >> kLevel1Bits];
+    } else {
+      const uint32_t want = static_cast<uint32_t>(prefix[t]);
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t key = abs_key(fsub(static_cast<float>(x[j]), base_f[j]));
+        if ((key >> kLevel1Bits) == want) ++ht[key & (kLevel1Bins - 1)];
+      }
+    }
+  }
+}
+
+void run_histogram(const Inputs& in, int level, const at::Tensor& pre, at::Tensor& hist) {
+  const int k = in.num_experts();
+  const int64_t bins = level == 0 ? kLevel0Bins : kLevel1Bins;
+  const int64_t n = in.numel();
+  int64_t* out = hist.data_ptr<int64_t>();
+  std::mutex merge_lock;
+  MK_DISPATCH_FLOAT(in.base.scalar_type(), "magnitude_histogram_", [&] {
+    const scalar_t* b = in.base.data_ptr<scalar_t>();
+    std::vector<const scalar_t*> ft;
+    for (const auto& x : in.finetuned) ft.push_back(x.data_ptr<scalar_t>());
+    const int64_t* p = level == 1 ? pre.data_ptr<int64_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(kPrivateMin, (n + at::get_num_threads() - 1) / at::get_num_threads());
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> local(static_cast<size_t>(k) * bins, 0);
+      for (int64_t lo = begin; lo < end; lo += kBlock)
+        count_block<scalar_t>(level, k, bins, b, ft, p, lo, std::min(lo + kBlock, end), local.data());
+      std::lock_guard<std::mutex> guard(merge_lock);
+      for (size_t i = 0; i < local.size(); ++i) out[i] += local[i];
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mergekernels, CPU, m) { m.impl("magnitude_histogram_", &magnitude_histogram_op<run_histogram>); }
+
+}  // namespace mk::cpu

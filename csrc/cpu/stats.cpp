@@ -1,0 +1,109 @@
+// CPU task-vector statistics: one pass over base and the K fine-tuned tensors. Each block's task
+// vectors live only in a per-thread [K, kBlock] scratch; the Gram matrix is summed in float64 with
+// eight independent partial sums per pair (exact float products, vectorisable), per chunk, and
+// the chunks are summed in order, so the result does not depend on the thread count.
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../host_args.h"
+#include "cpu_common.h"
+
+namespace mk::cpu {
+namespace {
+
+double dot_f64(const float* a, const float* b, int64_t len) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8)
+    for (int u = 0; u < 8; ++u) lane[u] += static_cast<double>(a[j + u]) * static_cast<double>(b[j + u]);
+  for (; j < len; ++j) lane[0] += static_cast<double>(a[j]) * static_cast<double>(b[j]);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+struct StatsPartial {
+  std::vector<double> gram;     // [K, K], upper triangle filled
+  std::vector<float> absmax;    // [K]
+  std::vector<int64_t> nnz;     // [K]
+  int64_t agree = 0, any = 0;   // sign agreement counts
+  std::vector<int64_t> hist;    // [K, 256] or empty
+};
+
+void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
+  const int k = in.num_experts();
+  const int64_t n = in.numel(), chunks = num_chunks(0, n);
+  std::vector<StatsPartial> parts(static_cast<size_t>(chunks));
+  for (auto& p : parts) {
+    p.gram.assign(static_cast<size_t>(k) * k, 0.0);
+    p.absmax.assign(k, 0.0f);
+    p.nnz.assign(k, 0);
+    if (histogram) p.hist.assign(static_cast<size_t>(k) * kExponentBins, 0);
+  }
+  MK_DISPATCH_FLOAT(in.base.scalar_type(), "tv_stats", [&] {
+    const scalar_t* b = in.base.data_ptr<scalar_t>();
+    std::vector<const scalar_t*> ft;
+    for (const auto& x : in.finetuned) ft.push_back(x.data_ptr<scalar_t>());
+    for_each_block_chunked(0, n, [&](int64_t ch, int64_t, int64_t lo, int64_t hi) {
+      thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<size_t>(k + 1) * kBlock);
+      float* base_f = scratch.data() + static_cast<size_t>(k) * kBlock;
+      alignas(64) uint8_t has_pos[kBlock], has_neg[kBlock];
+      StatsPartial& p = parts[ch];
+      const int64_t len = hi - lo;
+      for (int64_t j = 0; j < len; ++j) {
+        base_f[j] = static_cast<float>(b[lo + j]);
+        has_pos[j] = has_neg[j] = 0;
+      }
+      for (int t = 0; t < k; ++t) {
+        float* tau = scratch.data() + static_cast<size_t>(t) * kBlock;
+        const scalar_t* x = ft[t] + lo;
+        float amax = p.absmax[t];
+        int64_t nz = 0;
+        for (int64_t j = 0; j < len; ++j) {
+          const float v = fsub(static_cast<float>(x[j]), base_f[j]);
+          tau[j] = v;
+          amax = std::max(amax, abs_f(v));
+          nz += v != 0.0f;
+          has_pos[j] |= v > 0.0f;
+          has_neg[j] |= v < 0.0f;
+        }
+        p.absmax[t] = amax;
+        p.nnz[t] += nz;
+        if (histogram) {
+          int64_t* h = p.hist.data() + static_cast<size_t>(t) * kExponentBins;
+          for (int64_t j = 0; j < len; ++j) ++h[abs_key(tau[j]) >> 23];
+        }
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        p.any += has_pos[j] | has_neg[j];
+        p.agree += has_pos[j] ^ has_neg[j];
+      }
+      for (int i = 0; i < k; ++i)
+        for (int jj = i; jj < k; ++jj)
+          p.gram[static_cast<size_t>(i) * k + jj] +=
+              dot_f64(scratch.data() + static_cast<size_t>(i) * kBlock, scratch.data() + static_cast<size_t>(jj) * kBlock, len);
+    });
+  });
+  double* g = out.gram.data_ptr<double>();
+  float* am = out.absmax.data_ptr<float>();
+  int64_t* nz = out.nnz.data_ptr<int64_t>();
+  int64_t* sg = out.signs.data_ptr<int64_t>();
+  int64_t* hs = out.hist.data_ptr<int64_t>();
+  for (const auto& p : parts) {
+    for (int i = 0; i < k; ++i) {
+      for (int jj = i; jj < k; ++jj) g[i * k + jj] += p.gram[static_cast<size_t>(i) * k + jj];
+      am[i] = std::max(am[i], p.absmax[i]);
+      nz[i] += p.nnz[i];
+    }
+    sg[0] += p.agree;
+    sg[1] += p.any;
+    for (size_t i = 0; i < p.hist.size(); ++i) hs[i] += p.hist[i];
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mergekernels, CPU, m) { m.impl("tv_stats", &tv_stats_op<run_stats>); }
+
+}  // namespace mk::cpu

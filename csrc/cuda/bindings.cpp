@@ -1,0 +1,83 @@
+// Torch side of the CUDA kernels: runners for the shared op front-ends of csrc/host_args.h,
+// registered for the CUDA dispatch key. Launches go on torch's current stream; every launch is
+// followed by a launch-error check.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../host_args.h"
+#include "launch.h"
+
+namespace mk::cuda {
+namespace {
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return kFloat16;
+    case at::kBFloat16:
+      return kBFloat16;
+    default:
+      return kFloat32;
+  }
+}
+
+InputPtrs pointers(const Inputs& in) {
+  InputPtrs p{};
+  for (int t = 0; t < in.num_experts(); ++t) p.p[t] = in.finetuned[t].data_ptr();
+  return p;
+}
+
+void run_merge(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(in.base.device());
+  launch_fused_merge(c, dtype_of(in.base.scalar_type()), dtype_of(out.scalar_type()), in.base.data_ptr(),
+                     pointers(in), out.data_ptr(), in.numel(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void run_drop(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(in.base.device());
+  launch_masked_drop(c, dtype_of(in.base.scalar_type()), in.base.data_ptr(), in.finetuned[0].data_ptr(),
+                     out.data_ptr<float>(), in.numel(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void run_drop_l1(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(in.base.device());
+  launch_drop_l1(c, dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in), out.data_ptr<double>(),
+                 in.numel(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
+  const c10::cuda::CUDAGuard guard(in.base.device());
+  launch_tv_stats(in.num_experts(), dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in), in.numel(),
+                  histogram, out.gram.data_ptr<double>(), reinterpret_cast<uint32_t*>(out.absmax.data_ptr<float>()),
+                  reinterpret_cast<unsigned long long*>(out.nnz.data_ptr<int64_t>()),
+                  reinterpret_cast<unsigned long long*>(out.signs.data_ptr<int64_t>()),
+                  reinterpret_cast<unsigned long long*>(out.hist.data_ptr<int64_t>()),
+                  c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void run_histogram(const Inputs& in, int level, const at::Tensor& prefix, at::Tensor& hist) {
+  const c10::cuda::CUDAGuard guard(in.base.device());
+  launch_magnitude_histogram(in.num_experts(), dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in),
+                             in.numel(), level, level == 1 ? prefix.data_ptr<int64_t>() : nullptr,
+                             reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
+                             c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mergekernels, CUDA, m) {
+  m.impl("fused_merge", &fused_merge_op<run_merge>);
+  m.impl("masked_drop", &masked_drop_op<run_drop>);
+  m.impl("drop_l1", &drop_l1_op<run_drop_l1>);
+  m.impl("tv_stats", &tv_stats_op<run_stats>);
+  m.impl("magnitude_histogram_", &magnitude_histogram_op<run_histogram>);
+}
+
+}  // namespace mk::cuda

@@ -1,0 +1,42 @@
+// Host entry points of the CUDA kernels. The .cu files include no torch headers (plain CUDA +
+// csrc/common), which keeps nvcc's translation units small and fast to build; the torch side
+// (argument checks, allocation, streams, registration) is csrc/cuda/bindings.cpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/merge_element.h"
+
+namespace mk::cuda {
+
+enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Data pointers of the fine-tuned tensors, passed by value to kernels.
+struct InputPtrs {
+  const void* p[kMaxExperts];
+};
+
+void launch_fused_merge(const MergeConfig& c, DType in, DType out_dtype, const void* base, const InputPtrs& ft,
+                        void* out, int64_t n, cudaStream_t stream);
+
+// c.num_experts == 1; c.expert_offset is the expert index.
+void launch_masked_drop(const MergeConfig& c, DType in, const void* base, const void* ft, float* out, int64_t n,
+                        cudaStream_t stream);
+
+// out: [2, K] float64, zero-initialised; accumulates sum |tau| and sum |mask * tau|.
+void launch_drop_l1(const MergeConfig& c, DType in, const void* base, const InputPtrs& ft, double* out, int64_t n,
+                    cudaStream_t stream);
+
+// Outputs zero-initialised: gram [K, K] (upper triangle written), absmax_bits [K] (float bits),
+// nnz [K], signs [2], hist [K, 256] (only when histogram).
+void launch_tv_stats(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, bool histogram, double* gram,
+                     uint32_t* absmax_bits, unsigned long long* nnz, unsigned long long* signs,
+                     unsigned long long* hist, cudaStream_t stream);
+
+// hist: [K, bins] counts accumulated in place; prefix: [K] int64 on the device (level 1).
+void launch_magnitude_histogram(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, int level,
+                                const int64_t* prefix, unsigned long long* hist, cudaStream_t stream);
+
+}  // namespace mk::cuda

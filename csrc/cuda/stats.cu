@@ -1,0 +1,131 @@
+// CUDA task-vector statistics in one pass. Each block stages the task vectors of a 256-element tile
+// in shared memory ([K, 256] floats); sign agreement and the exponent histogram are taken while
+// staging, then every thread accumulates its fixed share of the K(K+1)/2 Gram pairs (and, on the
+// diagonal pairs, max |tau| and the non-zero count) over the tile in float64 registers. Partials
+// leave the block once, through atomics, at the end of the grid-stride loop.
+#include "cuda_common.cuh"
+
+namespace mk::cuda {
+namespace {
+
+constexpr int kTile = kThreads;
+// ceil(64 * 65 / 2 / 256): Gram slots per thread at K = kMaxExperts.
+constexpr int kSlotsPerThread = (kMaxExperts * (kMaxExperts + 1) / 2 + kThreads - 1) / kThreads;
+
+__device__ __forceinline__ void pair_of(int p, int k, int& i, int& j) {
+  i = 0;
+  while (p >= k - i) {
+    p -= k - i;
+    ++i;
+  }
+  j = i + p;
+}
+
+template <typename in_t>
+__global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* __restrict__ base, const InputPtrs ft,
+                                                            int64_t n, bool histogram, double* gram,
+                                                            uint32_t* absmax_bits, unsigned long long* nnz,
+                                                            unsigned long long* signs, unsigned long long* hist) {
+  extern __shared__ float smem[];
+  float* tile = smem;                                                         // [k, kTile]
+  uint32_t* shist = reinterpret_cast<uint32_t*>(smem + k * kTile);            // [k, 256]
+  __shared__ double scratch[kThreads / 32];
+  if (histogram)
+    for (int b = threadIdx.x; b < k * kExponentBins; b += blockDim.x) shist[b] = 0;
+
+  const int pairs = k * (k + 1) / 2;
+  const int parts = pairs < kThreads ? kThreads / pairs : 1;  // element subsets per pair
+  const int slots = pairs * parts;
+  int slot_i[kSlotsPerThread], slot_j[kSlotsPerThread], slot_part[kSlotsPerThread];
+  double dot[kSlotsPerThread];
+  float amax[kSlotsPerThread];
+  unsigned long long nz[kSlotsPerThread];
+#pragma unroll
+  for (int r = 0; r < kSlotsPerThread; ++r) {
+    const int s = threadIdx.x + r * kThreads;
+    slot_i[r] = slot_j[r] = -1;
+    slot_part[r] = 0;
+    if (s < slots) {
+      pair_of(s % pairs, k, slot_i[r], slot_j[r]);
+      slot_part[r] = s / pairs;
+    }
+    dot[r] = 0.0;
+    amax[r] = 0.0f;
+    nz[r] = 0;
+  }
+  unsigned long long agree = 0, any = 0;
+  __syncthreads();
+
+  for (int64_t start = blockIdx.x * static_cast<int64_t>(kTile); start < n;
+       start += static_cast<int64_t>(gridDim.x) * kTile) {
+    const int64_t e = start + threadIdx.x;
+    const bool valid = e < n;
+    const float b = valid ? to_float(base[e]) : 0.0f;
+    bool pos = false, neg = false;
+    for (int t = 0; t < k; ++t) {
+      const float v = valid ? fsub(to_float(static_cast<const in_t*>(ft.p[t])[e]), b) : 0.0f;
+      tile[t * kTile + threadIdx.x] = v;
+      pos |= v > 0.0f;
+      neg |= v < 0.0f;
+      if (histogram && valid) atomicAdd(&shist[t * kExponentBins + (abs_key(v) >> 23)], 1u);
+    }
+    any += pos || neg;
+    agree += pos != neg;
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kSlotsPerThread; ++r) {
+      if (slot_i[r] < 0) continue;
+      const float* a = tile + slot_i[r] * kTile;
+      const float* c = tile + slot_j[r] * kTile;
+      const bool diag = slot_i[r] == slot_j[r];
+      for (int x = slot_part[r]; x < kTile; x += parts) {
+        dot[r] += static_cast<double>(a[x]) * static_cast<double>(c[x]);
+        if (diag) {
+          amax[r] = fmaxf(amax[r], abs_f(a[x]));
+          nz[r] += a[x] != 0.0f;
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int r = 0; r < kSlotsPerThread; ++r) {
+    if (slot_i[r] < 0) continue;
+    atomicAdd(gram + slot_i[r] * k + slot_j[r], dot[r]);
+    if (slot_i[r] == slot_j[r]) {
+      atomicMax(absmax_bits + slot_i[r], float_bits(amax[r]));  // non-negative floats order as uints
+      atomicAdd(nnz + slot_i[r], nz[r]);
+    }
+  }
+  const double agree_sum = block_sum(static_cast<double>(agree), scratch);
+  const double any_sum = block_sum(static_cast<double>(any), scratch);
+  if (threadIdx.x == 0) {
+    atomicAdd(signs, static_cast<unsigned long long>(agree_sum));
+    atomicAdd(signs + 1, static_cast<unsigned long long>(any_sum));
+  }
+  if (histogram) {
+    __syncthreads();
+    for (int b = threadIdx.x; b < k * kExponentBins; b += blockDim.x)
+      if (shist[b]) atomicAdd(hist + b, static_cast<unsigned long long>(shist[b]));
+  }
+}
+
+}  // namespace
+
+void launch_tv_stats(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, bool histogram, double* gram,
+                     uint32_t* absmax_bits, unsigned long long* nnz, unsigned long long* signs,
+                     unsigned long long* hist, cudaStream_t stream) {
+  if (n <= 0) return;
+  const size_t smem = sizeof(float) * k * kTile + (histogram ? sizeof(uint32_t) * k * kExponentBins : 0);
+  const int grid = grid_for(n, 2);
+  dispatch_dtype(in, [&](auto tag) {
+    using in_t = decltype(tag);
+    auto kernel = tv_stats_kernel<in_t>;
+    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    kernel<<<grid, kThreads, smem, stream>>>(k, static_cast<const in_t*>(base), ft, n, histogram, gram, absmax_bits,
+                                             nnz, signs, hist);
+  });
+}
+
+}  // namespace mk::cuda

@@ -1,0 +1,41 @@
+// The one place where the op schemas of torch.ops.mergekernels are declared. CPU and CUDA
+// implementations register against them in csrc/cpu/*.cpp and csrc/cuda/bindings.cpp; the Python
+// face (fake kernels, argument checks, wrappers) is mergekernels/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing mergekernels._C loads this shared object, which runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(mergekernels, m) {
+  // One pass over base and finetuned: Gram matrix of the task vectors (float64, diagonal = squared
+  // norms), per-task max |tau| and non-zero count, sign agreement counts [agree, any non-zero], and
+  // optionally a per-task histogram of the IEEE exponent of |tau| (256 bins).
+  m.def(
+      "tv_stats(Tensor base, Tensor[] finetuned, bool histogram) -> "
+      "(Tensor gram, Tensor absmax, Tensor nnz, Tensor sign_counts, Tensor hist)");
+  // Radix-select histogram over |tau| bit patterns, accumulated into `hist` ([K, 65536] at level 0,
+  // [K, 32768] at level 1 counting only elements whose level-0 digit equals prefix[t]).
+  m.def(
+      "magnitude_histogram_(Tensor(a!) hist, Tensor base, Tensor[] finetuned, int level, "
+      "Tensor? prefix) -> ()");
+  // Fused merge: base + scale * reduce_t(sparsify(w_t * (finetuned_t - base))), one read of every
+  // input and one write of the output. See csrc/common/merge_element.h for the modes.
+  m.def(
+      "fused_merge(Tensor base, Tensor[] finetuned, float[] weights, float scale, int reduce, bool ties, "
+      "bool weighted_election, int sparsify, Tensor? thresholds, int keep_source, float[] keep, "
+      "float[] step, float[] post, bool rescale_inverse, Tensor? row_keep, Tensor[] ranks, int seed, "
+      "int key, int element_offset, int row_len, ScalarType? out_dtype) -> Tensor");
+  // The sparsified task vector of one expert (float32), with the same masks as fused_merge.
+  m.def(
+      "masked_drop(Tensor base, Tensor finetuned, int expert, int sparsify, Tensor? thresholds, "
+      "int keep_source, float keep, float step, float post, bool rescale_inverse, Tensor? row_keep, "
+      "Tensor? rank, int seed, int key, int element_offset, int row_len) -> Tensor");
+  // L1 norms of tau and of the Bernoulli-masked tau (no rescale), [2, K] float64: mergekit's
+  // L1-matching rescale factor is row 0 / row 1.
+  m.def(
+      "drop_l1(Tensor base, Tensor[] finetuned, float[] keep, int seed, int key, int element_offset) -> Tensor");
+}

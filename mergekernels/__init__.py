@@ -1,0 +1,31 @@
+"""mergekernels: C++/CUDA kernels for model merging.
+
+Per-tensor methods take ``base`` (theta_0) and ``finetuned`` (theta_1..theta_K) and return the
+merged tensor in base's dtype on base's device; task vectors tau_t = theta_t - theta_0 are formed
+inside the kernels and never materialised. ``merge`` does the same for whole state dicts.
+"""
+
+from ._ops import has_cuda_kernels, masked_drop, tensor_key
+from .merge import merge
+from .methods import METHODS, breadcrumbs, dare, della, task_arithmetic, ties
+from .selection import MagnitudeThreshold, magnitude_threshold
+from .stats import TaskVectorStats, task_vector_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "MagnitudeThreshold",
+    "TaskVectorStats",
+    "breadcrumbs",
+    "dare",
+    "della",
+    "has_cuda_kernels",
+    "magnitude_threshold",
+    "masked_drop",
+    "merge",
+    "task_arithmetic",
+    "task_vector_stats",
+    "tensor_key",
+    "ties",
+]

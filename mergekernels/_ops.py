@@ -1,0 +1,240 @@
+"""The Python face of ``torch.ops.mergekernels``: fake kernels, argument checks, thin wrappers.
+
+Nothing else in the package touches ``torch.ops.mergekernels`` directly. Schemas are declared once
+in ``csrc/ops.cpp``; CPU and CUDA implementations are registered by the compiled extension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the extension registers the ops)
+except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt checkout
+    raise ImportError(
+        "mergekernels: the compiled extension mergekernels._C is missing or failed to load "
+        f"({exc}). Build it with `pip install --no-build-isolation -e .` from the repository root "
+        "(or `make build`); set MK_CUDA=0 for a CPU-only build."
+    ) from exc
+
+_lib = torch.ops.mergekernels
+
+# Mirrors of the enums in csrc/common/merge_element.h.
+SPARSIFY = {"none": 0, "trim": 1, "band": 2, "drop": 3}
+KEEP_SOURCE = {"constant": 0, "row": 1, "rank": 2}
+REDUCE = {"sum": 0, "mean": 1, "weighted": 2}
+MAX_EXPERTS = 64
+LEVEL0_BINS = 1 << 16
+LEVEL1_BITS = 15
+LEVEL1_BINS = 1 << LEVEL1_BITS
+EXPONENT_BINS = 256
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
+@torch.library.register_fake("mergekernels::tv_stats")
+def _tv_stats_fake(base, finetuned, histogram):
+    k = len(finetuned)
+    return (
+        base.new_empty((k, k), dtype=torch.float64),
+        base.new_empty((k,), dtype=torch.float32),
+        base.new_empty((k,), dtype=torch.int64),
+        base.new_empty((2,), dtype=torch.int64),
+        base.new_empty((k, EXPONENT_BINS if histogram else 0), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("mergekernels::magnitude_histogram_")
+def _magnitude_histogram_fake(hist, base, finetuned, level, prefix):
+    return None
+
+
+@torch.library.register_fake("mergekernels::fused_merge")
+def _fused_merge_fake(base, finetuned, weights, scale, reduce, ties, weighted_election, sparsify, thresholds,
+                      keep_source, keep, step, post, rescale_inverse, row_keep, ranks, seed, key, element_offset,
+                      row_len, out_dtype):
+    return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
+
+
+@torch.library.register_fake("mergekernels::masked_drop")
+def _masked_drop_fake(base, finetuned, expert, sparsify, thresholds, keep_source, keep, step, post,
+                      rescale_inverse, row_keep, rank, seed, key, element_offset, row_len):
+    return base.new_empty(base.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("mergekernels::drop_l1")
+def _drop_l1_fake(base, finetuned, keep, seed, key, element_offset):
+    return base.new_empty((2, len(finetuned)), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks shared by every op wrapper.
+def tensor_key(name: str | int) -> int:
+    """Stable signed 64-bit key of a tensor name: the first 8 bytes (little endian) of its BLAKE2b
+    digest. Integers pass through. Masks are keyed by it, so they do not depend on tensor order."""
+    if isinstance(name, int):
+        if not -(2**63) <= name < 2**64:
+            raise ValueError(f"tensor key {name} does not fit in 64 bits")
+        return name - 2**64 if name >= 2**63 else name
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _signed64(value: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    return tensor_key(value)
+
+
+@dataclass
+class Prepared:
+    """Inputs made ready for a kernel: one float dtype the kernels support, one device."""
+
+    base: torch.Tensor
+    finetuned: list[torch.Tensor]
+    out_dtype: torch.dtype  # dtype the caller gets back
+
+
+def prepare(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> Prepared:
+    """Validate base/finetuned and cast them to one kernel dtype (promoting mixed dtypes; float64
+    is computed in float32 and returned as float64)."""
+    if not isinstance(base, torch.Tensor):
+        raise TypeError(f"{op}: base must be a torch.Tensor, got {type(base).__name__}")
+    if isinstance(finetuned, torch.Tensor):
+        raise TypeError(f"{op}: finetuned must be a sequence of tensors, not a single tensor")
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise ValueError(f"{op}: finetuned is empty; pass at least one fine-tuned tensor")
+    if len(finetuned) > MAX_EXPERTS:
+        raise ValueError(f"{op}: at most {MAX_EXPERTS} fine-tuned tensors per call, got {len(finetuned)}")
+    if not base.is_floating_point():
+        raise TypeError(f"{op}: base has dtype {base.dtype}; merging needs floating-point tensors")
+    dtype = base.dtype
+    for t, x in enumerate(finetuned):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: finetuned[{t}] must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{op}: finetuned[{t}] has dtype {x.dtype}; merging needs floating-point tensors")
+        if x.shape != base.shape:
+            raise ValueError(f"{op}: finetuned[{t}] has shape {tuple(x.shape)} but base has {tuple(base.shape)}")
+        if x.device != base.device:
+            raise ValueError(f"{op}: finetuned[{t}] is on {x.device} but base is on {base.device}")
+        dtype = torch.promote_types(dtype, x.dtype)
+    kernel_dtype = dtype if dtype in _KERNEL_DTYPES else torch.float32
+    base_k = base.to(kernel_dtype)
+    ft_k = [x.to(kernel_dtype) for x in finetuned]
+    return Prepared(base_k, ft_k, base.dtype)
+
+
+def _check_out_dtype(out_dtype: torch.dtype | None, default: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype the kernel writes, dtype returned to the caller)."""
+    want = default if out_dtype is None else out_dtype
+    if not want.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating-point dtype, got {want}")
+    return (want if want in _KERNEL_DTYPES else torch.float32), want
+
+
+def per_task(value: float | Sequence[float] | torch.Tensor | None, k: int, name: str,
+             default: float | None = None) -> list[float]:
+    """A scalar or per-model list -> a list of k floats."""
+    if value is None:
+        if default is None:
+            raise ValueError(f"{name} is required")
+        return [float(default)] * k
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (int, float)):
+        return [float(value)] * k
+    values = [float(v) for v in value]
+    if len(values) != k:
+        raise ValueError(f"{name} has {len(values)} entries for {k} fine-tuned models")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Thin wrappers.
+def tv_stats(base: torch.Tensor, finetuned: Sequence[torch.Tensor], histogram: bool = False):
+    p = prepare(base, finetuned, "task_vector_stats")
+    return _lib.tv_stats(p.base, p.finetuned, histogram)
+
+
+def magnitude_histogram_(hist: torch.Tensor, prepared: Prepared, level: int, prefix: torch.Tensor | None) -> None:
+    _lib.magnitude_histogram_(hist, prepared.base, prepared.finetuned, level, prefix)
+
+
+def fused_merge(
+    prepared: Prepared,
+    *,
+    weights: Sequence[float],
+    scale: float = 1.0,
+    reduce: str = "sum",
+    ties: bool = False,
+    weighted_election: bool = False,
+    sparsify: str = "none",
+    thresholds: torch.Tensor | None = None,
+    keep_source: str = "constant",
+    keep: Sequence[float] = (),
+    step: Sequence[float] = (),
+    post: Sequence[float] = (),
+    rescale_inverse: bool = True,
+    row_keep: torch.Tensor | None = None,
+    ranks: Sequence[torch.Tensor] = (),
+    seed: int = 0,
+    key: int | str = 0,
+    element_offset: int = 0,
+    row_len: int = 1,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One fused pass: base + scale * reduce_t(sparsify(tau_t)). See csrc/common/merge_element.h."""
+    if reduce not in REDUCE:
+        raise ValueError(f"merge/reduce must be one of {sorted(REDUCE)}, got {reduce!r}")
+    kernel_dtype, want = _check_out_dtype(out_dtype, prepared.out_dtype)
+    out = _lib.fused_merge(
+        prepared.base, prepared.finetuned, list(weights), float(scale), REDUCE[reduce], bool(ties),
+        bool(weighted_election), SPARSIFY[sparsify], thresholds, KEEP_SOURCE[keep_source], list(keep), list(step),
+        list(post), bool(rescale_inverse), row_keep, list(ranks), _signed64(seed, "seed"), tensor_key(key),
+        int(element_offset), int(row_len), kernel_dtype,
+    )
+    return out if out.dtype == want else out.to(want)
+
+
+def masked_drop(
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    *,
+    expert: int,
+    keep: float,
+    seed: int = 0,
+    key: int | str = 0,
+    rescale: bool = True,
+    element_offset: int = 0,
+    keep_source: str = "constant",
+    row_keep: torch.Tensor | None = None,
+    rank: torch.Tensor | None = None,
+    step: float = 0.0,
+    row_len: int = 1,
+) -> torch.Tensor:
+    """The randomly dropped task vector of one expert, float32 (kept entries divided by their keep
+    probability when rescale is true). Bits depend only on (seed, key, expert, element index)."""
+    p = prepare(base, [finetuned], "masked_drop")
+    return _lib.masked_drop(
+        p.base, p.finetuned[0], int(expert), SPARSIFY["drop"], None, KEEP_SOURCE[keep_source], float(keep),
+        float(step), 1.0, bool(rescale), row_keep, rank, _signed64(seed, "seed"), tensor_key(key),
+        int(element_offset), int(row_len),
+    )
+
+
+def drop_l1(prepared: Prepared, keep: Sequence[float], seed: int, key: int | str,
+            element_offset: int = 0) -> torch.Tensor:
+    return _lib.drop_l1(prepared.base, prepared.finetuned, list(keep), _signed64(seed, "seed"), tensor_key(key),
+                        int(element_offset))
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the extension was built with its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("mergekernels::fused_merge", "CUDA")

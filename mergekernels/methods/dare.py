@@ -1,0 +1,81 @@
+"""DARE (Yu et al. 2024): random drop with rescale, then task arithmetic or TIES consensus.
+
+Masks come from the counter-based generator of the kernels, keyed by (seed, tensor key, expert,
+element index): the same on CPU and GPU, in any chunking or order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ops
+from .ties import _check_merge
+
+_L1_MIN = 1e-8  # mergekit's guard: leave the scale alone when either norm is below it
+
+
+def _rescale_mode(rescale: bool | str | None) -> str:
+    if rescale is True or rescale == "inverse":
+        return "inverse"
+    if rescale is False or rescale is None or rescale == "none":
+        return "none"
+    if rescale == "l1":
+        return "l1"
+    raise ValueError(f"rescale must be True/'inverse', 'l1' or False/'none', got {rescale!r}")
+
+
+def dare(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    *,
+    drop: float | Sequence[float] = 0.9,
+    weights: float | Sequence[float] | None = None,
+    scale: float = 1.0,
+    seed: int = 0,
+    key: int | str = 0,
+    rescale: bool | str = True,
+    consensus: str | None = None,
+    merge: str | None = None,
+    weighted_election: bool = False,
+    element_offset: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor by DARE.
+
+    Args:
+        drop: drop probability p per entry (per model if a list), in [0, 1). Paper default 0.9 for
+            LLM deltas; FusionBench uses 0.5.
+        seed, key: the random stream. ``key`` is an int or the tensor's name (hashed with
+            :func:`mergekernels.tensor_key`); use the name so masks do not depend on tensor order.
+        rescale: ``True``/``"inverse"`` divides kept entries by 1 - p (paper); ``"l1"`` instead
+            matches the L1 norm of each tau_t (mergekit's rescale); ``False`` keeps them as they are.
+        consensus: ``None`` (dare_linear: weighted sum) or ``"ties"`` (dare_ties: sign election and
+            disjoint merge, no trim).
+        merge: reduction; default ``"sum"`` without consensus and ``"mean"`` with it (see
+            :func:`mergekernels.ties`); ``"weighted"`` divides by the summed weights (mergekit's
+            normalize).
+        element_offset: global index of this tensor's first element when it is a chunk of a
+            larger tensor (masks stay those of the whole tensor).
+    """
+    if consensus not in (None, "ties"):
+        raise ValueError(f"consensus must be None or 'ties', got {consensus!r}")
+    merge = _check_merge(merge or ("mean" if consensus else "sum"))
+    mode = _rescale_mode(rescale)
+    p = _ops.prepare(base, finetuned, "dare")
+    k = len(p.finetuned)
+    drops = _ops.per_task(drop, k, "drop")
+    for t, d in enumerate(drops):
+        if not 0.0 <= d < 1.0:
+            raise ValueError(f"dare: drop must be in [0, 1), got {d} for model {t}")
+    keep = [1.0 - d for d in drops]
+    post = [1.0] * k
+    if mode == "l1":
+        l1 = _ops.drop_l1(p, keep, seed, key, element_offset).cpu().tolist()
+        post = [f / m if f >= _L1_MIN and m >= _L1_MIN else 1.0 for f, m in zip(l1[0], l1[1], strict=True)]
+    w = _ops.per_task(weights, k, "weights", 1.0)
+    return _ops.fused_merge(p, weights=w, scale=scale, reduce=merge, ties=consensus == "ties",
+                            weighted_election=weighted_election, sparsify="drop", keep_source="constant", keep=keep,
+                            post=post, rescale_inverse=mode == "inverse", seed=seed, key=key,
+                            element_offset=element_offset, out_dtype=out_dtype)

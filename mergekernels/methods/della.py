@@ -1,0 +1,97 @@
+"""DELLA (Deep et al. 2024): magnitude-ranked random drop (MagPrune), then TIES consensus.
+
+Per row of each tau_t, entries are ranked by |tau| (ascending, ties by position, rank r in
+0..m-1 for a row of m entries); entry r is kept with probability
+p_r = (density - epsilon) + 2 * epsilon * r / (m - 1) (p = density when m = 1) and a survivor is
+divided by p_r. Rows are the first dimension (a 1-D tensor is one row). Ranks come from a stable
+per-row sort (ATen) over a bounded chunk of rows; the drop, election and merge are one fused pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ops
+from .ties import _check_merge
+
+# Elements (times the number of models) of one chunk of rows: bounds the rank buffers.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def rows_of(shape: torch.Size) -> tuple[int, int]:
+    """(rows, row length) used by the per-row methods: the first dimension is the row index."""
+    numel = shape.numel()
+    rows = shape[0] if len(shape) >= 2 and shape[0] > 0 else 1
+    return rows, (numel // rows if rows else 0)
+
+
+def magnitude_ranks(base_rows: torch.Tensor, ft_rows: torch.Tensor) -> torch.Tensor:
+    """Ascending |tau| rank of every entry within its row (int32, ties broken by position)."""
+    mags = (ft_rows.float() - base_rows.float()).abs()
+    order = torch.argsort(mags, dim=1, stable=True)
+    ranks = torch.empty(mags.shape, dtype=torch.int32, device=mags.device)
+    positions = torch.arange(mags.shape[1], dtype=torch.int32, device=mags.device).expand_as(ranks)
+    return ranks.scatter_(1, order, positions)
+
+
+def della(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    *,
+    density: float | Sequence[float] = 0.5,
+    epsilon: float | Sequence[float] = 0.15,
+    weights: float | Sequence[float] | None = None,
+    scale: float = 1.0,
+    seed: int = 0,
+    key: int | str = 0,
+    consensus: str | None = "ties",
+    merge: str = "mean",
+    weighted_election: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor by DELLA.
+
+    Args:
+        density: mean keep probability (default 0.5), epsilon: half-width of the keep-probability
+            ramp (default 0.15). Keep probabilities must stay in (0, 1]: density - epsilon > 0 and
+            density + epsilon <= 1.
+        consensus: ``"ties"`` (DELLA-merging, default) or ``None`` (mergekit's della_linear).
+        merge: reduction after election, ``"mean"`` (default), ``"sum"`` or ``"weighted"``.
+        seed, key: the random stream (use the tensor's name as key).
+    """
+    if consensus not in (None, "ties"):
+        raise ValueError(f"consensus must be None or 'ties', got {consensus!r}")
+    _check_merge(merge)
+    p = _ops.prepare(base, finetuned, "della")
+    k = len(p.finetuned)
+    densities = _ops.per_task(density, k, "density")
+    epsilons = _ops.per_task(epsilon, k, "epsilon")
+    rows, row_len = rows_of(p.base.shape)
+    keep0, step = [], []
+    for t, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
+        if not (e >= 0.0 and d - e > 0.0 and d + e <= 1.0):
+            raise ValueError(f"della: keep probabilities density +- epsilon must lie in (0, 1]; got density={d}, "
+                             f"epsilon={e} for model {t}")
+        keep0.append(d - e if row_len > 1 else d)
+        step.append(2.0 * e / (row_len - 1) if row_len > 1 else 0.0)
+    w = _ops.per_task(weights, k, "weights", 1.0)
+    _, want = _ops._check_out_dtype(out_dtype, p.out_dtype)
+    out = torch.empty(p.base.shape, dtype=want, device=p.base.device)
+    if out.numel() == 0:
+        return out
+    base_rows = p.base.reshape(rows, row_len)
+    ft_rows = [x.reshape(rows, row_len) for x in p.finetuned]
+    out_rows = out.view(rows, row_len)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, k * row_len))
+    for r0 in range(0, rows, per_chunk):
+        r1 = min(rows, r0 + per_chunk)
+        chunk = _ops.Prepared(base_rows[r0:r1], [x[r0:r1] for x in ft_rows], p.out_dtype)
+        ranks = [magnitude_ranks(chunk.base, x) for x in chunk.finetuned]
+        out_rows[r0:r1] = _ops.fused_merge(
+            chunk, weights=w, scale=scale, reduce=merge, ties=consensus == "ties", weighted_election=weighted_election,
+            sparsify="drop", keep_source="rank", keep=keep0, step=step, ranks=ranks, rescale_inverse=True,
+            seed=seed, key=key, element_offset=r0 * row_len, out_dtype=want,
+        ).view(r1 - r0, row_len)
+    return out

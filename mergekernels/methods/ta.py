@@ -1,0 +1,36 @@
+"""Task arithmetic (Ilharco et al. 2023): theta_0 + lambda * sum_t w_t tau_t, in one fused pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ops
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    *,
+    weights: float | Sequence[float] | None = None,
+    scale: float = 1.0,
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor by task arithmetic.
+
+    Args:
+        base: theta_0.
+        finetuned: theta_1..theta_K, each of base's shape.
+        weights: per-model weights w_t (default 1).
+        scale: lambda (mergekit's default 1.0; FusionBench uses 0.3).
+        normalize: divide by sum_t w_t (mergekit's ``linear`` / ``normalize: true``).
+        out_dtype: dtype of the result (default: base's dtype).
+
+    Returns:
+        The merged tensor on base's device.
+    """
+    p = _ops.prepare(base, finetuned, "task_arithmetic")
+    w = _ops.per_task(weights, len(p.finetuned), "weights", 1.0)
+    return _ops.fused_merge(p, weights=w, scale=scale, reduce="weighted" if normalize else "sum", out_dtype=out_dtype)

@@ -1,0 +1,71 @@
+"""TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+The trim threshold is the exact k-th largest |tau_t| (k = max(1, floor(density * n))) from the
+radix selection of :mod:`mergekernels.selection`; entries >= it are kept. Election and the
+disjoint merge run in one fused pass over the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ops
+from ..selection import magnitude_threshold
+
+MERGE_MODES = ("mean", "sum", "weighted")
+
+
+def _check_merge(merge: str) -> str:
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
+    return merge
+
+
+def threshold_pair(lo: torch.Tensor, hi: torch.Tensor | None = None) -> torch.Tensor:
+    """[2, K] float32 thresholds for the kernels: keep lo <= |tau| < hi (hi = +inf: no upper cut)."""
+    lo = lo.to(torch.float32)
+    hi = torch.full_like(lo, math.inf) if hi is None else hi.to(torch.float32)
+    return torch.stack([lo, hi]).contiguous()
+
+
+def ties(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    *,
+    density: float | Sequence[float] = 0.2,
+    weights: float | Sequence[float] | None = None,
+    scale: float = 1.0,
+    merge: str = "mean",
+    weighted_election: bool = False,
+    thresholds: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor by TIES.
+
+    Args:
+        density: fraction of entries of each tau_t kept (per model if a list), in (0, 1].
+        weights: per-model weights w_t (default 1).
+        scale: lambda applied to the merged task vector.
+        merge: ``"mean"`` (paper: disjoint mean of the agreeing entries), ``"sum"`` (FusionBench's
+            default) or ``"weighted"`` (mergekit's ``normalize``: sum of w*tau / sum of w over the
+            agreeing entries).
+        weighted_election: elect the sign of sum_t w_t * trimmed tau_t (mergekit) rather than of
+            sum_t trimmed tau_t (paper). An election sum of exactly 0 elects +.
+        thresholds: per-task trim thresholds ([K] float32) computed elsewhere, e.g. a model-wide
+            threshold from :class:`mergekernels.selection.MagnitudeThreshold`; overrides density.
+        out_dtype: dtype of the result (default: base's dtype).
+    """
+    _check_merge(merge)
+    p = _ops.prepare(base, finetuned, "ties")
+    k = len(p.finetuned)
+    w = _ops.per_task(weights, k, "weights", 1.0)
+    if thresholds is None:
+        thresholds = magnitude_threshold(p.base, p.finetuned, density)
+    elif thresholds.numel() != k:
+        raise ValueError(f"ties: thresholds has {thresholds.numel()} entries for {k} fine-tuned tensors")
+    thr = threshold_pair(thresholds.to(p.base.device).reshape(k))
+    return _ops.fused_merge(p, weights=w, scale=scale, reduce=merge, ties=True, weighted_election=weighted_election,
+                            sparsify="trim", thresholds=thr, out_dtype=out_dtype)

@@ -1,0 +1,132 @@
+"""Exact magnitude selection: the k-th largest |tau| per task, by two radix-histogram passes.
+
+|tau| is a non-negative float32, so its IEEE bit pattern orders like its value. Pass 0 counts the
+top 16 bits into 65,536 bins per task; the bin holding the k-th largest value is found from the
+counts; pass 1 counts the low 15 bits of only the elements in that bin. The two digits give the
+exact bit pattern a full sort would find: O(n) work, no sort, no index buffer, and the result does
+not depend on chunking. The streaming form (:class:`MagnitudeThreshold`) accumulates both passes
+over any number of tensors, which gives a model-wide threshold (FusionBench's TIES) for the cost
+of two reads of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from . import _ops
+
+
+def rank_for_density(density: float, numel: int) -> int:
+    """Number of entries kept at `density` out of `numel`: max(1, floor(density * numel)), the
+    count mergekit keeps (it ranks with argsort and keeps the first int(density * n))."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return max(1, min(numel, math.floor(density * numel)))
+
+
+def _locate(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `hist` ([K, B] counts), the bin holding the rank-th largest entry (1-based) and
+    the entry's rank inside that bin. Pure tensor ops: no host synchronisation."""
+    bins = hist.shape[1]
+    from_top = hist.flip(1).cumsum(1)
+    idx = (from_top < rank[:, None]).sum(1)  # first position whose cumulative count reaches rank
+    above = torch.where(idx > 0, from_top.gather(1, (idx - 1).clamp(min=0)[:, None]).squeeze(1), 0)
+    return (bins - 1 - idx), rank - above
+
+
+def _bits_to_float(prefix: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    bits = (prefix << _ops.LEVEL1_BITS) | low
+    return bits.to(torch.int32).view(torch.float32)
+
+
+class MagnitudeThreshold:
+    """Exact k-th largest |tau| per task over one or many tensors (streaming, two passes).
+
+    Usage::
+
+        sel = MagnitudeThreshold(num_tasks=len(finetuned), device=base.device)
+        for base, finetuned in tensors:   # pass 0
+            sel.count(base, finetuned)
+        sel.set_density(0.2)              # or sel.set_rank(k)
+        for base, finetuned in tensors:   # pass 1
+            sel.refine(base, finetuned)
+        thresholds = sel.thresholds()     # float32 [K]; keep |tau| >= thresholds[t]
+    """
+
+    def __init__(self, num_tasks: int, device: torch.device | str = "cpu"):
+        self.num_tasks = num_tasks
+        self.device = torch.device(device)
+        self.numel = 0
+        self._hist0 = torch.zeros(num_tasks, _ops.LEVEL0_BINS, dtype=torch.int64, device=self.device)
+        self._hist1: torch.Tensor | None = None
+        self._prefix: torch.Tensor | None = None
+        self._rank_in_bin: torch.Tensor | None = None
+        self._empty: torch.Tensor | None = None  # tasks asked for rank 0 (no entry selected)
+
+    def _prepared(self, base, finetuned) -> _ops.Prepared:
+        p = _ops.prepare(base, finetuned, "MagnitudeThreshold")
+        if len(p.finetuned) != self.num_tasks:
+            raise ValueError(f"MagnitudeThreshold: expected {self.num_tasks} fine-tuned tensors, got {len(p.finetuned)}")
+        if p.base.device != self.device:
+            raise ValueError(f"MagnitudeThreshold: tensors are on {p.base.device}, the selector on {self.device}")
+        return p
+
+    def count(self, base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> None:
+        """Pass 0: add one tensor's |tau| to the coarse histogram."""
+        if self._prefix is not None:
+            raise RuntimeError("MagnitudeThreshold.count after set_rank: counting is pass 0")
+        _ops.magnitude_histogram_(self._hist0, self._prepared(base, finetuned), 0, None)
+        self.numel += base.numel()
+
+    def set_density(self, density: float | Sequence[float]) -> None:
+        densities = _ops.per_task(density, self.num_tasks, "density")
+        self.set_rank([rank_for_density(d, self.numel) for d in densities])
+
+    def set_rank(self, rank: int | Sequence[int]) -> None:
+        """Select the rank-th largest |tau| (1-based; 0 selects nothing, threshold +inf)."""
+        ranks = [int(rank)] * self.num_tasks if isinstance(rank, int) else [int(r) for r in rank]
+        if len(ranks) != self.num_tasks or any(not 0 <= r <= self.numel for r in ranks):
+            raise ValueError(f"ranks must be {self.num_tasks} values in [0, {self.numel}], got {ranks}")
+        r = torch.tensor(ranks, dtype=torch.int64, device=self.device)
+        self._empty = r == 0
+        self._prefix, self._rank_in_bin = _locate(self._hist0, r.clamp(min=1))
+        self._hist1 = torch.zeros(self.num_tasks, _ops.LEVEL1_BINS, dtype=torch.int64, device=self.device)
+
+    def refine(self, base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> None:
+        """Pass 1: count the low digits of the entries in each task's selected coarse bin."""
+        if self._prefix is None:
+            raise RuntimeError("MagnitudeThreshold.refine before set_rank/set_density")
+        _ops.magnitude_histogram_(self._hist1, self._prepared(base, finetuned), 1, self._prefix)
+
+    def thresholds(self) -> torch.Tensor:
+        if self._hist1 is None:
+            raise RuntimeError("MagnitudeThreshold.thresholds before refine")
+        low, _ = _locate(self._hist1, self._rank_in_bin)
+        value = _bits_to_float(self._prefix, low)
+        return torch.where(self._empty, torch.full_like(value, math.inf), value)
+
+
+def kth_largest_abs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], ranks: Iterable[Sequence[int]]) -> list[torch.Tensor]:
+    """For one tensor: the exact rank-th largest |tau| of every task, for several rank queries that
+    share one coarse pass. `ranks` holds one per-task rank list per query (1-based, 0 = +inf)."""
+    finetuned = list(finetuned)
+    sel = MagnitudeThreshold(len(finetuned), base.device)
+    sel.count(base, finetuned)
+    out = []
+    for query in ranks:
+        sel.set_rank(list(query))
+        sel.refine(base, finetuned)
+        out.append(sel.thresholds())
+    return out
+
+
+def magnitude_threshold(base: torch.Tensor, finetuned: Sequence[torch.Tensor],
+                        density: float | Sequence[float]) -> torch.Tensor:
+    """Exact k-th largest |tau_t| per task with k = max(1, floor(density * numel)): keeping
+    |tau| >= it keeps the top-density fraction (ties at the threshold kept)."""
+    finetuned = list(finetuned)
+    densities = _ops.per_task(density, len(finetuned), "density")
+    return kth_largest_abs(base, finetuned, [[rank_for_density(d, base.numel()) for d in densities]])[0]
