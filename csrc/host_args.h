@@ -96,6 +96,12 @@ inline MergeConfig make_config(const Inputs& in, const PipelineArgs& a, const ch
                 ": thresholds must have shape [2, ", k, "], got ", thr.sizes());
     keep_alive.push_back(thr);
     c.thresholds = thr.data_ptr<float>();
+    if (thr.is_cpu()) {
+      for (int t = 0; t < k; ++t) {
+        c.lower[t] = c.thresholds[t];
+        c.upper[t] = c.thresholds[k + t];
+      }
+    }
   }
   if (a.sparsify == kSparsifyDrop) {
     c.row_len = 1;

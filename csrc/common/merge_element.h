@@ -66,6 +66,10 @@ struct MergeConfig {
   int64_t row_len;         // elements per row, for per-row keep rates
   int64_t num_rows;        // rows per task in row_keep
   const float* thresholds;  // [2, K] on the data's device: keep |tau| >= row 0 and < row 1
+  // Host copies of the thresholds for the CPU kernels: by-value fields let the compiler hoist them
+  // out of vectorised loops (a load through `thresholds` might alias the accumulators).
+  float lower[kMaxExperts];
+  float upper[kMaxExperts];
   const float* row_keep;    // [K, num_rows] keep probabilities (kKeepPerRow)
   const int32_t* ranks[kMaxExperts];  // per-row magnitude ranks of this call's elements (kKeepRank)
   float weight[kMaxExperts];
@@ -74,32 +78,64 @@ struct MergeConfig {
   float post[kMaxExperts];  // multiplier applied to kept values (L1 matching); 1 otherwise
 };
 
-MK_HD float keep_probability(const MergeConfig& c, int t, int64_t global, int64_t local) {
-  switch (c.keep_source) {
-    case kKeepPerRow:
-      return c.row_keep[static_cast<int64_t>(t) * c.num_rows + global / c.row_len];
-    case kKeepRank:
-      return fadd(c.keep[t], fmul(c.step[t], static_cast<float>(c.ranks[t][local])));
-    default:
-      return c.keep[t];
+template <int kSource>
+MK_HD float keep_probability_as(const MergeConfig& c, int t, int64_t global, int64_t local) {
+  if constexpr (kSource == kKeepPerRow) {
+    return c.row_keep[static_cast<int64_t>(t) * c.num_rows + global / c.row_len];
+  } else if constexpr (kSource == kKeepRank) {
+    return fadd(c.keep[t], fmul(c.step[t], static_cast<float>(c.ranks[t][local])));
+  } else {
+    return c.keep[t];
   }
 }
 
-// Sparsified task vector of task t at one element, for a sparsification mode known at compile time
-// (the CPU kernels specialise their loops on it). `word` is the element's Philox word for task t;
-// only kSparsifyDrop reads it.
-template <int kMode>
+MK_HD float keep_probability(const MergeConfig& c, int t, int64_t global, int64_t local) {
+  switch (c.keep_source) {
+    case kKeepPerRow:
+      return keep_probability_as<kKeepPerRow>(c, t, global, local);
+    case kKeepRank:
+      return keep_probability_as<kKeepRank>(c, t, global, local);
+    default:
+      return keep_probability_as<kKeepConstant>(c, t, global, local);
+  }
+}
+
+// A random keep decision and rescale for a given keep probability q. Branch-free (the division
+// is done for dropped entries too and discarded) so the CPU loops vectorise.
+MK_HD float drop_with(const MergeConfig& c, int t, float tau, float q, uint32_t word) {
+  const bool keep = uniform24(word) < q;
+  const float kept = fmul(c.rescale_inverse ? fdiv(tau, q) : tau, c.post[t]);
+  return keep ? kept : 0.0f;
+}
+
+MK_HD float lower_threshold(const MergeConfig& c, int t) {
+#if defined(__CUDA_ARCH__)
+  return c.thresholds[t];
+#else
+  return c.lower[t];
+#endif
+}
+
+MK_HD float upper_threshold(const MergeConfig& c, int t) {
+#if defined(__CUDA_ARCH__)
+  return c.thresholds[c.num_experts + t];
+#else
+  return c.upper[t];
+#endif
+}
+
+// Sparsified task vector of task t at one element, for a mode known at compile time (the CPU
+// kernels specialise their loops on it; kSource only matters for kSparsifyDrop). `word` is the
+// element's Philox word for task t; only kSparsifyDrop reads it.
+template <int kMode, int kSource = kKeepConstant>
 MK_HD float sparsify_as(const MergeConfig& c, int t, int64_t global, int64_t local, float tau, uint32_t word) {
   if constexpr (kMode == kSparsifyTrim) {
-    return abs_f(tau) >= c.thresholds[t] ? tau : 0.0f;
+    return abs_f(tau) >= lower_threshold(c, t) ? tau : 0.0f;
   } else if constexpr (kMode == kSparsifyBand) {
     const float m = abs_f(tau);
-    return (m >= c.thresholds[t] && m < c.thresholds[c.num_experts + t]) ? tau : 0.0f;
+    return (m >= lower_threshold(c, t)) & (m < upper_threshold(c, t)) ? tau : 0.0f;
   } else if constexpr (kMode == kSparsifyDrop) {
-    const float q = keep_probability(c, t, global, local);
-    if (!(uniform24(word) < q)) return 0.0f;
-    const float kept = c.rescale_inverse ? fdiv(tau, q) : tau;
-    return fmul(kept, c.post[t]);
+    return drop_with(c, t, tau, keep_probability_as<kSource>(c, t, global, local), word);
   } else {
     return tau;
   }
@@ -112,7 +148,7 @@ MK_HD float sparsify(const MergeConfig& c, int t, int64_t global, int64_t local,
     case kSparsifyBand:
       return sparsify_as<kSparsifyBand>(c, t, global, local, tau, word);
     case kSparsifyDrop:
-      return sparsify_as<kSparsifyDrop>(c, t, global, local, tau, word);
+      return drop_with(c, t, tau, keep_probability(c, t, global, local), word);
     default:
       return tau;
   }
@@ -127,20 +163,41 @@ struct ElementAccumulator {
   float all = 0.0f, weight_all = 0.0f;         // sum of w*v and of w over every task
 };
 
-MK_HD void accumulate(const MergeConfig& c, ElementAccumulator& a, int t, float v) {
+// Adds task t's sparsified value v. Only the fields the merge reads are updated: the consensus
+// sums with TIES, the plain sum without; weight sums only for the weighted reduction. The CPU
+// kernels instantiate the variant they need so unused fields cost nothing.
+template <bool kTies, bool kWeights>
+MK_HD void accumulate_as(const MergeConfig& c, ElementAccumulator& a, int t, float v) {
   const float w = c.weight[t];
   const float wv = fmul(w, v);
-  a.elect = fadd(a.elect, c.weighted_election ? wv : v);
-  a.all = fadd(a.all, wv);
-  a.weight_all = fadd(a.weight_all, w);
-  if (v > 0.0f) {
-    a.pos = fadd(a.pos, wv);
-    a.count_pos = fadd(a.count_pos, 1.0f);
-    a.weight_pos = fadd(a.weight_pos, w);
-  } else if (v < 0.0f) {
-    a.neg = fadd(a.neg, wv);
-    a.count_neg = fadd(a.count_neg, 1.0f);
-    a.weight_neg = fadd(a.weight_neg, w);
+  if constexpr (kTies) {
+    // 1 * v == v exactly, so a multiplier keeps the loop branch-free without changing the sum.
+    a.elect = fadd(a.elect, fmul(c.weighted_election ? w : 1.0f, v));
+    // Adding 0 instead of skipping keeps the loop branch-free and gives the same bits (the
+    // sums start at +0 and 0 is added only where nothing would have been).
+    const bool positive = v > 0.0f, negative = v < 0.0f;
+    a.pos = fadd(a.pos, positive ? wv : 0.0f);
+    a.neg = fadd(a.neg, negative ? wv : 0.0f);
+    a.count_pos = fadd(a.count_pos, positive ? 1.0f : 0.0f);
+    a.count_neg = fadd(a.count_neg, negative ? 1.0f : 0.0f);
+    if constexpr (kWeights) {
+      a.weight_pos = fadd(a.weight_pos, positive ? w : 0.0f);
+      a.weight_neg = fadd(a.weight_neg, negative ? w : 0.0f);
+    }
+  } else {
+    a.all = fadd(a.all, wv);
+    if constexpr (kWeights) a.weight_all = fadd(a.weight_all, w);
+  }
+}
+
+MK_HD void accumulate(const MergeConfig& c, ElementAccumulator& a, int t, float v) {
+  const bool weights = c.reduce == kReduceWeighted;
+  if (c.ties) {
+    if (weights) accumulate_as<true, true>(c, a, t, v);
+    else accumulate_as<true, false>(c, a, t, v);
+  } else {
+    if (weights) accumulate_as<false, true>(c, a, t, v);
+    else accumulate_as<false, false>(c, a, t, v);
   }
 }
 

@@ -36,9 +36,9 @@ MK_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
-  union { float f; uint32_t u; } v;
-  v.f = x;
-  return v.u;
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof(u));
+  return u;
 #endif
 }
 
@@ -46,9 +46,9 @@ MK_HD float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  union { float f; uint32_t u; } v;
-  v.u = u;
-  return v.f;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
 #endif
 }
 

@@ -42,6 +42,8 @@ MK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
   uint32_t k0 = key.k0, k1 = key.k1;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kMul0) * c0;

@@ -11,16 +11,16 @@
 namespace mk::cpu {
 namespace {
 
-template <int kMode, typename in_t>
+template <int kMode, int kSource, typename in_t>
 void drop_kernel(const MergeConfig& c, const in_t* base, const in_t* x, float* out, int64_t n) {
   const int64_t offset = c.element_offset;
-  for_each_block(offset, n, [&](int64_t g0, int64_t lo, int64_t hi) {
+  for_each_block(offset, n, [&, c](int64_t g0, int64_t lo, int64_t hi) {
     alignas(64) uint32_t words[kBlock];
     if constexpr (kMode == kSparsifyDrop) fill_words(words, c.key, g0, c.expert_offset);
     const int64_t len = hi - lo, local0 = lo - offset, w0 = lo - g0;
     for (int64_t j = 0; j < len; ++j) {
       const float tau = fsub(static_cast<float>(x[local0 + j]), static_cast<float>(base[local0 + j]));
-      out[local0 + j] = sparsify_as<kMode>(c, 0, lo + j, local0 + j, tau, words[w0 + j]);
+      out[local0 + j] = sparsify_as<kMode, kSource>(c, 0, lo + j, local0 + j, tau, words[w0 + j]);
     }
   });
 }
@@ -32,13 +32,15 @@ void run_drop(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
     float* o = out.data_ptr<float>();
     switch (c.sparsify) {
       case kSparsifyTrim:
-        return drop_kernel<kSparsifyTrim>(c, b, x, o, in.numel());
+        return drop_kernel<kSparsifyTrim, kKeepConstant>(c, b, x, o, in.numel());
       case kSparsifyBand:
-        return drop_kernel<kSparsifyBand>(c, b, x, o, in.numel());
+        return drop_kernel<kSparsifyBand, kKeepConstant>(c, b, x, o, in.numel());
       case kSparsifyDrop:
-        return drop_kernel<kSparsifyDrop>(c, b, x, o, in.numel());
+        if (c.keep_source == kKeepPerRow) return drop_kernel<kSparsifyDrop, kKeepPerRow>(c, b, x, o, in.numel());
+        if (c.keep_source == kKeepRank) return drop_kernel<kSparsifyDrop, kKeepRank>(c, b, x, o, in.numel());
+        return drop_kernel<kSparsifyDrop, kKeepConstant>(c, b, x, o, in.numel());
       default:
-        return drop_kernel<kSparsifyNone>(c, b, x, o, in.numel());
+        return drop_kernel<kSparsifyNone, kKeepConstant>(c, b, x, o, in.numel());
     }
   });
 }

@@ -12,45 +12,81 @@
 namespace mk::cpu {
 namespace {
 
-template <int kMode, typename in_t, typename out_t>
+// Accumulator fields live in structure-of-arrays form over the block; each variant loads and
+// stores only the fields accumulate_as<kTies, kWeights> touches.
+struct BlockAccumulators {
+  alignas(64) float elect[kBlock], pos[kBlock], neg[kBlock], cpos[kBlock], cneg[kBlock];
+  alignas(64) float wpos[kBlock], wneg[kBlock], all[kBlock], wall[kBlock];
+
+  template <bool kTies, bool kWeights>
+  ElementAccumulator load(int64_t j) const {
+    ElementAccumulator a;
+    if constexpr (kTies) {
+      a.elect = elect[j], a.pos = pos[j], a.neg = neg[j], a.count_pos = cpos[j], a.count_neg = cneg[j];
+      if constexpr (kWeights) a.weight_pos = wpos[j], a.weight_neg = wneg[j];
+    } else {
+      a.all = all[j];
+      if constexpr (kWeights) a.weight_all = wall[j];
+    }
+    return a;
+  }
+
+  template <bool kTies, bool kWeights>
+  void store(int64_t j, const ElementAccumulator& a) {
+    if constexpr (kTies) {
+      elect[j] = a.elect, pos[j] = a.pos, neg[j] = a.neg, cpos[j] = a.count_pos, cneg[j] = a.count_neg;
+      if constexpr (kWeights) wpos[j] = a.weight_pos, wneg[j] = a.weight_neg;
+    } else {
+      all[j] = a.all;
+      if constexpr (kWeights) wall[j] = a.weight_all;
+    }
+  }
+};
+
+template <int kMode, int kSource, bool kTies, bool kWeights, typename in_t, typename out_t>
 void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<const in_t*>& ft, out_t* out,
                   int64_t n) {
   const int64_t offset = c.element_offset;
   for_each_block(offset, n, [&](int64_t g0, int64_t lo, int64_t hi) {
+    // A block-local copy of the config: a local the stores below provably do not alias, so the
+    // inner loops vectorise without runtime alias checks.
+    const MergeConfig cl = c;
     alignas(64) float base_f[kBlock];
-    alignas(64) float elect[kBlock], pos[kBlock], neg[kBlock], cpos[kBlock], cneg[kBlock];
-    alignas(64) float wpos[kBlock], wneg[kBlock], all[kBlock], wall[kBlock];
     alignas(64) uint32_t words[kBlock];
+    BlockAccumulators acc;
     const int64_t len = hi - lo, local0 = lo - offset, w0 = lo - g0;
+    const ElementAccumulator zero;
     for (int64_t j = 0; j < len; ++j) {
       base_f[j] = static_cast<float>(base[local0 + j]);
-      elect[j] = pos[j] = neg[j] = cpos[j] = cneg[j] = wpos[j] = wneg[j] = all[j] = wall[j] = 0.0f;
+      acc.store<kTies, kWeights>(j, zero);
     }
-    for (int t = 0; t < c.num_experts; ++t) {
-      if constexpr (kMode == kSparsifyDrop) fill_words(words, c.key, g0, c.expert_offset + t);
-      const in_t* x = ft[t] + local0;
+    for (int t = 0; t < cl.num_experts; ++t) {
+      if constexpr (kMode == kSparsifyDrop) fill_words(words, cl.key, g0, cl.expert_offset + t);
+      const in_t* __restrict__ x = ft[t] + local0;
       for (int64_t j = 0; j < len; ++j) {
         const float tau = fsub(static_cast<float>(x[j]), base_f[j]);
-        const float v = sparsify_as<kMode>(c, t, lo + j, local0 + j, tau, words[w0 + j]);
-        ElementAccumulator a{elect[j], pos[j], neg[j], cpos[j], cneg[j], wpos[j], wneg[j], all[j], wall[j]};
-        accumulate(c, a, t, v);
-        elect[j] = a.elect;
-        pos[j] = a.pos;
-        neg[j] = a.neg;
-        cpos[j] = a.count_pos;
-        cneg[j] = a.count_neg;
-        wpos[j] = a.weight_pos;
-        wneg[j] = a.weight_neg;
-        all[j] = a.all;
-        wall[j] = a.weight_all;
+        const float v = sparsify_as<kMode, kSource>(cl, t, lo + j, local0 + j, tau, words[w0 + j]);
+        ElementAccumulator a = acc.load<kTies, kWeights>(j);
+        accumulate_as<kTies, kWeights>(cl, a, t, v);
+        acc.store<kTies, kWeights>(j, a);
       }
     }
-    out_t* o = out + local0;
-    for (int64_t j = 0; j < len; ++j) {
-      const ElementAccumulator a{elect[j], pos[j], neg[j], cpos[j], cneg[j], wpos[j], wneg[j], all[j], wall[j]};
-      o[j] = static_cast<out_t>(merged_output(c, base_f[j], a));
-    }
+    out_t* __restrict__ o = out + local0;
+    for (int64_t j = 0; j < len; ++j)
+      o[j] = static_cast<out_t>(merged_output(cl, base_f[j], acc.load<kTies, kWeights>(j)));
   });
+}
+
+template <int kMode, int kSource, typename in_t, typename out_t>
+void merge_variant(const MergeConfig& c, const in_t* base, const std::vector<const in_t*>& ft, out_t* out,
+                   int64_t n) {
+  const bool weights = c.reduce == kReduceWeighted;
+  if (c.ties) {
+    if (weights) return merge_kernel<kMode, kSource, true, true>(c, base, ft, out, n);
+    return merge_kernel<kMode, kSource, true, false>(c, base, ft, out, n);
+  }
+  if (weights) return merge_kernel<kMode, kSource, false, true>(c, base, ft, out, n);
+  return merge_kernel<kMode, kSource, false, false>(c, base, ft, out, n);
 }
 
 template <typename in_t, typename out_t>
@@ -62,13 +98,15 @@ void merge_dispatch_mode(const MergeConfig& c, const Inputs& in, at::Tensor& out
   const int64_t n = in.numel();
   switch (c.sparsify) {
     case kSparsifyTrim:
-      return merge_kernel<kSparsifyTrim>(c, base, ft, o, n);
+      return merge_variant<kSparsifyTrim, kKeepConstant>(c, base, ft, o, n);
     case kSparsifyBand:
-      return merge_kernel<kSparsifyBand>(c, base, ft, o, n);
+      return merge_variant<kSparsifyBand, kKeepConstant>(c, base, ft, o, n);
     case kSparsifyDrop:
-      return merge_kernel<kSparsifyDrop>(c, base, ft, o, n);
+      if (c.keep_source == kKeepPerRow) return merge_variant<kSparsifyDrop, kKeepPerRow>(c, base, ft, o, n);
+      if (c.keep_source == kKeepRank) return merge_variant<kSparsifyDrop, kKeepRank>(c, base, ft, o, n);
+      return merge_variant<kSparsifyDrop, kKeepConstant>(c, base, ft, o, n);
     default:
-      return merge_kernel<kSparsifyNone>(c, base, ft, o, n);
+      return merge_variant<kSparsifyNone, kKeepConstant>(c, base, ft, o, n);
   }
 }
 
