@@ -112,13 +112,13 @@ class MagnitudeThreshold:
 def kth_largest_abs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], ranks: Iterable[Sequence[int]]) -> list[torch.Tensor]:
     """For one tensor: the exact rank-th largest |tau| of every task, for several rank queries that
     share one coarse pass. `ranks` holds one per-task rank list per query (1-based, 0 = +inf)."""
-    finetuned = list(finetuned)
-    sel = MagnitudeThreshold(len(finetuned), base.device)
-    sel.count(base, finetuned)
+    p = _ops.prepare(base, finetuned, "kth_largest_abs")
+    sel = MagnitudeThreshold(len(p.finetuned), p.base.device)
+    sel.count(p.base, p.finetuned)
     out = []
     for query in ranks:
         sel.set_rank(list(query))
-        sel.refine(base, finetuned)
+        sel.refine(p.base, p.finetuned)
         out.append(sel.thresholds())
     return out
 
@@ -127,6 +127,6 @@ def magnitude_threshold(base: torch.Tensor, finetuned: Sequence[torch.Tensor],
                         density: float | Sequence[float]) -> torch.Tensor:
     """Exact k-th largest |tau_t| per task with k = max(1, floor(density * numel)): keeping
     |tau| >= it keeps the top-density fraction (ties at the threshold kept)."""
-    finetuned = list(finetuned)
-    densities = _ops.per_task(density, len(finetuned), "density")
-    return kth_largest_abs(base, finetuned, [[rank_for_density(d, base.numel()) for d in densities]])[0]
+    p = _ops.prepare(base, finetuned, "magnitude_threshold")
+    densities = _ops.per_task(density, len(p.finetuned), "density")
+    return kth_largest_abs(p.base, p.finetuned, [[rank_for_density(d, p.base.numel()) for d in densities]])[0]

@@ -1,0 +1,55 @@
+"""CUDA kernels against the CPU kernels: masks and merges bit for bit, statistics within float64
+rounding. Skipped without a GPU."""
+
+import pytest
+import torch
+
+import mergekernels as mk
+
+from .conftest import DTYPES, cuda, make_inputs
+
+pytestmark = cuda
+
+METHODS = {
+    "ta": lambda b, f: mk.task_arithmetic(b, f, weights=[0.5, 1.0, 2.0], scale=0.7),
+    "ties": lambda b, f: mk.ties(b, f, density=0.3, merge="mean"),
+    "ties_weighted": lambda b, f: mk.ties(b, f, density=0.3, merge="weighted", weighted_election=True,
+                                          weights=[1.0, 0.5, 2.0]),
+    "dare": lambda b, f: mk.dare(b, f, drop=0.7, seed=3, key="w"),
+    "dare_ties_l1": lambda b, f: mk.dare(b, f, drop=0.5, seed=3, key="w", consensus="ties", rescale="l1"),
+    "breadcrumbs": lambda b, f: mk.breadcrumbs(b, f, density=0.5, gamma=0.05),
+    "della": lambda b, f: mk.della(b, f, seed=2, key="d"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1027,), (33, 65), (300, 1001)])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_equals_cpu_bitwise(dtype, shape, method):
+    base, fts = make_inputs(3, shape, dtype, seed=1)
+    cpu = METHODS[method](base, fts)
+    gpu = METHODS[method](base.cuda(), [x.cuda() for x in fts])
+    assert gpu.device.type == "cuda"
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_cuda_masks_equal_cpu(keep):
+    base, (ft,) = make_inputs(1, (100_003,), seed=2)
+    for offset in (0, 3, 4096):
+        cpu = mk.masked_drop(base, ft, expert=5, keep=keep, seed=1, key="x", element_offset=offset)
+        gpu = mk.masked_drop(base.cuda(), ft.cuda(), expert=5, keep=keep, seed=1, key="x", element_offset=offset)
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("k", [1, 8, 23, 64])
+def test_cuda_stats_and_threshold(k):
+    base, fts = make_inputs(k, (257, 129), torch.bfloat16, seed=3)
+    cpu = mk.task_vector_stats(base, fts, histogram=True)
+    gpu = mk.task_vector_stats(base.cuda(), [x.cuda() for x in fts], histogram=True)
+    torch.testing.assert_close(gpu.gram, cpu.gram, rtol=1e-12, atol=1e-12)
+    assert torch.equal(gpu.absmax, cpu.absmax) and torch.equal(gpu.nnz, cpu.nnz)
+    assert (gpu.sign_agree, gpu.sign_any) == (cpu.sign_agree, cpu.sign_any)
+    assert torch.equal(gpu.histogram, cpu.histogram)
+    assert torch.equal(mk.magnitude_threshold(base.cuda(), [x.cuda() for x in fts], 0.2).cpu(),
+                       mk.magnitude_threshold(base, fts, 0.2))

@@ -1,0 +1,90 @@
+"""The counter-based generator: known-answer vectors, the kernel's masks against an independent
+Python Philox, the statistics of the keep decisions and their invariance to chunking."""
+
+import numpy as np
+import pytest
+import torch
+
+import mergekernels as mk
+
+from . import reference as ref
+from .conftest import DTYPES, make_inputs
+
+
+@pytest.mark.parametrize(
+    ("ctr", "key", "expected"),
+    [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ],
+)
+def test_reference_philox_known_answers(ctr, key, expected):
+    out = ref.philox4x32_10(*[np.array([c], dtype=np.uint64) for c in ctr], *key)
+    assert tuple(int(w[0]) for w in out) == expected
+
+
+@pytest.mark.parametrize("n", [1, 5, 1023, 4099])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_kernel_masks_match_independent_philox(n, keep):
+    base, (ft,) = make_inputs(1, (n,), seed=n)
+    for expert in (0, 3):
+        out = mk.masked_drop(base, ft, expert=expert, keep=keep, seed=1234, key="layers.0.mlp.weight")
+        u = ref.uniforms(1234, "layers.0.mlp.weight", expert, 0, n)
+        expected = torch.from_numpy(u < np.float32(keep))
+        assert torch.equal(out != 0, expected & ((ft.float() - base.float()) != 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kept_values_are_exactly_rescaled(dtype):
+    base, (ft,) = make_inputs(1, (4097,), dtype=dtype, seed=3)
+    drop = 0.7
+    out = mk.masked_drop(base, ft, expert=0, keep=1 - drop, seed=5, key=9)
+    tau = ft.float() - base.float()
+    kept = out != 0
+    assert kept.any()
+    q = torch.tensor(1 - drop, dtype=torch.float32)
+    assert torch.equal(out[kept], tau[kept] / q)
+
+
+def test_kept_fraction_is_statistically_right():
+    n = 200_000
+    base, (ft,) = make_inputs(1, (n,), seed=4)
+    for keep in (0.05, 0.3, 0.9):
+        frac = (mk.masked_drop(base, ft, expert=2, keep=keep, seed=7, key="w") != 0).double().mean().item()
+        sigma = (keep * (1 - keep) / n) ** 0.5
+        assert abs(frac - keep) < 6 * sigma, (keep, frac)
+
+
+def test_same_seed_same_mask_different_seed_or_expert_differs():
+    base, (ft,) = make_inputs(1, (10_000,), seed=5)
+
+    def mask(**kw):
+        return mk.masked_drop(base, ft, keep=0.5, **{"expert": 0, "seed": 1, "key": "a", **kw}) != 0
+
+    assert torch.equal(mask(), mask())
+    assert not torch.equal(mask(), mask(seed=2))
+    assert not torch.equal(mask(), mask(expert=1))
+    assert not torch.equal(mask(), mask(key="b"))
+
+
+@pytest.mark.parametrize("cuts", [[0, 1, 9_999], [0, 3, 4, 5, 4097, 9_999], [0, 1024, 2048, 7777]])
+def test_chunked_equals_unchunked(cuts):
+    n = 9_999
+    base, fts = make_inputs(3, (n,), seed=6)
+    whole = mk.dare(base, fts, drop=0.6, seed=11, key="t")
+    edges = sorted({*cuts, n})
+    spans = list(zip(edges[:-1], edges[1:], strict=True))
+    pieces = {}
+    for start, end in reversed(spans):  # any order: last chunk first
+        pieces[start] = mk.dare(base[start:end], [x[start:end] for x in fts], drop=0.6, seed=11, key="t",
+                                element_offset=start)
+    assert torch.equal(torch.cat([pieces[s] for s, _ in spans]), whole)
+
+
+def test_tensor_key_is_stable_and_documented():
+    assert mk.tensor_key("model.layers.0.self_attn.q_proj.weight") == mk.tensor_key(
+        "model.layers.0.self_attn.q_proj.weight")
+    assert mk.tensor_key("a") != mk.tensor_key("b")
+    assert mk.tensor_key("a") % 2**64 == ref.name_key("a")
