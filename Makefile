@@ -16,7 +16,9 @@ export MAX_JOBS ?= $(shell nproc)
 
 .PHONY: venv build demo test lint bench clean
 
-$(VENV)/.complete: $(REQ)
+# No prerequisite on $(REQ): its hash is in the directory name, and a fresh clone's mtimes would
+# otherwise trigger a reinstall.
+$(VENV)/.complete:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip wheel setuptools
 	$(VPY) -m pip install -r $(REQ)
@@ -25,7 +27,11 @@ $(VENV)/.complete: $(REQ)
 venv: $(VENV)/.complete
 
 build: venv
-	$(VPY) -m pip install --no-build-isolation --no-deps -e . -v 2>&1 | tail -n 30
+	@mkdir -p build
+	@echo "building mergekernels._C (MK_CUDA=$${MK_CUDA:-auto}); log in build/build.log"
+	@$(VPY) -m pip install --no-build-isolation --no-deps -e . -v > build/build.log 2>&1 \
+		|| (tail -n 80 build/build.log; echo "build failed: see build/build.log"; exit 1)
+	@$(VPY) -m mergekernels info
 
 demo: build
 	$(VPY) -m mergekernels demo

@@ -19,7 +19,11 @@ from setuptools import setup
 
 # torch derives CUDA_HOME from `which nvcc`; a wrapper script in /usr/local/bin would make that
 # /usr/local. Prefer the toolkit's own root when the caller did not choose one.
-if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isdir("/usr/local/cuda/include"):
+if (
+    not os.environ.get("CUDA_HOME")
+    and not os.environ.get("CUDA_PATH")
+    and os.path.isdir("/usr/local/cuda/include")
+):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

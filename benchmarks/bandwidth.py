@@ -84,24 +84,45 @@ def benches(base: torch.Tensor, finetuned: list[torch.Tensor], ours: bool) -> li
     """Our ops and methods (if `ours`), then the references, all on (base, finetuned)."""
     mine = [
         Bench("task_vector_stats", "mergekernels", "stats", lambda: mk.task_vector_stats(base, finetuned)),
-        Bench("magnitude_threshold", "mergekernels", "threshold",
-              lambda: mk.magnitude_threshold(base, finetuned, TIES_DENSITY)),
+        Bench(
+            "magnitude_threshold",
+            "mergekernels",
+            "threshold",
+            lambda: mk.magnitude_threshold(base, finetuned, TIES_DENSITY),
+        ),
         Bench("task_arithmetic", "mergekernels", "ta", lambda: mk.task_arithmetic(base, finetuned)),
         Bench("ties", "mergekernels", "ties", lambda: mk.ties(base, finetuned, density=TIES_DENSITY)),
-        Bench("dare_linear", "mergekernels", "dare",
-              lambda: mk.dare(base, finetuned, drop=DARE_DROP, seed=0, key=KEY)),
-        Bench("dare_ties", "mergekernels", "dare_ties",
-              lambda: mk.dare(base, finetuned, drop=DARE_DROP, seed=0, key=KEY, consensus="ties")),
-        Bench("breadcrumbs", "mergekernels", "breadcrumbs",
-              lambda: mk.breadcrumbs(base, finetuned, density=0.9, gamma=0.01)),
-        Bench("della", "mergekernels", "della",
-              lambda: mk.della(base, finetuned, density=0.5, epsilon=0.15, seed=0, key=KEY)),
+        Bench(
+            "dare_linear",
+            "mergekernels",
+            "dare",
+            lambda: mk.dare(base, finetuned, drop=DARE_DROP, seed=0, key=KEY),
+        ),
+        Bench(
+            "dare_ties",
+            "mergekernels",
+            "dare_ties",
+            lambda: mk.dare(base, finetuned, drop=DARE_DROP, seed=0, key=KEY, consensus="ties"),
+        ),
+        Bench(
+            "breadcrumbs",
+            "mergekernels",
+            "breadcrumbs",
+            lambda: mk.breadcrumbs(base, finetuned, density=0.9, gamma=0.01),
+        ),
+        Bench(
+            "della",
+            "mergekernels",
+            "della",
+            lambda: mk.della(base, finetuned, density=0.5, epsilon=0.15, seed=0, key=KEY),
+        ),
     ]
     refs = [
         Bench("ta_torch", "torch", "ta", lambda: ta_torch(base, finetuned)),
         Bench("ties_kthvalue", "torch", "ties", lambda: ties_kthvalue(base, finetuned, TIES_DENSITY)),
-        Bench("ties_argsort", "torch", "ties", lambda: ties_argsort(base, finetuned, TIES_DENSITY),
-              slow=True),
+        Bench(
+            "ties_argsort", "torch", "ties", lambda: ties_argsort(base, finetuned, TIES_DENSITY), slow=True
+        ),
         Bench("dare_bernoulli", "torch", "dare", lambda: dare_bernoulli(base, finetuned, DARE_DROP)),
     ]
     return (mine if ours else []) + refs
@@ -162,8 +183,17 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
         outputs[bench.name] = recorder.last
         nbytes = bytes_moved(bench.method, k, numel, itemsize)
         gbps = nbytes / timing.median / 1e9
-        rows[bench.name] = Row(bench.name, bench.impl, bench.method, timing.median * 1e3, timing.min * 1e3,
-                               timing.max * 1e3, nbytes / 1e6, gbps, gbps / copy_gbps)
+        rows[bench.name] = Row(
+            bench.name,
+            bench.impl,
+            bench.method,
+            timing.median * 1e3,
+            timing.min * 1e3,
+            timing.max * 1e3,
+            nbytes / 1e6,
+            gbps,
+            gbps / copy_gbps,
+        )
         print(f"  {bench.name:<20} {timing.median * 1e3:10.2f} ms", flush=True)
 
     for name, refs in COMPARISONS.items():
@@ -193,19 +223,23 @@ def render(meta: dict, rows: list[Row]) -> str:
     ]
     for r in rows:
         speedup = ", ".join(f"{s:.1f}x vs {ref}" for ref, s in r.speedup.items())
-        lines.append(f"| {r.name} | {r.impl} | {r.median_ms:.2f} | {r.min_ms:.2f}-{r.max_ms:.2f} | "
-                     f"{r.mbytes:.1f} | {r.gbps:.2f} | {100 * r.copy_fraction:.1f}% | {speedup} | "
-                     f"{'; '.join(r.check)} |")
+        lines.append(
+            f"| {r.name} | {r.impl} | {r.median_ms:.2f} | {r.min_ms:.2f}-{r.max_ms:.2f} | "
+            f"{r.mbytes:.1f} | {r.gbps:.2f} | {100 * r.copy_fraction:.1f}% | {speedup} | "
+            f"{'; '.join(r.check)} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--k", type=int, default=None, help="fine-tuned tensors (default 8 or MK_BENCH_K)")
-    parser.add_argument("--shape", default=None,
-                        help="tensor shape, e.g. 2048x4096 (default per device, or MK_BENCH_SHAPE)")
+    parser.add_argument(
+        "--shape", default=None, help="tensor shape, e.g. 2048x4096 (default per device, or MK_BENCH_SHAPE)"
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per op (slow references: <= 2)")
     parser.add_argument("--seed", type=int, default=0)

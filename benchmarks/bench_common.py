@@ -54,8 +54,13 @@ def bench_size(device: torch.device | str) -> tuple[int, tuple[int, ...]]:
     return k, shape
 
 
-def make_inputs(k: int, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16,
-                device: torch.device | str = "cpu", seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def make_inputs(
+    k: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Fresh random (base, finetuned): base ~ N(0, 0.02), finetuned_t = base + N(0, 0.002), both
     rounded to `dtype`, so the task vectors have realistic, non-zero magnitudes."""
     device = torch.device(device)
@@ -79,8 +84,9 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
-            device: torch.device | str = "cpu") -> Timing:
+def time_fn(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: torch.device | str = "cpu"
+) -> Timing:
     """Time `fn` after `warmup` untimed calls. CUDA: CUDA events around each call, synchronised;
     CPU: time.perf_counter."""
     device = torch.device(device)
@@ -105,8 +111,9 @@ def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
     return Timing(statistics.median(samples), min(samples), max(samples), tuple(samples))
 
 
-def measure_copy_bandwidth(device: torch.device | str = "cpu", nbytes: int | None = None,
-                           repeats: int = 10) -> float:
+def measure_copy_bandwidth(
+    device: torch.device | str = "cpu", nbytes: int | None = None, repeats: int = 10
+) -> float:
     """Copy bandwidth in GB/s (1e9 bytes): median over `repeats` of ``dst.copy_(src)`` between
     preallocated buffers of `nbytes` each (default 256 MiB on CPU, 1 GiB on CUDA), counting the
     bytes read plus the bytes written (2 * nbytes per copy)."""

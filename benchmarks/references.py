@@ -53,8 +53,9 @@ def ta_torch(base: torch.Tensor, finetuned: Sequence[torch.Tensor], scale: float
     return (flat + scale * total).to(base.dtype)
 
 
-def ties_kthvalue(base: torch.Tensor, finetuned: Sequence[torch.Tensor], density: float,
-                  merge: str = "mean") -> torch.Tensor:
+def ties_kthvalue(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], density: float, merge: str = "mean"
+) -> torch.Tensor:
     """TIES as FusionBench (and the TIES authors' code) computes it.
 
     The task vectors are stacked into a K x N float32 matrix; per row, the threshold is
@@ -70,8 +71,9 @@ def ties_kthvalue(base: torch.Tensor, finetuned: Sequence[torch.Tensor], density
     return _finish(base, _elect_and_merge(tv, mags >= kth, merge))
 
 
-def ties_argsort(base: torch.Tensor, finetuned: Sequence[torch.Tensor], density: float,
-                 merge: str = "mean") -> torch.Tensor:
+def ties_argsort(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], density: float, merge: str = "mean"
+) -> torch.Tensor:
     """TIES as mergekit computes it: per task vector, the indices of the k = int(density * N)
     largest |tau| from a full descending ``argsort`` form the keep mask (exactly k entries; ties
     at the cut are broken by the sort), then the same election and disjoint merge."""
@@ -86,8 +88,13 @@ def ties_argsort(base: torch.Tensor, finetuned: Sequence[torch.Tensor], density:
     return _finish(base, _elect_and_merge(tv, mask, merge))
 
 
-def dare_bernoulli(base: torch.Tensor, finetuned: Sequence[torch.Tensor], drop: float, merge: str = "sum",
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def dare_bernoulli(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    drop: float,
+    merge: str = "sum",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """DARE with ``torch.bernoulli`` masks: each entry of each tau_t is kept with probability
     1 - drop and rescaled by 1 / (1 - drop); the rescaled vectors are summed (or averaged)."""
     _check_merge(merge)

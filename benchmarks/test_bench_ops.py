@@ -27,8 +27,11 @@ KEY = "model.layers.0.mlp.up_proj.weight"
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA device")]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+    ),
 ]
 
 
@@ -58,13 +61,15 @@ def _needs_kernels(case: Case) -> None:
         pytest.skip("mergekernels was built without CUDA kernels")
 
 
-def _run(benchmark, case: Case, method: str, fn: Callable[[], object], rounds: int = ROUNDS,
-         warmup: int = 1) -> object:
+def _run(
+    benchmark, case: Case, method: str, fn: Callable[[], object], rounds: int = ROUNDS, warmup: int = 1
+) -> object:
     """Benchmark `fn` (synchronised on CUDA), tagging it with the bytes `method` must move."""
     nbytes = bytes_moved(method, case.k, case.base.numel(), case.base.element_size())
     benchmark.group = f"{case.device.type}:{method}"
-    benchmark.extra_info.update(k=case.k, shape="x".join(map(str, case.base.shape)), dtype=str(DTYPE),
-                                bytes_moved=nbytes)
+    benchmark.extra_info.update(
+        k=case.k, shape="x".join(map(str, case.base.shape)), dtype=str(DTYPE), bytes_moved=nbytes
+    )
 
     def call() -> object:
         out = fn()
@@ -91,8 +96,9 @@ def test_stats(benchmark, case: Case) -> None:
 
 def test_threshold(benchmark, case: Case) -> None:
     _needs_kernels(case)
-    thr = _run(benchmark, case, "threshold",
-               lambda: mk.magnitude_threshold(case.base, case.finetuned, TIES_DENSITY))
+    thr = _run(
+        benchmark, case, "threshold", lambda: mk.magnitude_threshold(case.base, case.finetuned, TIES_DENSITY)
+    )
     assert thr.shape == (case.k,)
 
 
@@ -109,29 +115,42 @@ def test_ties(benchmark, case: Case) -> None:
 
 def test_dare_linear(benchmark, case: Case) -> None:
     _needs_kernels(case)
-    out = _run(benchmark, case, "dare",
-               lambda: mk.dare(case.base, case.finetuned, drop=DARE_DROP, seed=0, key=KEY))
+    out = _run(
+        benchmark, case, "dare", lambda: mk.dare(case.base, case.finetuned, drop=DARE_DROP, seed=0, key=KEY)
+    )
     _check_merged(out, case)
 
 
 def test_dare_ties(benchmark, case: Case) -> None:
     _needs_kernels(case)
-    out = _run(benchmark, case, "dare_ties",
-               lambda: mk.dare(case.base, case.finetuned, drop=DARE_DROP, seed=0, key=KEY, consensus="ties"))
+    out = _run(
+        benchmark,
+        case,
+        "dare_ties",
+        lambda: mk.dare(case.base, case.finetuned, drop=DARE_DROP, seed=0, key=KEY, consensus="ties"),
+    )
     _check_merged(out, case)
 
 
 def test_breadcrumbs(benchmark, case: Case) -> None:
     _needs_kernels(case)
-    out = _run(benchmark, case, "breadcrumbs",
-               lambda: mk.breadcrumbs(case.base, case.finetuned, density=0.9, gamma=0.01))
+    out = _run(
+        benchmark,
+        case,
+        "breadcrumbs",
+        lambda: mk.breadcrumbs(case.base, case.finetuned, density=0.9, gamma=0.01),
+    )
     _check_merged(out, case)
 
 
 def test_della(benchmark, case: Case) -> None:
     _needs_kernels(case)
-    out = _run(benchmark, case, "della",
-               lambda: mk.della(case.base, case.finetuned, density=0.5, epsilon=0.15, seed=0, key=KEY))
+    out = _run(
+        benchmark,
+        case,
+        "della",
+        lambda: mk.della(case.base, case.finetuned, density=0.5, epsilon=0.15, seed=0, key=KEY),
+    )
     _check_merged(out, case)
 
 
@@ -146,8 +165,14 @@ def test_ref_ties_kthvalue(benchmark, case: Case) -> None:
 
 
 def test_ref_ties_argsort(benchmark, case: Case) -> None:
-    out = _run(benchmark, case, "ties", lambda: ties_argsort(case.base, case.finetuned, TIES_DENSITY),
-               rounds=SLOW_ROUNDS, warmup=0)
+    out = _run(
+        benchmark,
+        case,
+        "ties",
+        lambda: ties_argsort(case.base, case.finetuned, TIES_DENSITY),
+        rounds=SLOW_ROUNDS,
+        warmup=0,
+    )
     _check_merged(out, case)
 
 

@@ -55,15 +55,51 @@ def _magnitude_histogram_fake(hist, base, finetuned, level, prefix):
 
 
 @torch.library.register_fake("mergekernels::fused_merge")
-def _fused_merge_fake(base, finetuned, weights, scale, reduce, ties, weighted_election, sparsify, thresholds,
-                      keep_source, keep, step, post, rescale_inverse, row_keep, ranks, seed, key, element_offset,
-                      row_len, out_dtype):
+def _fused_merge_fake(
+    base,
+    finetuned,
+    weights,
+    scale,
+    reduce,
+    ties,
+    weighted_election,
+    sparsify,
+    thresholds,
+    keep_source,
+    keep,
+    step,
+    post,
+    rescale_inverse,
+    row_keep,
+    ranks,
+    seed,
+    key,
+    element_offset,
+    row_len,
+    out_dtype,
+):
     return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
 
 
 @torch.library.register_fake("mergekernels::masked_drop")
-def _masked_drop_fake(base, finetuned, expert, sparsify, thresholds, keep_source, keep, step, post,
-                      rescale_inverse, row_keep, rank, seed, key, element_offset, row_len):
+def _masked_drop_fake(
+    base,
+    finetuned,
+    expert,
+    sparsify,
+    thresholds,
+    keep_source,
+    keep,
+    step,
+    post,
+    rescale_inverse,
+    row_keep,
+    rank,
+    seed,
+    key,
+    element_offset,
+    row_len,
+):
     return base.new_empty(base.shape, dtype=torch.float32)
 
 
@@ -121,7 +157,9 @@ def prepare(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> P
         if not x.is_floating_point():
             raise TypeError(f"{op}: finetuned[{t}] has dtype {x.dtype}; merging needs floating-point tensors")
         if x.shape != base.shape:
-            raise ValueError(f"{op}: finetuned[{t}] has shape {tuple(x.shape)} but base has {tuple(base.shape)}")
+            raise ValueError(
+                f"{op}: finetuned[{t}] has shape {tuple(x.shape)} but base has {tuple(base.shape)}"
+            )
         if x.device != base.device:
             raise ValueError(f"{op}: finetuned[{t}] is on {x.device} but base is on {base.device}")
         dtype = torch.promote_types(dtype, x.dtype)
@@ -139,8 +177,9 @@ def _check_out_dtype(out_dtype: torch.dtype | None, default: torch.dtype) -> tup
     return (want if want in _KERNEL_DTYPES else torch.float32), want
 
 
-def per_task(value: float | Sequence[float] | torch.Tensor | None, k: int, name: str,
-             default: float | None = None) -> list[float]:
+def per_task(
+    value: float | Sequence[float] | torch.Tensor | None, k: int, name: str, default: float | None = None
+) -> list[float]:
     """A scalar or per-model list -> a list of k floats."""
     if value is None:
         if default is None:
@@ -163,7 +202,9 @@ def tv_stats(base: torch.Tensor, finetuned: Sequence[torch.Tensor], histogram: b
     return _lib.tv_stats(p.base, p.finetuned, histogram)
 
 
-def magnitude_histogram_(hist: torch.Tensor, prepared: Prepared, level: int, prefix: torch.Tensor | None) -> None:
+def magnitude_histogram_(
+    hist: torch.Tensor, prepared: Prepared, level: int, prefix: torch.Tensor | None
+) -> None:
     _lib.magnitude_histogram_(hist, prepared.base, prepared.finetuned, level, prefix)
 
 
@@ -195,10 +236,27 @@ def fused_merge(
         raise ValueError(f"merge/reduce must be one of {sorted(REDUCE)}, got {reduce!r}")
     kernel_dtype, want = _check_out_dtype(out_dtype, prepared.out_dtype)
     out = _lib.fused_merge(
-        prepared.base, prepared.finetuned, list(weights), float(scale), REDUCE[reduce], bool(ties),
-        bool(weighted_election), SPARSIFY[sparsify], thresholds, KEEP_SOURCE[keep_source], list(keep), list(step),
-        list(post), bool(rescale_inverse), row_keep, list(ranks), _signed64(seed, "seed"), tensor_key(key),
-        int(element_offset), int(row_len), kernel_dtype,
+        prepared.base,
+        prepared.finetuned,
+        list(weights),
+        float(scale),
+        REDUCE[reduce],
+        bool(ties),
+        bool(weighted_election),
+        SPARSIFY[sparsify],
+        thresholds,
+        KEEP_SOURCE[keep_source],
+        list(keep),
+        list(step),
+        list(post),
+        bool(rescale_inverse),
+        row_keep,
+        list(ranks),
+        _signed64(seed, "seed"),
+        tensor_key(key),
+        int(element_offset),
+        int(row_len),
+        kernel_dtype,
     )
     return out if out.dtype == want else out.to(want)
 
@@ -223,16 +281,36 @@ def masked_drop(
     probability when rescale is true). Bits depend only on (seed, key, expert, element index)."""
     p = prepare(base, [finetuned], "masked_drop")
     return _lib.masked_drop(
-        p.base, p.finetuned[0], int(expert), SPARSIFY["drop"], None, KEEP_SOURCE[keep_source], float(keep),
-        float(step), 1.0, bool(rescale), row_keep, rank, _signed64(seed, "seed"), tensor_key(key),
-        int(element_offset), int(row_len),
+        p.base,
+        p.finetuned[0],
+        int(expert),
+        SPARSIFY["drop"],
+        None,
+        KEEP_SOURCE[keep_source],
+        float(keep),
+        float(step),
+        1.0,
+        bool(rescale),
+        row_keep,
+        rank,
+        _signed64(seed, "seed"),
+        tensor_key(key),
+        int(element_offset),
+        int(row_len),
     )
 
 
-def drop_l1(prepared: Prepared, keep: Sequence[float], seed: int, key: int | str,
-            element_offset: int = 0) -> torch.Tensor:
-    return _lib.drop_l1(prepared.base, prepared.finetuned, list(keep), _signed64(seed, "seed"), tensor_key(key),
-                        int(element_offset))
+def drop_l1(
+    prepared: Prepared, keep: Sequence[float], seed: int, key: int | str, element_offset: int = 0
+) -> torch.Tensor:
+    return _lib.drop_l1(
+        prepared.base,
+        prepared.finetuned,
+        list(keep),
+        _signed64(seed, "seed"),
+        tensor_key(key),
+        int(element_offset),
+    )
 
 
 def has_cuda_kernels() -> bool:

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="merge a synthetic model with every method and print a report")
     p.add_argument("--experts", type=int, default=4, help="number of fine-tuned models (default 4)")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers in the synthetic model (default 4)")
+    p.add_argument(
+        "--layers", type=int, default=4, help="transformer layers in the synthetic model (default 4)"
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median reported)")
     p.set_defaults(func=_demo)

@@ -19,8 +19,16 @@ from .methods import METHODS
 from .stats import task_vector_stats
 
 # (name suffix, shape) of one layer: attention and MLP projections of a small transformer.
-LAYER_SHAPES = [("attn.q", (512, 512)), ("attn.k", (512, 512)), ("attn.v", (512, 512)), ("attn.o", (512, 512)),
-                ("mlp.up", (1408, 512)), ("mlp.gate", (1408, 512)), ("mlp.down", (512, 1408)), ("norm", (512,))]
+LAYER_SHAPES = [
+    ("attn.q", (512, 512)),
+    ("attn.k", (512, 512)),
+    ("attn.v", (512, 512)),
+    ("attn.o", (512, 512)),
+    ("mlp.up", (1408, 512)),
+    ("mlp.gate", (1408, 512)),
+    ("mlp.down", (512, 1408)),
+    ("norm", (512,)),
+]
 
 DEMO_PARAMS = {
     "task_arithmetic": {"scale": 0.5},
@@ -36,8 +44,9 @@ DEMO_PARAMS = {
 }
 
 
-def synthetic_models(num_experts: int = 4, layers: int = 4, seed: int = 0,
-                     dtype: torch.dtype = torch.bfloat16) -> tuple[dict, list[dict]]:
+def synthetic_models(
+    num_experts: int = 4, layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> tuple[dict, list[dict]]:
     g = torch.Generator().manual_seed(seed)
     base: dict[str, torch.Tensor] = {}
     experts: list[dict[str, torch.Tensor]] = [{} for _ in range(num_experts)]
@@ -68,9 +77,11 @@ def run(num_experts: int = 4, layers: int = 4, device: str | None = None, repeat
     experts = [{k: v.to(device) for k, v in sd.items()} for sd in experts]
     params = sum(v.numel() for v in base.values())
     nbytes = sum(v.numel() * v.element_size() for v in base.values())
-    print(f"mergekernels demo: {num_experts} fine-tuned models of {params / 1e6:.1f} M parameters (bf16) "
-          f"on {device}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CUDA kernels built: {_ops.has_cuda_kernels()}")
+    print(
+        f"mergekernels demo: {num_experts} fine-tuned models of {params / 1e6:.1f} M parameters (bf16) "
+        f"on {device}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CUDA kernels built: {_ops.has_cuda_kernels()}"
+    )
 
     stats = None
     for name in base:
@@ -78,8 +89,11 @@ def run(num_experts: int = 4, layers: int = 4, device: str | None = None, repeat
         stats = s if stats is None else stats + s
     cos = stats.cosine
     off = cos[~torch.eye(num_experts, dtype=torch.bool)]
-    print(f"task vectors: norms {', '.join(f'{n:.3f}' for n in stats.norms.tolist())}; mean |cos| "
-          f"{off.abs().mean().item():.3f}; non-zero signs agree on {100 * stats.sign_agreement:.1f}% of entries\n")
+    norms = ", ".join(f"{n:.3f}" for n in stats.norms.tolist())
+    print(
+        f"task vectors: norms {norms}; mean |cos| {off.abs().mean().item():.3f}; "
+        f"non-zero signs agree on {100 * stats.sign_agreement:.1f}% of entries\n"
+    )
 
     rows = []
     header = f"{'method':<18}{'time (ms)':>11}{'GB/s':>9}{'delta kept':>12}"
@@ -102,6 +116,8 @@ def run(num_experts: int = 4, layers: int = 4, device: str | None = None, repeat
         moved = nbytes * (num_experts + 2)
         rows.append({"method": method, "seconds": best, "gb_per_s": moved / best / 1e9, "kept": kept})
         print(f"{method:<18}{best * 1e3:>11.1f}{moved / best / 1e9:>9.2f}{100 * kept:>11.1f}%")
-    print("\nGB/s counts one read of the base and every fine-tuned model and one write of the result "
-          "(methods with a threshold pass read the inputs more than once).")
+    print(
+        "\nGB/s counts one read of the base and every fine-tuned model and one write of the result "
+        "(methods with a threshold pass read the inputs more than once)."
+    )
     return rows

@@ -22,8 +22,10 @@ def _check_params(name: str, function, params: dict) -> None:
     accepted = set(inspect.signature(function).parameters) - {"base", "finetuned"}
     unknown = sorted(set(params) - accepted)
     if unknown:
-        raise ValueError(f"method {name!r} does not take {', '.join(unknown)}; valid parameters: "
-                         f"{', '.join(sorted(accepted))}")
+        raise ValueError(
+            f"method {name!r} does not take {', '.join(unknown)}; valid parameters: "
+            f"{', '.join(sorted(accepted))}"
+        )
 
 
 def merge(
@@ -65,7 +67,9 @@ def merge(
     for i, sd in enumerate(finetuned):
         missing = [name for name in base if name not in sd]
         if missing:
-            raise KeyError(f"merge: fine-tuned model {i} lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}")
+            raise KeyError(
+                f"merge: fine-tuned model {i} lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}"
+            )
 
     def mergeable(name: str) -> bool:
         return base[name].is_floating_point() and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
@@ -76,7 +80,11 @@ def merge(
 
     if threshold_scope == "global":
         names = [n for n in base if mergeable(n)]
-        target = torch.device(device) if device is not None else (base[names[0]].device if names else torch.device("cpu"))
+        target = (
+            torch.device(device)
+            if device is not None
+            else (base[names[0]].device if names else torch.device("cpu"))
+        )
         selector = MagnitudeThreshold(len(finetuned), target)
         for name in names:
             selector.count(*inputs(name))

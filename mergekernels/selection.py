@@ -21,10 +21,11 @@ from . import _ops
 
 def rank_for_density(density: float, numel: int) -> int:
     """Number of entries kept at `density` out of `numel`: max(1, floor(density * numel)), the
-    count mergekit keeps (it ranks with argsort and keeps the first int(density * n))."""
+    count mergekit keeps (it ranks with argsort and keeps the first int(density * n)); 0 for an
+    empty tensor."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    return max(1, min(numel, math.floor(density * numel)))
+    return min(numel, max(1, math.floor(density * numel)))
 
 
 def _locate(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +70,13 @@ class MagnitudeThreshold:
     def _prepared(self, base, finetuned) -> _ops.Prepared:
         p = _ops.prepare(base, finetuned, "MagnitudeThreshold")
         if len(p.finetuned) != self.num_tasks:
-            raise ValueError(f"MagnitudeThreshold: expected {self.num_tasks} fine-tuned tensors, got {len(p.finetuned)}")
+            raise ValueError(
+                f"MagnitudeThreshold: expected {self.num_tasks} fine-tuned tensors, got {len(p.finetuned)}"
+            )
         if p.base.device != self.device:
-            raise ValueError(f"MagnitudeThreshold: tensors are on {p.base.device}, the selector on {self.device}")
+            raise ValueError(
+                f"MagnitudeThreshold: tensors are on {p.base.device}, the selector on {self.device}"
+            )
         return p
 
     def count(self, base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> None:
@@ -109,7 +114,9 @@ class MagnitudeThreshold:
         return torch.where(self._empty, torch.full_like(value, math.inf), value)
 
 
-def kth_largest_abs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], ranks: Iterable[Sequence[int]]) -> list[torch.Tensor]:
+def kth_largest_abs(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], ranks: Iterable[Sequence[int]]
+) -> list[torch.Tensor]:
     """For one tensor: the exact rank-th largest |tau| of every task, for several rank queries that
     share one coarse pass. `ranks` holds one per-task rank list per query (1-based, 0 = +inf)."""
     p = _ops.prepare(base, finetuned, "kth_largest_abs")
@@ -123,8 +130,9 @@ def kth_largest_abs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], ranks
     return out
 
 
-def magnitude_threshold(base: torch.Tensor, finetuned: Sequence[torch.Tensor],
-                        density: float | Sequence[float]) -> torch.Tensor:
+def magnitude_threshold(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], density: float | Sequence[float]
+) -> torch.Tensor:
     """Exact k-th largest |tau_t| per task with k = max(1, floor(density * numel)): keeping
     |tau| >= it keeps the top-density fraction (ties at the threshold kept)."""
     p = _ops.prepare(base, finetuned, "magnitude_threshold")

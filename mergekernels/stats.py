@@ -61,16 +61,30 @@ class TaskVectorStats:
         hist = None
         if self.histogram is not None and other.histogram is not None:
             hist = self.histogram + other.histogram
-        return TaskVectorStats(self.gram + other.gram, torch.maximum(self.absmax, other.absmax), self.nnz + other.nnz,
-                               self.sign_agree + other.sign_agree, self.sign_any + other.sign_any, hist,
-                               self.numel + other.numel)
+        return TaskVectorStats(
+            self.gram + other.gram,
+            torch.maximum(self.absmax, other.absmax),
+            self.nnz + other.nnz,
+            self.sign_agree + other.sign_agree,
+            self.sign_any + other.sign_any,
+            hist,
+            self.numel + other.numel,
+        )
 
 
-def task_vector_stats(base: torch.Tensor, finetuned: Sequence[torch.Tensor], *,
-                      histogram: bool = False) -> TaskVectorStats:
+def task_vector_stats(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, histogram: bool = False
+) -> TaskVectorStats:
     """One pass over base and the fine-tuned tensors; no task vector is materialised.
     Results are returned on the CPU."""
     gram, absmax, nnz, signs, hist = _ops.tv_stats(base, finetuned, histogram)
     signs = signs.cpu().tolist()
-    return TaskVectorStats(gram.cpu(), absmax.cpu(), nnz.cpu(), int(signs[0]), int(signs[1]),
-                           hist.cpu() if histogram else None, base.numel())
+    return TaskVectorStats(
+        gram.cpu(),
+        absmax.cpu(),
+        nnz.cpu(),
+        int(signs[0]),
+        int(signs[1]),
+        hist.cpu() if histogram else None,
+        base.numel(),
+    )

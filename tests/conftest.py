@@ -11,8 +11,10 @@ SHAPES = [(1,), (7,), (1027,), (3, 5, 7), (33, 65), (2, 2051)]
 # bf16 / fp16 / fp32 relative spacing: outputs may differ from a float64 reference by one rounding.
 ULP = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and mk.has_cuda_kernels()),
-                          reason="needs a CUDA device and the CUDA kernels")
+cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and mk.has_cuda_kernels()),
+    reason="needs a CUDA device and the CUDA kernels",
+)
 
 
 def make_inputs(k, shape, dtype=torch.float32, seed=0, device="cpu", delta=0.01):

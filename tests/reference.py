@@ -56,8 +56,14 @@ def uniforms(seed: int, key: str | int, expert: int, start: int, n: int) -> np.n
     k = splitmix64(splitmix64(seed & MASK64) ^ name_key(key))
     idx = np.arange(start, start + n, dtype=np.uint64)
     quad = idx >> np.uint64(2)
-    words = philox4x32_10(quad & np.uint64(MASK32), quad >> np.uint64(32), np.full_like(quad, expert),
-                          np.zeros_like(quad), k & MASK32, k >> 32)
+    words = philox4x32_10(
+        quad & np.uint64(MASK32),
+        quad >> np.uint64(32),
+        np.full_like(quad, expert),
+        np.zeros_like(quad),
+        k & MASK32,
+        k >> 32,
+    )
     lane = (idx & np.uint64(3)).astype(np.int64)
     w = np.stack(words)[lane, np.arange(n)]
     return ((w >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)).astype(np.float32)
@@ -132,8 +138,17 @@ def ties_thresholds(base, finetuned, density) -> list[float]:
     return [kth_largest(t[i], keep_count(d, t.shape[1])) for i, d in enumerate(dens)]
 
 
-def ties(base, finetuned, density=0.2, weights=None, scale=1.0, merge="mean", weighted_election=False,
-         thresholds=None, out_dtype=None):
+def ties(
+    base,
+    finetuned,
+    density=0.2,
+    weights=None,
+    scale=1.0,
+    merge="mean",
+    weighted_election=False,
+    thresholds=None,
+    out_dtype=None,
+):
     t = tau32(base, finetuned)
     thr = thresholds if thresholds is not None else ties_thresholds(base, finetuned, density)
     trimmed = torch.stack([torch.where(t[i].abs() >= thr[i], t[i], 0.0) for i in range(t.shape[0])]).double()
@@ -143,12 +158,24 @@ def ties(base, finetuned, density=0.2, weights=None, scale=1.0, merge="mean", we
 
 def dare_masks(n: int, k: int, drop, seed: int, key) -> torch.Tensor:
     drops = [drop] * k if isinstance(drop, (int, float)) else drop
-    return torch.stack([torch.from_numpy(uniforms(seed, key, e, 0, n) < np.float32(1.0 - drops[e]))
-                        for e in range(k)])
+    return torch.stack(
+        [torch.from_numpy(uniforms(seed, key, e, 0, n) < np.float32(1.0 - drops[e])) for e in range(k)]
+    )
 
 
-def dare(base, finetuned, drop=0.9, weights=None, scale=1.0, seed=0, key=0, rescale=True, consensus=None,
-         merge=None, weighted_election=False):
+def dare(
+    base,
+    finetuned,
+    drop=0.9,
+    weights=None,
+    scale=1.0,
+    seed=0,
+    key=0,
+    rescale=True,
+    consensus=None,
+    merge=None,
+    weighted_election=False,
+):
     t = tau32(base, finetuned)
     k, n = t.shape
     drops = [drop] * k if isinstance(drop, (int, float)) else drop
@@ -173,7 +200,9 @@ def dare(base, finetuned, drop=0.9, weights=None, scale=1.0, seed=0, key=0, resc
     return _finish(base, merged, scale)
 
 
-def breadcrumbs(base, finetuned, density=0.9, gamma=0.01, weights=None, scale=1.0, consensus=None, merge=None):
+def breadcrumbs(
+    base, finetuned, density=0.9, gamma=0.01, weights=None, scale=1.0, consensus=None, merge=None
+):
     t = tau32(base, finetuned)
     k, n = t.shape
     rows = []
@@ -190,8 +219,18 @@ def breadcrumbs(base, finetuned, density=0.9, gamma=0.01, weights=None, scale=1.
     return _finish(base, merged, scale)
 
 
-def della(base, finetuned, density=0.5, epsilon=0.15, weights=None, scale=1.0, seed=0, key=0, consensus="ties",
-          merge="mean"):
+def della(
+    base,
+    finetuned,
+    density=0.5,
+    epsilon=0.15,
+    weights=None,
+    scale=1.0,
+    seed=0,
+    key=0,
+    consensus="ties",
+    merge="mean",
+):
     t = tau32(base, finetuned)
     k, n = t.shape
     shape = base.shape

@@ -13,8 +13,9 @@ pytestmark = cuda
 METHODS = {
     "ta": lambda b, f: mk.task_arithmetic(b, f, weights=[0.5, 1.0, 2.0], scale=0.7),
     "ties": lambda b, f: mk.ties(b, f, density=0.3, merge="mean"),
-    "ties_weighted": lambda b, f: mk.ties(b, f, density=0.3, merge="weighted", weighted_election=True,
-                                          weights=[1.0, 0.5, 2.0]),
+    "ties_weighted": lambda b, f: mk.ties(
+        b, f, density=0.3, merge="weighted", weighted_election=True, weights=[1.0, 0.5, 2.0]
+    ),
     "dare": lambda b, f: mk.dare(b, f, drop=0.7, seed=3, key="w"),
     "dare_ties_l1": lambda b, f: mk.dare(b, f, drop=0.5, seed=3, key="w", consensus="ties", rescale="l1"),
     "breadcrumbs": lambda b, f: mk.breadcrumbs(b, f, density=0.5, gamma=0.05),
@@ -38,7 +39,9 @@ def test_cuda_masks_equal_cpu(keep):
     base, (ft,) = make_inputs(1, (100_003,), seed=2)
     for offset in (0, 3, 4096):
         cpu = mk.masked_drop(base, ft, expert=5, keep=keep, seed=1, key="x", element_offset=offset)
-        gpu = mk.masked_drop(base.cuda(), ft.cuda(), expert=5, keep=keep, seed=1, key="x", element_offset=offset)
+        gpu = mk.masked_drop(
+            base.cuda(), ft.cuda(), expert=5, keep=keep, seed=1, key="x", element_offset=offset
+        )
         assert torch.equal(gpu.cpu(), cpu)
 
 
@@ -51,5 +54,7 @@ def test_cuda_stats_and_threshold(k):
     assert torch.equal(gpu.absmax, cpu.absmax) and torch.equal(gpu.nnz, cpu.nnz)
     assert (gpu.sign_agree, gpu.sign_any) == (cpu.sign_agree, cpu.sign_any)
     assert torch.equal(gpu.histogram, cpu.histogram)
-    assert torch.equal(mk.magnitude_threshold(base.cuda(), [x.cuda() for x in fts], 0.2).cpu(),
-                       mk.magnitude_threshold(base, fts, 0.2))
+    assert torch.equal(
+        mk.magnitude_threshold(base.cuda(), [x.cuda() for x in fts], 0.2).cpu(),
+        mk.magnitude_threshold(base, fts, 0.2),
+    )

@@ -8,8 +8,18 @@ import mergekernels as mk
 from .conftest import make_inputs
 
 
-@pytest.mark.parametrize("fn", [mk.task_arithmetic, mk.ties, mk.dare, mk.breadcrumbs, mk.della,
-                                mk.task_vector_stats, lambda b, f: mk.magnitude_threshold(b, f, 0.5)])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        mk.task_arithmetic,
+        mk.ties,
+        mk.dare,
+        mk.breadcrumbs,
+        mk.della,
+        mk.task_vector_stats,
+        lambda b, f: mk.magnitude_threshold(b, f, 0.5),
+    ],
+)
 def test_common_input_errors(fn):
     base, fts = make_inputs(2, (4, 5), seed=1)
     with pytest.raises(ValueError, match="empty"):
@@ -60,5 +70,26 @@ def test_op_level_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="hist must be a contiguous int64 tensor"):
         torch.ops.mergekernels.magnitude_histogram_(torch.zeros(2, 5, dtype=torch.int64), base, fts, 0, None)
     with pytest.raises(RuntimeError, match="thresholds must have shape"):
-        torch.ops.mergekernels.fused_merge(base, fts, [], 1.0, 0, True, False, 1, torch.zeros(3), 0, [], [], [],
-                                           True, None, [], 0, 0, 0, 1, None)
+        torch.ops.mergekernels.fused_merge(
+            base,
+            fts,
+            [],
+            1.0,
+            0,
+            True,
+            False,
+            1,
+            torch.zeros(3),
+            0,
+            [],
+            [],
+            [],
+            True,
+            None,
+            [],
+            0,
+            0,
+            0,
+            1,
+            None,
+        )

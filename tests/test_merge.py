@@ -10,7 +10,12 @@ from .conftest import assert_close_to_ref, make_inputs
 
 
 def _models(k=3, dtype=torch.bfloat16):
-    shapes = {"embed.weight": (50, 16), "layers.0.weight": (16, 16), "layers.0.bias": (16,), "head.weight": (4, 16)}
+    shapes = {
+        "embed.weight": (50, 16),
+        "layers.0.weight": (16, 16),
+        "layers.0.bias": (16,),
+        "head.weight": (4, 16),
+    }
     base, fts = {}, [{} for _ in range(k)]
     for i, (name, shape) in enumerate(shapes.items()):
         b, f = make_inputs(k, shape, dtype, seed=i)
@@ -37,8 +42,9 @@ def test_model_merge_equals_per_tensor_with_name_keys_and_per_model_params():
     base, fts = _models()
     merged = mk.merge(base, fts, method="dare_ties", drop=[0.8, 0.5, 0.3], weights=[1, 2, 3], seed=9)
     for name in ("embed.weight", "layers.0.bias"):
-        expected = ref.dare(base[name], [sd[name] for sd in fts], [0.8, 0.5, 0.3], [1, 2, 3], 1.0, 9, name,
-                            True, "ties")
+        expected = ref.dare(
+            base[name], [sd[name] for sd in fts], [0.8, 0.5, 0.3], [1, 2, 3], 1.0, 9, name, True, "ties"
+        )
         assert_close_to_ref(merged[name], expected)
 
 

@@ -18,10 +18,13 @@ SMALL_SHAPES = [(1,), (7,), (1027,), (3, 5, 7), (33, 65)]
 def test_task_arithmetic(dtype, shape):
     base, fts = make_inputs(4, shape, dtype, seed=1)
     w = [0.5, -1.0, 2.0, 0.25]
-    assert_close_to_ref(mk.task_arithmetic(base, fts, weights=w, scale=0.3),
-                        ref.task_arithmetic(base, fts, w, 0.3))
-    assert_close_to_ref(mk.task_arithmetic(base, fts, weights=w, normalize=True),
-                        ref.task_arithmetic(base, fts, w, normalize=True))
+    assert_close_to_ref(
+        mk.task_arithmetic(base, fts, weights=w, scale=0.3), ref.task_arithmetic(base, fts, w, 0.3)
+    )
+    assert_close_to_ref(
+        mk.task_arithmetic(base, fts, weights=w, normalize=True),
+        ref.task_arithmetic(base, fts, w, normalize=True),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -31,7 +34,9 @@ def test_ties(dtype, shape, merge):
     base, fts = make_inputs(5, shape, dtype, seed=2)
     w = [1.0, 0.5, 2.0, 1.5, 0.7]
     for weighted_election in (False, True):
-        out = mk.ties(base, fts, density=0.3, weights=w, scale=0.8, merge=merge, weighted_election=weighted_election)
+        out = mk.ties(
+            base, fts, density=0.3, weights=w, scale=0.8, merge=merge, weighted_election=weighted_election
+        )
         assert_close_to_ref(out, ref.ties(base, fts, 0.3, w, 0.8, merge, weighted_election))
 
 
@@ -57,8 +62,17 @@ def test_ties_out_dtype_and_float64_inputs():
 def test_dare(dtype, shape, consensus, rescale):
     base, fts = make_inputs(3, shape, dtype, seed=5)
     drops = [0.9, 0.5, 0.0]
-    out = mk.dare(base, fts, drop=drops, weights=[1.0, 2.0, 0.5], scale=0.7, seed=3, key="blk.0",
-                  rescale=rescale, consensus=consensus)
+    out = mk.dare(
+        base,
+        fts,
+        drop=drops,
+        weights=[1.0, 2.0, 0.5],
+        scale=0.7,
+        seed=3,
+        key="blk.0",
+        rescale=rescale,
+        consensus=consensus,
+    )
     expected = ref.dare(base, fts, drops, [1.0, 2.0, 0.5], 0.7, 3, "blk.0", rescale, consensus)
     assert_close_to_ref(out, expected)
 
@@ -108,3 +122,11 @@ def test_methods_are_deterministic_and_keep_device_and_dtype():
         a, b = fn(base, fts), fn(base, fts)
         assert torch.equal(a, b)
         assert a.dtype == base.dtype and a.device == base.device and a.shape == base.shape
+
+
+def test_empty_tensors_merge_to_empty():
+    base, fts = make_inputs(2, (0, 5), seed=11)
+    for fn in (mk.task_arithmetic, mk.ties, mk.dare, mk.breadcrumbs, mk.della):
+        out = fn(base, fts)
+        assert out.shape == (0, 5) and out.dtype == base.dtype
+    assert mk.task_vector_stats(base, fts).gram.abs().sum() == 0

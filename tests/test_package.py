@@ -11,8 +11,13 @@ import mergekernels
 def test_import_without_extension_says_how_to_build(tmp_path):
     pkg = Path(mergekernels.__file__).parent
     shutil.copytree(pkg, tmp_path / "mergekernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    proc = subprocess.run([sys.executable, "-c", "import mergekernels"], cwd=tmp_path, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", "import mergekernels"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode != 0
     assert "mergekernels._C is missing" in proc.stderr
     assert "pip install --no-build-isolation -e ." in proc.stderr

@@ -16,8 +16,11 @@ from .conftest import DTYPES, make_inputs
     [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ],
 )
 def test_reference_philox_known_answers(ctr, key, expected):
@@ -78,13 +81,15 @@ def test_chunked_equals_unchunked(cuts):
     spans = list(zip(edges[:-1], edges[1:], strict=True))
     pieces = {}
     for start, end in reversed(spans):  # any order: last chunk first
-        pieces[start] = mk.dare(base[start:end], [x[start:end] for x in fts], drop=0.6, seed=11, key="t",
-                                element_offset=start)
+        pieces[start] = mk.dare(
+            base[start:end], [x[start:end] for x in fts], drop=0.6, seed=11, key="t", element_offset=start
+        )
     assert torch.equal(torch.cat([pieces[s] for s, _ in spans]), whole)
 
 
 def test_tensor_key_is_stable_and_documented():
     assert mk.tensor_key("model.layers.0.self_attn.q_proj.weight") == mk.tensor_key(
-        "model.layers.0.self_attn.q_proj.weight")
+        "model.layers.0.self_attn.q_proj.weight"
+    )
     assert mk.tensor_key("a") != mk.tensor_key("b")
     assert mk.tensor_key("a") % 2**64 == ref.name_key("a")

@@ -49,13 +49,23 @@ def breadcrumbs(
     upper, lower = [], []
     for t, (d, g) in enumerate(zip(densities, gammas, strict=True)):
         if not (0.0 < d <= 1.0 and 0.0 <= g < 1.0 and d + g <= 1.0 + 1e-12):
-            raise ValueError(f"breadcrumbs: need 0 < density <= 1, 0 <= gamma < 1 and density + gamma <= 1; "
-                             f"got density={d}, gamma={g} for model {t}")
+            raise ValueError(
+                f"breadcrumbs: need 0 < density <= 1, 0 <= gamma < 1 and density + gamma <= 1; "
+                f"got density={d}, gamma={g} for model {t}"
+            )
         top = math.floor(g * n)
         upper.append(top)
         lower.append(min(n, top + math.floor(d * n)))
     lo, hi = kth_largest_abs(p.base, p.finetuned, [lower, upper])
     w = _ops.per_task(weights, k, "weights", 1.0)
-    return _ops.fused_merge(p, weights=w, scale=scale, reduce=merge, ties=consensus == "ties",
-                            weighted_election=weighted_election, sparsify="band", thresholds=threshold_pair(lo, hi),
-                            out_dtype=out_dtype)
+    return _ops.fused_merge(
+        p,
+        weights=w,
+        scale=scale,
+        reduce=merge,
+        ties=consensus == "ties",
+        weighted_election=weighted_election,
+        sparsify="band",
+        thresholds=threshold_pair(lo, hi),
+        out_dtype=out_dtype,
+    )

@@ -75,7 +75,20 @@ def dare(
         l1 = _ops.drop_l1(p, keep, seed, key, element_offset).cpu().tolist()
         post = [f / m if f >= _L1_MIN and m >= _L1_MIN else 1.0 for f, m in zip(l1[0], l1[1], strict=True)]
     w = _ops.per_task(weights, k, "weights", 1.0)
-    return _ops.fused_merge(p, weights=w, scale=scale, reduce=merge, ties=consensus == "ties",
-                            weighted_election=weighted_election, sparsify="drop", keep_source="constant", keep=keep,
-                            post=post, rescale_inverse=mode == "inverse", seed=seed, key=key,
-                            element_offset=element_offset, out_dtype=out_dtype)
+    return _ops.fused_merge(
+        p,
+        weights=w,
+        scale=scale,
+        reduce=merge,
+        ties=consensus == "ties",
+        weighted_election=weighted_election,
+        sparsify="drop",
+        keep_source="constant",
+        keep=keep,
+        post=post,
+        rescale_inverse=mode == "inverse",
+        seed=seed,
+        key=key,
+        element_offset=element_offset,
+        out_dtype=out_dtype,
+    )

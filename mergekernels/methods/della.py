@@ -72,8 +72,10 @@ def della(
     keep0, step = [], []
     for t, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
         if not (e >= 0.0 and d - e > 0.0 and d + e <= 1.0):
-            raise ValueError(f"della: keep probabilities density +- epsilon must lie in (0, 1]; got density={d}, "
-                             f"epsilon={e} for model {t}")
+            raise ValueError(
+                f"della: keep probabilities density +- epsilon must lie in (0, 1]; got density={d}, "
+                f"epsilon={e} for model {t}"
+            )
         keep0.append(d - e if row_len > 1 else d)
         step.append(2.0 * e / (row_len - 1) if row_len > 1 else 0.0)
     w = _ops.per_task(weights, k, "weights", 1.0)
@@ -90,8 +92,21 @@ def della(
         chunk = _ops.Prepared(base_rows[r0:r1], [x[r0:r1] for x in ft_rows], p.out_dtype)
         ranks = [magnitude_ranks(chunk.base, x) for x in chunk.finetuned]
         out_rows[r0:r1] = _ops.fused_merge(
-            chunk, weights=w, scale=scale, reduce=merge, ties=consensus == "ties", weighted_election=weighted_election,
-            sparsify="drop", keep_source="rank", keep=keep0, step=step, ranks=ranks, rescale_inverse=True,
-            seed=seed, key=key, element_offset=r0 * row_len, out_dtype=want,
+            chunk,
+            weights=w,
+            scale=scale,
+            reduce=merge,
+            ties=consensus == "ties",
+            weighted_election=weighted_election,
+            sparsify="drop",
+            keep_source="rank",
+            keep=keep0,
+            step=step,
+            ranks=ranks,
+            rescale_inverse=True,
+            seed=seed,
+            key=key,
+            element_offset=r0 * row_len,
+            out_dtype=want,
         ).view(r1 - r0, row_len)
     return out

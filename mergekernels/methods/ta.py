@@ -33,4 +33,6 @@ def task_arithmetic(
     """
     p = _ops.prepare(base, finetuned, "task_arithmetic")
     w = _ops.per_task(weights, len(p.finetuned), "weights", 1.0)
-    return _ops.fused_merge(p, weights=w, scale=scale, reduce="weighted" if normalize else "sum", out_dtype=out_dtype)
+    return _ops.fused_merge(
+        p, weights=w, scale=scale, reduce="weighted" if normalize else "sum", out_dtype=out_dtype
+    )

@@ -67,5 +67,14 @@ def ties(
     elif thresholds.numel() != k:
         raise ValueError(f"ties: thresholds has {thresholds.numel()} entries for {k} fine-tuned tensors")
     thr = threshold_pair(thresholds.to(p.base.device).reshape(k))
-    return _ops.fused_merge(p, weights=w, scale=scale, reduce=merge, ties=True, weighted_election=weighted_election,
-                            sparsify="trim", thresholds=thr, out_dtype=out_dtype)
+    return _ops.fused_merge(
+        p,
+        weights=w,
+        scale=scale,
+        reduce=merge,
+        ties=True,
+        weighted_election=weighted_election,
+        sparsify="trim",
+        thresholds=thr,
+        out_dtype=out_dtype,
+    )
