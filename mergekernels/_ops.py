@@ -55,56 +55,18 @@ def _magnitude_histogram_fake(hist, base, finetuned, level, prefix):
 
 
 @torch.library.register_fake("mergekernels::fused_merge")
-def _fused_merge_fake(
-    base,
-    finetuned,
-    weights,
-    scale,
-    reduce,
-    ties,
-    weighted_election,
-    sparsify,
-    thresholds,
-    keep_source,
-    keep,
-    step,
-    post,
-    rescale_inverse,
-    row_keep,
-    ranks,
-    seed,
-    key,
-    element_offset,
-    row_len,
-    out_dtype,
-):
+def _fused_merge_fake(base, *args):
+    out_dtype = args[-1]  # the schema's last argument
     return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
 
 
 @torch.library.register_fake("mergekernels::masked_drop")
-def _masked_drop_fake(
-    base,
-    finetuned,
-    expert,
-    sparsify,
-    thresholds,
-    keep_source,
-    keep,
-    step,
-    post,
-    rescale_inverse,
-    row_keep,
-    rank,
-    seed,
-    key,
-    element_offset,
-    row_len,
-):
+def _masked_drop_fake(base, *args):
     return base.new_empty(base.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("mergekernels::drop_l1")
-def _drop_l1_fake(base, finetuned, keep, seed, key, element_offset):
+def _drop_l1_fake(base, finetuned, *args):
     return base.new_empty((2, len(finetuned)), dtype=torch.float64)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import _ops
 from ..selection import kth_largest_abs
-from .ties import _check_merge, threshold_pair
+from .ties import reduction, threshold_pair
 
 
 def breadcrumbs(
@@ -39,11 +39,11 @@ def breadcrumbs(
         consensus: ``None`` (task arithmetic) or ``"ties"`` (sign election + disjoint merge).
         merge: reduction, default ``"sum"`` without consensus and ``"mean"`` with it.
     """
-    if consensus not in (None, "ties"):
-        raise ValueError(f"consensus must be None or 'ties', got {consensus!r}")
-    merge = _check_merge(merge or ("mean" if consensus else "sum"))
     p = _ops.prepare(base, finetuned, "breadcrumbs")
     k, n = len(p.finetuned), p.base.numel()
+    reduce_args = reduction(
+        k, weights=weights, scale=scale, consensus=consensus, merge=merge, weighted_election=weighted_election
+    )
     densities = _ops.per_task(density, k, "density")
     gammas = _ops.per_task(gamma, k, "gamma")
     upper, lower = [], []
@@ -57,14 +57,9 @@ def breadcrumbs(
         upper.append(top)
         lower.append(min(n, top + math.floor(d * n)))
     lo, hi = kth_largest_abs(p.base, p.finetuned, [lower, upper])
-    w = _ops.per_task(weights, k, "weights", 1.0)
     return _ops.fused_merge(
         p,
-        weights=w,
-        scale=scale,
-        reduce=merge,
-        ties=consensus == "ties",
-        weighted_election=weighted_election,
+        **reduce_args,
         sparsify="band",
         thresholds=threshold_pair(lo, hi),
         out_dtype=out_dtype,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
-from .ties import _check_merge
+from .ties import reduction
 
 _L1_MIN = 1e-8  # mergekit's guard: leave the scale alone when either norm is below it
 
@@ -59,12 +59,12 @@ def dare(
         element_offset: global index of this tensor's first element when it is a chunk of a
             larger tensor (masks stay those of the whole tensor).
     """
-    if consensus not in (None, "ties"):
-        raise ValueError(f"consensus must be None or 'ties', got {consensus!r}")
-    merge = _check_merge(merge or ("mean" if consensus else "sum"))
     mode = _rescale_mode(rescale)
     p = _ops.prepare(base, finetuned, "dare")
     k = len(p.finetuned)
+    reduce_args = reduction(
+        k, weights=weights, scale=scale, consensus=consensus, merge=merge, weighted_election=weighted_election
+    )
     drops = _ops.per_task(drop, k, "drop")
     for t, d in enumerate(drops):
         if not 0.0 <= d < 1.0:
@@ -74,14 +74,9 @@ def dare(
     if mode == "l1":
         l1 = _ops.drop_l1(p, keep, seed, key, element_offset).cpu().tolist()
         post = [f / m if f >= _L1_MIN and m >= _L1_MIN else 1.0 for f, m in zip(l1[0], l1[1], strict=True)]
-    w = _ops.per_task(weights, k, "weights", 1.0)
     return _ops.fused_merge(
         p,
-        weights=w,
-        scale=scale,
-        reduce=merge,
-        ties=consensus == "ties",
-        weighted_election=weighted_election,
+        **reduce_args,
         sparsify="drop",
         keep_source="constant",
         keep=keep,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
-from .ties import _check_merge
+from .ties import reduction
 
 # Elements (times the number of models) of one chunk of rows: bounds the rank buffers.
 CHUNK_ELEMENTS = 1 << 24
@@ -61,11 +61,11 @@ def della(
         merge: reduction after election, ``"mean"`` (default), ``"sum"`` or ``"weighted"``.
         seed, key: the random stream (use the tensor's name as key).
     """
-    if consensus not in (None, "ties"):
-        raise ValueError(f"consensus must be None or 'ties', got {consensus!r}")
-    _check_merge(merge)
     p = _ops.prepare(base, finetuned, "della")
     k = len(p.finetuned)
+    reduce_args = reduction(
+        k, weights=weights, scale=scale, consensus=consensus, merge=merge, weighted_election=weighted_election
+    )
     densities = _ops.per_task(density, k, "density")
     epsilons = _ops.per_task(epsilon, k, "epsilon")
     rows, row_len = rows_of(p.base.shape)
@@ -78,7 +78,6 @@ def della(
             )
         keep0.append(d - e if row_len > 1 else d)
         step.append(2.0 * e / (row_len - 1) if row_len > 1 else 0.0)
-    w = _ops.per_task(weights, k, "weights", 1.0)
     _, want = _ops._check_out_dtype(out_dtype, p.out_dtype)
     out = torch.empty(p.base.shape, dtype=want, device=p.base.device)
     if out.numel() == 0:
@@ -93,11 +92,7 @@ def della(
         ranks = [magnitude_ranks(chunk.base, x) for x in chunk.finetuned]
         out_rows[r0:r1] = _ops.fused_merge(
             chunk,
-            weights=w,
-            scale=scale,
-            reduce=merge,
-            ties=consensus == "ties",
-            weighted_election=weighted_election,
+            **reduce_args,
             sparsify="drop",
             keep_source="rank",
             keep=keep0,

@@ -24,6 +24,29 @@ def _check_merge(merge: str) -> str:
     return merge
 
 
+def reduction(
+    k: int,
+    *,
+    weights: float | Sequence[float] | None,
+    scale: float,
+    consensus: str | None,
+    merge: str | None,
+    weighted_election: bool,
+) -> dict:
+    """Validated reduction arguments of the fused merge for the methods that may add TIES
+    consensus (DARE, Breadcrumbs, DELLA): ``merge`` defaults to ``"sum"`` without consensus and
+    ``"mean"`` with it."""
+    if consensus not in (None, "ties"):
+        raise ValueError(f"consensus must be None or 'ties', got {consensus!r}")
+    return {
+        "weights": _ops.per_task(weights, k, "weights", 1.0),
+        "scale": scale,
+        "reduce": _check_merge(merge or ("mean" if consensus else "sum")),
+        "ties": consensus == "ties",
+        "weighted_election": weighted_election,
+    }
+
+
 def threshold_pair(lo: torch.Tensor, hi: torch.Tensor | None = None) -> torch.Tensor:
     """[2, K] float32 thresholds for the kernels: keep lo <= |tau| < hi (hi = +inf: no upper cut)."""
     lo = lo.to(torch.float32)
