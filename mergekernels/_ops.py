@@ -240,7 +240,11 @@ def masked_drop(
     row_len: int = 1,
 ) -> torch.Tensor:
     """The randomly dropped task vector of one expert, float32 (kept entries divided by their keep
-    probability when rescale is true). Bits depend only on (seed, key, expert, element index)."""
+    probability when rescale is true). Bits depend only on (seed, key, expert, element index).
+
+    keep_source: ``"constant"`` (probability ``keep``), ``"row"`` (``row_keep`` of shape [1, rows],
+    rows of ``row_len`` elements counted from global element 0) or ``"rank"`` (``keep + step * rank``
+    with ``rank`` an int32 tensor of base's size)."""
     p = prepare(base, [finetuned], "masked_drop")
     return _lib.masked_drop(
         p.base,

@@ -93,3 +93,48 @@ def test_tensor_key_is_stable_and_documented():
     )
     assert mk.tensor_key("a") != mk.tensor_key("b")
     assert mk.tensor_key("a") % 2**64 == ref.name_key("a")
+
+
+def test_per_row_keep_rates_match_reference():
+    """The APL mode: one keep probability per (expert, row), survivors divided by it."""
+    from mergekernels import _ops
+
+    rows, cols, k = 13, 37, 3
+    base, fts = make_inputs(k, (rows, cols), seed=12)
+    g = torch.Generator().manual_seed(0)
+    row_keep = (0.05 + 0.9 * torch.rand(k, rows, generator=g)).float()
+    prepared = _ops.prepare(base, fts, "test")
+    out = _ops.fused_merge(
+        prepared,
+        weights=[1.0] * k,
+        sparsify="drop",
+        keep_source="row",
+        row_keep=row_keep,
+        row_len=cols,
+        seed=21,
+        key="apl",
+    )
+    tau = ref.tau32(base, fts)
+    expected = torch.zeros(rows * cols, dtype=torch.float64)
+    for e in range(k):
+        q = row_keep[e].repeat_interleave(cols)
+        keep = torch.from_numpy(ref.uniforms(21, "apl", e, 0, rows * cols)) < q
+        expected += torch.where(keep, tau[e] / q, 0.0).double()
+    want = (base.double().reshape(-1) + expected).float().reshape(rows, cols)
+    torch.testing.assert_close(out, want, rtol=2e-6, atol=1e-6)
+    # the same through the single-expert op, chunked by rows
+    single = _ops.masked_drop(
+        base[5:],
+        fts[1][5:],
+        expert=1,
+        keep=0.0,
+        keep_source="row",
+        row_keep=row_keep[1:2].contiguous(),
+        row_len=cols,
+        seed=21,
+        key="apl",
+        element_offset=5 * cols,
+    )
+    q1 = row_keep[1].repeat_interleave(cols)
+    keep1 = torch.from_numpy(ref.uniforms(21, "apl", 1, 0, rows * cols)) < q1
+    assert torch.equal(single.reshape(-1), torch.where(keep1, tau[1] / q1, 0.0)[5 * cols :])
