@@ -64,7 +64,9 @@ def _extension():
     with_cuda = _cuda_mode()
     cpu_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # The C++ standard is left to torch (C++20 since torch 2.10); the sources are C++17-clean.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # no-loop-unroll-and-jam: gcc would otherwise jam the task loop into the element loop and lose
+    # the vectorisation of the merge kernels.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-loop-unroll-and-jam"]
     if os.environ.get("MK_NATIVE", "1") == "1":
         cxx.append("-march=native")
     include_dirs = [os.path.join(ROOT, "csrc")]

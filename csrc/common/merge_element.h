@@ -163,6 +163,19 @@ struct ElementAccumulator {
   float all = 0.0f, weight_all = 0.0f;         // sum of w*v and of w over every task
 };
 
+// Weight sums of the weighted reduction (kept apart so the CPU kernels can run them as a
+// separate, simpler loop).
+template <bool kTies>
+MK_HD void accumulate_weights(const MergeConfig& c, ElementAccumulator& a, int t, float v) {
+  const float w = c.weight[t];
+  if constexpr (kTies) {
+    a.weight_pos = fadd(a.weight_pos, v > 0.0f ? w : 0.0f);
+    a.weight_neg = fadd(a.weight_neg, v < 0.0f ? w : 0.0f);
+  } else {
+    a.weight_all = fadd(a.weight_all, w);
+  }
+}
+
 // Adds task t's sparsified value v. Only the fields the merge reads are updated: the consensus
 // sums with TIES, the plain sum without; weight sums only for the weighted reduction. The CPU
 // kernels instantiate the variant they need so unused fields cost nothing.
@@ -180,14 +193,10 @@ MK_HD void accumulate_as(const MergeConfig& c, ElementAccumulator& a, int t, flo
     a.neg = fadd(a.neg, negative ? wv : 0.0f);
     a.count_pos = fadd(a.count_pos, positive ? 1.0f : 0.0f);
     a.count_neg = fadd(a.count_neg, negative ? 1.0f : 0.0f);
-    if constexpr (kWeights) {
-      a.weight_pos = fadd(a.weight_pos, positive ? w : 0.0f);
-      a.weight_neg = fadd(a.weight_neg, negative ? w : 0.0f);
-    }
   } else {
     a.all = fadd(a.all, wv);
-    if constexpr (kWeights) a.weight_all = fadd(a.weight_all, w);
   }
+  if constexpr (kWeights) accumulate_weights<kTies>(c, a, t, v);
 }
 
 MK_HD void accumulate(const MergeConfig& c, ElementAccumulator& a, int t, float v) {

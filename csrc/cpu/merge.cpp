@@ -53,6 +53,7 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     const MergeConfig cl = c;
     alignas(64) float base_f[kBlock];
     alignas(64) uint32_t words[kBlock];
+    alignas(64) float sparse[kBlock];
     BlockAccumulators acc;
     const int64_t len = hi - lo, local0 = lo - offset, w0 = lo - g0;
     const ElementAccumulator zero;
@@ -63,12 +64,22 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     for (int t = 0; t < cl.num_experts; ++t) {
       if constexpr (kMode == kSparsifyDrop) fill_words(words, cl.key, g0, cl.expert_offset + t);
       const in_t* __restrict__ x = ft[t] + local0;
+      // Three simple loops rather than one fused loop: gcc vectorises each of them, not their union.
       for (int64_t j = 0; j < len; ++j) {
         const float tau = fsub(static_cast<float>(x[j]), base_f[j]);
-        const float v = sparsify_as<kMode, kSource>(cl, t, lo + j, local0 + j, tau, words[w0 + j]);
-        ElementAccumulator a = acc.load<kTies, kWeights>(j);
-        accumulate_as<kTies, kWeights>(cl, a, t, v);
-        acc.store<kTies, kWeights>(j, a);
+        sparse[j] = sparsify_as<kMode, kSource>(cl, t, lo + j, local0 + j, tau, words[w0 + j]);
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        ElementAccumulator a = acc.load<kTies, false>(j);
+        accumulate_as<kTies, false>(cl, a, t, sparse[j]);
+        acc.store<kTies, false>(j, a);
+      }
+      if constexpr (kWeights) {
+        for (int64_t j = 0; j < len; ++j) {
+          ElementAccumulator a = acc.load<kTies, true>(j);
+          accumulate_weights<kTies>(cl, a, t, sparse[j]);
+          acc.store<kTies, true>(j, a);
+        }
       }
     }
     out_t* __restrict__ o = out + local0;
