@@ -13,12 +13,14 @@
 namespace mk::cpu {
 namespace {
 
-double dot_f64(const float* a, const float* b, int64_t len) {
+// Dot product of two float64 rows with eight independent partial sums (vectorisable; the products
+// of float32 values are exact in float64).
+double dot_f64(const double* a, const double* b, int64_t len) {
   double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 8 <= len; j += 8)
-    for (int u = 0; u < 8; ++u) lane[u] += static_cast<double>(a[j + u]) * static_cast<double>(b[j + u]);
-  for (; j < len; ++j) lane[0] += static_cast<double>(a[j]) * static_cast<double>(b[j]);
+    for (int u = 0; u < 8; ++u) lane[u] += a[j + u] * b[j + u];
+  for (; j < len; ++j) lane[0] += a[j] * b[j];
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
@@ -46,7 +48,9 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
     for (const auto& x : in.finetuned) ft.push_back(x.data_ptr<scalar_t>());
     for_each_block_chunked(0, n, [&](int64_t ch, int64_t, int64_t lo, int64_t hi) {
       thread_local std::vector<float> scratch;
+      thread_local std::vector<double> wide;  // the block's task vectors in float64, for the Gram
       scratch.resize(static_cast<size_t>(k + 1) * kBlock);
+      wide.resize(static_cast<size_t>(k) * kBlock);
       float* base_f = scratch.data() + static_cast<size_t>(k) * kBlock;
       alignas(64) uint8_t has_pos[kBlock], has_neg[kBlock];
       StatsPartial& p = parts[ch];
@@ -58,18 +62,25 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
       for (int t = 0; t < k; ++t) {
         float* tau = scratch.data() + static_cast<size_t>(t) * kBlock;
         const scalar_t* x = ft[t] + lo;
-        float amax = p.absmax[t];
+        // Separate simple loops so each vectorises; max |tau| is taken on the bit patterns, which
+        // order like the values for non-negative floats (an integer max reduction vectorises).
+        for (int64_t j = 0; j < len; ++j) tau[j] = fsub(static_cast<float>(x[j]), base_f[j]);
+        uint32_t amax_bits = float_bits(p.absmax[t]);
         int64_t nz = 0;
         for (int64_t j = 0; j < len; ++j) {
-          const float v = fsub(static_cast<float>(x[j]), base_f[j]);
-          tau[j] = v;
-          amax = std::max(amax, abs_f(v));
-          nz += v != 0.0f;
-          has_pos[j] |= v > 0.0f;
-          has_neg[j] |= v < 0.0f;
+          const uint32_t key = abs_key(tau[j]);
+          amax_bits = std::max(amax_bits, key);
+          nz += key != 0;
         }
+        for (int64_t j = 0; j < len; ++j) {
+          has_pos[j] |= tau[j] > 0.0f;
+          has_neg[j] |= tau[j] < 0.0f;
+        }
+        const float amax = bits_float(amax_bits);
         p.absmax[t] = amax;
         p.nnz[t] += nz;
+        double* tw = wide.data() + static_cast<size_t>(t) * kBlock;
+        for (int64_t j = 0; j < len; ++j) tw[j] = tau[j];
         if (histogram) {
           int64_t* h = p.hist.data() + static_cast<size_t>(t) * kExponentBins;
           for (int64_t j = 0; j < len; ++j) ++h[abs_key(tau[j]) >> 23];
@@ -82,7 +93,7 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
       for (int i = 0; i < k; ++i)
         for (int jj = i; jj < k; ++jj)
           p.gram[static_cast<size_t>(i) * k + jj] +=
-              dot_f64(scratch.data() + static_cast<size_t>(i) * kBlock, scratch.data() + static_cast<size_t>(jj) * kBlock, len);
+              dot_f64(wide.data() + static_cast<size_t>(i) * kBlock, wide.data() + static_cast<size_t>(jj) * kBlock, len);
     });
   });
   double* g = out.gram.data_ptr<double>();

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
   const int slots = pairs * parts;
   int slot_i[kSlotsPerThread], slot_j[kSlotsPerThread], slot_part[kSlotsPerThread];
   double dot[kSlotsPerThread];
-  float amax[kSlotsPerThread];
+  uint32_t amax[kSlotsPerThread];  // max |tau| as bit patterns, as on the CPU
   unsigned long long nz[kSlotsPerThread];
 #pragma unroll
   for (int r = 0; r < kSlotsPerThread; ++r) {
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
       slot_part[r] = s / pairs;
     }
     dot[r] = 0.0;
-    amax[r] = 0.0f;
+    amax[r] = 0;
     nz[r] = 0;
   }
   unsigned long long agree = 0, any = 0;
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
       for (int x = slot_part[r]; x < kTile; x += parts) {
         dot[r] += static_cast<double>(a[x]) * static_cast<double>(c[x]);
         if (diag) {
-          amax[r] = fmaxf(amax[r], abs_f(a[x]));
+          amax[r] = max(amax[r], abs_key(a[x]));
           nz[r] += a[x] != 0.0f;
         }
       }
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
     if (slot_i[r] < 0) continue;
     atomicAdd(gram + slot_i[r] * k + slot_j[r], dot[r]);
     if (slot_i[r] == slot_j[r]) {
-      atomicMax(absmax_bits + slot_i[r], float_bits(amax[r]));  // non-negative floats order as uints
+      atomicMax(absmax_bits + slot_i[r], amax[r]);  // non-negative floats order as uints
       atomicAdd(nnz + slot_i[r], nz[r]);
     }
   }
