@@ -74,7 +74,7 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
         accumulate_as<kTies, false>(cl, a, t, sparse[j]);
         acc.store<kTies, false>(j, a);
       }
-      if constexpr (kWeights) {
+      if constexpr (kWeights && kTies) {
         for (int64_t j = 0; j < len; ++j) {
           ElementAccumulator a = acc.load<kTies, true>(j);
           accumulate_weights<kTies>(cl, a, t, sparse[j]);
@@ -82,9 +82,15 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
         }
       }
     }
+    // Without consensus every element's weight sum is the same: sum it once, in the same order.
+    float weight_all = 0.0f;
+    for (int t = 0; t < cl.num_experts; ++t) weight_all = fadd(weight_all, cl.weight[t]);
     out_t* __restrict__ o = out + local0;
-    for (int64_t j = 0; j < len; ++j)
-      o[j] = static_cast<out_t>(merged_output(cl, base_f[j], acc.load<kTies, kWeights>(j)));
+    for (int64_t j = 0; j < len; ++j) {
+      ElementAccumulator a = acc.load<kTies, kWeights && kTies>(j);
+      a.weight_all = weight_all;
+      o[j] = static_cast<out_t>(merged_output(cl, base_f[j], a));
+    }
   });
 }
 
