@@ -88,7 +88,7 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     out_t* __restrict__ o = out + local0;
     for (int64_t j = 0; j < len; ++j) {
       ElementAccumulator a = acc.load<kTies, kWeights && kTies>(j);
-      a.weight_all = weight_all;
+      if constexpr (kWeights && !kTies) a.weight_all = weight_all;
       o[j] = static_cast<out_t>(merged_output(cl, base_f[j], a));
     }
   });
