@@ -192,6 +192,7 @@ struct StatsOutputs {
 };
 using StatsRunner = void (*)(const Inputs&, bool histogram, StatsOutputs& out);
 using HistogramRunner = void (*)(const Inputs&, int level, const at::Tensor& prefix, at::Tensor& hist);
+using RanksRunner = void (*)(const Inputs&, int64_t row_len, at::Tensor& ranks);
 
 template <MergeRunner run>
 at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10::ArrayRef<double> weights, double scale,
@@ -278,6 +279,17 @@ void magnitude_histogram_op(at::Tensor& hist, const at::Tensor& base, at::Tensor
     TORCH_CHECK(pre.numel() == k, "magnitude_histogram_: prefix needs ", k, " entries, got ", pre.numel());
   }
   run(in, static_cast<int>(level), pre, hist);
+}
+
+template <RanksRunner run>
+at::Tensor row_ranks_op(const at::Tensor& base, const at::Tensor& finetuned, int64_t row_len) {
+  const Inputs in = check_inputs(base, {finetuned}, "row_ranks");
+  TORCH_CHECK(row_len >= 1 && in.numel() % row_len == 0, "row_ranks: row_len ", row_len,
+              " must be positive and divide the ", in.numel(), " elements");
+  TORCH_CHECK(row_len <= (int64_t{1} << 31) - 1, "row_ranks: rows longer than 2^31 - 1 elements are not supported");
+  at::Tensor ranks = at::empty(base.sizes(), base.options().dtype(at::kInt));
+  run(in, row_len, ranks);
+  return ranks;
 }
 
 }  // namespace mk

@@ -34,6 +34,9 @@ TORCH_LIBRARY(mergekernels, m) {
       "masked_drop(Tensor base, Tensor finetuned, int expert, int sparsify, Tensor? thresholds, "
       "int keep_source, float keep, float step, float post, bool rescale_inverse, Tensor? row_keep, "
       "Tensor? rank, int seed, int key, int element_offset, int row_len) -> Tensor");
+  // Ascending rank of |tau| within each row of `row_len` elements (ties by position), int32 of base's
+  // shape: DELLA's magnitude ranks.
+  m.def("row_ranks(Tensor base, Tensor finetuned, int row_len) -> Tensor");
   // L1 norms of tau and of the Bernoulli-masked tau (no rescale), [2, K] float64: mergekit's
   // L1-matching rescale factor is row 0 / row 1.
   m.def(

@@ -65,6 +65,11 @@ def _masked_drop_fake(base, *args):
     return base.new_empty(base.shape, dtype=torch.float32)
 
 
+@torch.library.register_fake("mergekernels::row_ranks")
+def _row_ranks_fake(base, finetuned, row_len):
+    return base.new_empty(base.shape, dtype=torch.int32)
+
+
 @torch.library.register_fake("mergekernels::drop_l1")
 def _drop_l1_fake(base, finetuned, *args):
     return base.new_empty((2, len(finetuned)), dtype=torch.float64)
@@ -277,6 +282,13 @@ def drop_l1(
         tensor_key(key),
         int(element_offset),
     )
+
+
+def row_ranks(base: torch.Tensor, finetuned: torch.Tensor, row_len: int) -> torch.Tensor:
+    """Ascending rank of |finetuned - base| within each row of row_len elements (ties by position),
+    int32 of base's shape."""
+    p = prepare(base, [finetuned], "row_ranks")
+    return _lib.row_ranks(p.base, p.finetuned[0], int(row_len))
 
 
 def has_cuda_kernels() -> bool:

@@ -58,3 +58,10 @@ def test_cuda_stats_and_threshold(k):
         mk.magnitude_threshold(base.cuda(), [x.cuda() for x in fts], 0.2).cpu(),
         mk.magnitude_threshold(base, fts, 0.2),
     )
+
+
+def test_cuda_row_ranks_equal_cpu():
+    from mergekernels import _ops
+
+    base, (ft,) = make_inputs(1, (33, 1001), torch.bfloat16, seed=4)
+    assert torch.equal(_ops.row_ranks(base.cuda(), ft.cuda(), 1001).cpu(), _ops.row_ranks(base, ft, 1001))

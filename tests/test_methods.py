@@ -130,3 +130,19 @@ def test_empty_tensors_merge_to_empty():
         out = fn(base, fts)
         assert out.shape == (0, 5) and out.dtype == base.dtype
     assert mk.task_vector_stats(base, fts).gram.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "row_len"), [(1, 1), (3, 7), (5, 4099), (2, 1)])
+def test_row_ranks_equal_stable_sort(dtype, rows, row_len):
+    from mergekernels import _ops
+
+    base, (ft,) = make_inputs(1, (rows, row_len), dtype, seed=rows * row_len)
+    ft.view(-1)[::5] = base.view(-1)[::5]  # exact ties at 0
+    ranks = _ops.row_ranks(base, ft, row_len)
+    mags = (ft.float() - base.float()).abs().reshape(rows, row_len)
+    expected = torch.empty(rows, row_len, dtype=torch.int32)
+    expected.scatter_(
+        1, torch.argsort(mags, dim=1, stable=True), torch.arange(row_len, dtype=torch.int32).expand(rows, -1)
+    )
+    assert torch.equal(ranks.reshape(rows, row_len), expected)

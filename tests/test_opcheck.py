@@ -148,6 +148,7 @@ def test_opcheck_all_ops(device, dtype):
         ),
         (OPS.masked_drop, (base, fts[0], 2, 3, None, 0, 0.4, 0.0, 1.0, True, None, None, 1, 2, 0, 1)),
         (OPS.drop_l1, (base, fts, [0.5, 0.5, 0.5], 1, 2, 0)),
+        (OPS.row_ranks, (base, fts[1], 7)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

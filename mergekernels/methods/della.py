@@ -3,8 +3,9 @@
 Per row of each tau_t, entries are ranked by |tau| (ascending, ties by position, rank r in
 0..m-1 for a row of m entries); entry r is kept with probability
 p_r = (density - epsilon) + 2 * epsilon * r / (m - 1) (p = density when m = 1) and a survivor is
-divided by p_r. Rows are the first dimension (a 1-D tensor is one row). Ranks come from a stable
-per-row sort (ATen) over a bounded chunk of rows; the drop, election and merge are one fused pass.
+divided by p_r. Rows are the first dimension (a 1-D tensor is one row). Ranks come from the
+``row_ranks`` op (a per-row radix sort on the CPU, ATen's segmented sort on the GPU) over a bounded
+chunk of rows; the drop, election and merge are one fused pass.
 """
 
 from __future__ import annotations
@@ -25,15 +26,6 @@ def rows_of(shape: torch.Size) -> tuple[int, int]:
     numel = shape.numel()
     rows = shape[0] if len(shape) >= 2 and shape[0] > 0 else 1
     return rows, (numel // rows if rows else 0)
-
-
-def magnitude_ranks(base_rows: torch.Tensor, ft_rows: torch.Tensor) -> torch.Tensor:
-    """Ascending |tau| rank of every entry within its row (int32, ties broken by position)."""
-    mags = (ft_rows.float() - base_rows.float()).abs()
-    order = torch.argsort(mags, dim=1, stable=True)
-    ranks = torch.empty(mags.shape, dtype=torch.int32, device=mags.device)
-    positions = torch.arange(mags.shape[1], dtype=torch.int32, device=mags.device).expand_as(ranks)
-    return ranks.scatter_(1, order, positions)
 
 
 def della(
@@ -89,7 +81,7 @@ def della(
     for r0 in range(0, rows, per_chunk):
         r1 = min(rows, r0 + per_chunk)
         chunk = _ops.Prepared(base_rows[r0:r1], [x[r0:r1] for x in ft_rows], p.out_dtype)
-        ranks = [magnitude_ranks(chunk.base, x) for x in chunk.finetuned]
+        ranks = [_ops.row_ranks(chunk.base, x, row_len) for x in chunk.finetuned]
         out_rows[r0:r1] = _ops.fused_merge(
             chunk,
             **reduce_args,
