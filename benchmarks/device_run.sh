@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build for the local GPU, run the test suite (CUDA parity tests
+# included), then the side-by-side benchmarks. Logs and JSON go to $OUT (or ./device_out).
+# Usage: bash benchmarks/device_run.sh [extra bandwidth.py args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || true
+MK_CUDA=1 MK_CUDA_ARCHS=${MK_CUDA_ARCHS:-9.0} python -m pip install --no-build-isolation --no-deps -e . \
+  > "$OUT/build.log" 2>&1 || { tail -n 60 "$OUT/build.log"; exit 1; }
+python -m mergekernels info | tee "$OUT/info.txt"
+python -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1 || { tail -n 60 "$OUT/tests.log"; exit 1; }
+tail -n 3 "$OUT/tests.log"
+python benchmarks/bandwidth.py --device cuda --repeats 20 --json "$OUT/results_cuda.json" "$@" | tee "$OUT/bandwidth.txt"
