@@ -214,23 +214,16 @@ MK_HD float normalise(float sum, float divisor) {
   return abs_f(divisor) < kMinDivisor ? sum : fdiv(sum, divisor);
 }
 
-// The merged task vector of one element.
+// The merged task vector of one element. Written with selects only (every candidate is computed
+// and one is kept) so the CPU output loops vectorise; the kept value is the same either way.
 MK_HD float finish(const MergeConfig& c, const ElementAccumulator& a) {
-  float sum = a.all, count = static_cast<float>(c.num_experts), weight = a.weight_all;
-  if (c.ties) {
-    const bool positive = a.elect >= 0.0f;  // an election sum of exactly 0 elects +
-    sum = positive ? a.pos : a.neg;
-    count = positive ? a.count_pos : a.count_neg;
-    weight = positive ? a.weight_pos : a.weight_neg;
-  }
-  switch (c.reduce) {
-    case kReduceMean:
-      return count > 0.0f ? fdiv(sum, count) : 0.0f;
-    case kReduceWeighted:
-      return normalise(sum, weight);
-    default:
-      return sum;
-  }
+  const bool positive = a.elect >= 0.0f;  // an election sum of exactly 0 elects +
+  const float sum = c.ties ? (positive ? a.pos : a.neg) : a.all;
+  const float count = c.ties ? (positive ? a.count_pos : a.count_neg) : static_cast<float>(c.num_experts);
+  const float weight = c.ties ? (positive ? a.weight_pos : a.weight_neg) : a.weight_all;
+  const float mean = count > 0.0f ? fdiv(sum, count) : 0.0f;
+  const float weighted = normalise(sum, weight);
+  return c.reduce == kReduceMean ? mean : (c.reduce == kReduceWeighted ? weighted : sum);
 }
 
 MK_HD float merged_output(const MergeConfig& c, float base, const ElementAccumulator& a) {
