@@ -31,9 +31,17 @@ void count_block(int level, int k, int64_t bins, const scalar_t* b, const std::v
     if (level == 0) {
       for (int64_t j = 0; j < len; ++j) ++ht[keys[j] >> kLevel1Bits];
     } else {
+      // Few entries match the prefix: test 64 at a time with a vectorised OR and only walk the
+      // groups that hold a match.
       const uint32_t want = static_cast<uint32_t>(prefix[t]);
-      for (int64_t j = 0; j < len; ++j)
-        if ((keys[j] >> kLevel1Bits) == want) ++ht[keys[j] & (kLevel1Bins - 1)];
+      for (int64_t s = 0; s < len; s += 64) {
+        const int64_t e = std::min<int64_t>(len, s + 64);
+        uint32_t any = 0;
+        for (int64_t j = s; j < e; ++j) any |= (keys[j] >> kLevel1Bits) == want;
+        if (!any) continue;
+        for (int64_t j = s; j < e; ++j)
+          if ((keys[j] >> kLevel1Bits) == want) ++ht[keys[j] & (kLevel1Bins - 1)];
+      }
     }
   }
 }
