@@ -13,10 +13,11 @@ namespace mk::cpu {
 namespace {
 
 // Accumulator fields live in structure-of-arrays form over the block; each variant loads and
-// stores only the fields accumulate_as<kTies, kWeights> touches.
+// stores only the fields accumulate_as<kTies, kWeights> touches. (Without consensus the weight sum
+// is the same for every element and is computed once per block instead.)
 struct BlockAccumulators {
   alignas(64) float elect[kBlock], pos[kBlock], neg[kBlock], cpos[kBlock], cneg[kBlock];
-  alignas(64) float wpos[kBlock], wneg[kBlock], all[kBlock], wall[kBlock];
+  alignas(64) float wpos[kBlock], wneg[kBlock], all[kBlock];
 
   template <bool kTies, bool kWeights>
   ElementAccumulator load(int64_t j) const {
@@ -26,7 +27,6 @@ struct BlockAccumulators {
       if constexpr (kWeights) a.weight_pos = wpos[j], a.weight_neg = wneg[j];
     } else {
       a.all = all[j];
-      if constexpr (kWeights) a.weight_all = wall[j];
     }
     return a;
   }
@@ -38,7 +38,6 @@ struct BlockAccumulators {
       if constexpr (kWeights) wpos[j] = a.weight_pos, wneg[j] = a.weight_neg;
     } else {
       all[j] = a.all;
-      if constexpr (kWeights) wall[j] = a.weight_all;
     }
   }
 };
@@ -59,7 +58,7 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     const ElementAccumulator zero;
     for (int64_t j = 0; j < len; ++j) {
       base_f[j] = static_cast<float>(base[local0 + j]);
-      acc.store<kTies, kWeights>(j, zero);
+      acc.store<kTies, kWeights && kTies>(j, zero);
     }
     for (int t = 0; t < cl.num_experts; ++t) {
       if constexpr (kMode == kSparsifyDrop) fill_words(words, cl.key, g0, cl.expert_offset + t);
