@@ -50,22 +50,20 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     // A block-local copy of the config: a local the stores below provably do not alias, so the
     // inner loops vectorise without runtime alias checks.
     const MergeConfig cl = c;
-    alignas(64) float base_f[kBlock];
     alignas(64) uint32_t words[kBlock];
     alignas(64) float sparse[kBlock];
     BlockAccumulators acc;
     const int64_t len = hi - lo, local0 = lo - offset, w0 = lo - g0;
     const ElementAccumulator zero;
-    for (int64_t j = 0; j < len; ++j) {
-      base_f[j] = static_cast<float>(base[local0 + j]);
-      acc.store<kTies, kWeights && kTies>(j, zero);
-    }
+    alignas(64) float base_buf[kBlock], x_buf[kBlock];
+    const float* __restrict__ base_f = as_float(base + local0, base_buf, len);
+    for (int64_t j = 0; j < len; ++j) acc.store<kTies, kWeights && kTies>(j, zero);
     for (int t = 0; t < cl.num_experts; ++t) {
       if constexpr (kMode == kSparsifyDrop) fill_words(words, cl.key, g0, cl.expert_offset + t);
-      const in_t* __restrict__ x = ft[t] + local0;
+      const float* __restrict__ x = as_float(ft[t] + local0, x_buf, len);
       // Three simple loops rather than one fused loop: gcc vectorises each of them, not their union.
       for (int64_t j = 0; j < len; ++j) {
-        const float tau = fsub(static_cast<float>(x[j]), base_f[j]);
+        const float tau = fsub(x[j], base_f[j]);
         sparse[j] = sparsify_as<kMode, kSource>(cl, t, lo + j, local0 + j, tau, words[w0 + j]);
       }
       for (int64_t j = 0; j < len; ++j) {

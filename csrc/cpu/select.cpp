@@ -19,14 +19,14 @@ constexpr int64_t kPrivateMin = 1 << 16;
 template <typename scalar_t>
 void count_block(int level, int k, int64_t bins, const scalar_t* b, const std::vector<const scalar_t*>& ft,
                  const int64_t* prefix, int64_t lo, int64_t hi, uint32_t* h) {
-  alignas(64) float base_f[kBlock];
+  alignas(64) float base_buf[kBlock], x_buf[kBlock];
   alignas(64) uint32_t keys[kBlock];
   const int64_t len = hi - lo;
-  for (int64_t j = 0; j < len; ++j) base_f[j] = static_cast<float>(b[lo + j]);
+  const float* __restrict__ base_f = as_float(b + lo, base_buf, len);
   for (int t = 0; t < k; ++t) {
-    const scalar_t* __restrict__ x = ft[t] + lo;
+    const float* __restrict__ x = as_float(ft[t] + lo, x_buf, len);
     // Keys first, in a vectorised loop; the scattered increments follow in a loop of their own.
-    for (int64_t j = 0; j < len; ++j) keys[j] = abs_key(fsub(static_cast<float>(x[j]), base_f[j]));
+    for (int64_t j = 0; j < len; ++j) keys[j] = abs_key(fsub(x[j], base_f[j]));
     uint32_t* ht = h + t * bins;
     if (level == 0) {
       for (int64_t j = 0; j < len; ++j) ++ht[keys[j] >> kLevel1Bits];

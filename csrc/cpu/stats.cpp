@@ -55,16 +55,15 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
       alignas(64) uint8_t has_pos[kBlock], has_neg[kBlock];
       StatsPartial& p = parts[ch];
       const int64_t len = hi - lo;
-      for (int64_t j = 0; j < len; ++j) {
-        base_f[j] = static_cast<float>(b[lo + j]);
-        has_pos[j] = has_neg[j] = 0;
-      }
+      alignas(64) float x_buf[kBlock];
+      const float* __restrict__ b_f = as_float(b + lo, base_f, len);
+      for (int64_t j = 0; j < len; ++j) has_pos[j] = has_neg[j] = 0;
       for (int t = 0; t < k; ++t) {
         float* tau = scratch.data() + static_cast<size_t>(t) * kBlock;
-        const scalar_t* x = ft[t] + lo;
+        const float* __restrict__ x = as_float(ft[t] + lo, x_buf, len);
         // Separate simple loops so each vectorises; max |tau| is taken on the bit patterns, which
         // order like the values for non-negative floats (an integer max reduction vectorises).
-        for (int64_t j = 0; j < len; ++j) tau[j] = fsub(static_cast<float>(x[j]), base_f[j]);
+        for (int64_t j = 0; j < len; ++j) tau[j] = fsub(x[j], b_f[j]);
         uint32_t amax_bits = float_bits(p.absmax[t]);
         int64_t nz = 0;
         for (int64_t j = 0; j < len; ++j) {
