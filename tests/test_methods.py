@@ -27,10 +27,18 @@ def test_task_arithmetic(dtype, shape):
     )
 
 
+@pytest.fixture(params=["radix", "quickselect"])
+def select_path(request, monkeypatch):
+    """Run a test through both per-tensor selection paths."""
+    if request.param == "radix":
+        monkeypatch.setattr(importlib.import_module("mergekernels.selection"), "SMALL_SELECT", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("merge", ["mean", "sum", "weighted"])
-def test_ties(dtype, shape, merge):
+def test_ties(dtype, shape, merge, select_path):
     base, fts = make_inputs(5, shape, dtype, seed=2)
     w = [1.0, 0.5, 2.0, 1.5, 0.7]
     for weighted_election in (False, True):
@@ -91,7 +99,7 @@ def test_dare_keeps_expected_fraction_and_scale():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
 @pytest.mark.parametrize("consensus", [None, "ties"])
-def test_breadcrumbs(dtype, shape, consensus):
+def test_breadcrumbs(dtype, shape, consensus, select_path):
     base, fts = make_inputs(3, shape, dtype, seed=7)
     out = mk.breadcrumbs(base, fts, density=0.6, gamma=0.1, scale=0.9, consensus=consensus)
     assert_close_to_ref(out, ref.breadcrumbs(base, fts, 0.6, 0.1, None, 0.9, consensus))

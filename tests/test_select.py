@@ -6,22 +6,31 @@ import pytest
 import torch
 
 import mergekernels as mk
+from mergekernels import selection
 
 from . import reference as ref
 from .conftest import DTYPES, SHAPES, make_inputs
 
 
+@pytest.fixture(params=["radix", "quickselect"])
+def select_path(request, monkeypatch):
+    """Run a test through both per-tensor selection paths."""
+    if request.param == "radix":
+        monkeypatch.setattr(selection, "SMALL_SELECT", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (70_001,)])
 @pytest.mark.parametrize("density", [1e-6, 0.2, 0.5, 1.0])
-def test_threshold_equals_sort(dtype, shape, density):
+def test_threshold_equals_sort(dtype, shape, density, select_path):
     base, fts = make_inputs(3, shape, dtype, seed=7)
     thr = mk.magnitude_threshold(base, fts, density)
     assert thr.dtype == torch.float32
     assert thr.tolist() == ref.ties_thresholds(base, fts, density)
 
 
-def test_threshold_with_many_ties_and_zeros():
+def test_threshold_with_many_ties_and_zeros(select_path):
     base = torch.zeros(5000)
     ft = torch.tensor([0.0, 0.5, -0.5, 0.25] * 1250)  # heavy ties, a quarter zeros
     for density in (0.1, 0.25, 0.5, 0.74, 0.76, 1.0):
@@ -29,7 +38,7 @@ def test_threshold_with_many_ties_and_zeros():
         assert thr == ref.ties_thresholds(base, [ft], density)[0]
 
 
-def test_per_model_density():
+def test_per_model_density(select_path):
     base, fts = make_inputs(3, (999,), seed=8)
     dens = [0.1, 0.5, 0.9]
     assert mk.magnitude_threshold(base, fts, dens).tolist() == ref.ties_thresholds(base, fts, dens)
