@@ -102,80 +102,36 @@ def test_threshold(benchmark, case: Case) -> None:
     assert thr.shape == (case.k,)
 
 
-def test_task_arithmetic(benchmark, case: Case) -> None:
+# Merge methods: benchmark group (and byte count) -> call.
+MERGES: dict[str, Callable[[Case], torch.Tensor]] = {
+    "ta": lambda c: mk.task_arithmetic(c.base, c.finetuned),
+    "ties": lambda c: mk.ties(c.base, c.finetuned, density=TIES_DENSITY),
+    "dare": lambda c: mk.dare(c.base, c.finetuned, drop=DARE_DROP, seed=0, key=KEY),
+    "dare_ties": lambda c: mk.dare(c.base, c.finetuned, drop=DARE_DROP, seed=0, key=KEY, consensus="ties"),
+    "breadcrumbs": lambda c: mk.breadcrumbs(c.base, c.finetuned, density=0.9, gamma=0.01),
+    "della": lambda c: mk.della(c.base, c.finetuned, density=0.5, epsilon=0.15, seed=0, key=KEY),
+}
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_merge(benchmark, case: Case, method: str) -> None:
     _needs_kernels(case)
-    _check_merged(_run(benchmark, case, "ta", lambda: mk.task_arithmetic(case.base, case.finetuned)), case)
-
-
-def test_ties(benchmark, case: Case) -> None:
-    _needs_kernels(case)
-    out = _run(benchmark, case, "ties", lambda: mk.ties(case.base, case.finetuned, density=TIES_DENSITY))
-    _check_merged(out, case)
-
-
-def test_dare_linear(benchmark, case: Case) -> None:
-    _needs_kernels(case)
-    out = _run(
-        benchmark, case, "dare", lambda: mk.dare(case.base, case.finetuned, drop=DARE_DROP, seed=0, key=KEY)
-    )
-    _check_merged(out, case)
-
-
-def test_dare_ties(benchmark, case: Case) -> None:
-    _needs_kernels(case)
-    out = _run(
-        benchmark,
-        case,
-        "dare_ties",
-        lambda: mk.dare(case.base, case.finetuned, drop=DARE_DROP, seed=0, key=KEY, consensus="ties"),
-    )
-    _check_merged(out, case)
-
-
-def test_breadcrumbs(benchmark, case: Case) -> None:
-    _needs_kernels(case)
-    out = _run(
-        benchmark,
-        case,
-        "breadcrumbs",
-        lambda: mk.breadcrumbs(case.base, case.finetuned, density=0.9, gamma=0.01),
-    )
-    _check_merged(out, case)
-
-
-def test_della(benchmark, case: Case) -> None:
-    _needs_kernels(case)
-    out = _run(
-        benchmark,
-        case,
-        "della",
-        lambda: mk.della(case.base, case.finetuned, density=0.5, epsilon=0.15, seed=0, key=KEY),
-    )
-    _check_merged(out, case)
+    _check_merged(_run(benchmark, case, method, lambda: MERGES[method](case)), case)
 
 
 # ---- plain-torch references ------------------------------------------------------------------
-def test_ref_ta_torch(benchmark, case: Case) -> None:
-    _check_merged(_run(benchmark, case, "ta", lambda: ta_torch(case.base, case.finetuned)), case)
+# (id, benchmark group, call, rounds); the argsort reference sorts every task vector in full.
+REFERENCES = [
+    ("ta_torch", "ta", lambda c: ta_torch(c.base, c.finetuned), ROUNDS),
+    ("ties_kthvalue", "ties", lambda c: ties_kthvalue(c.base, c.finetuned, TIES_DENSITY), ROUNDS),
+    ("ties_argsort", "ties", lambda c: ties_argsort(c.base, c.finetuned, TIES_DENSITY), SLOW_ROUNDS),
+    ("dare_bernoulli", "dare", lambda c: dare_bernoulli(c.base, c.finetuned, DARE_DROP), ROUNDS),
+]
 
 
-def test_ref_ties_kthvalue(benchmark, case: Case) -> None:
-    out = _run(benchmark, case, "ties", lambda: ties_kthvalue(case.base, case.finetuned, TIES_DENSITY))
-    _check_merged(out, case)
-
-
-def test_ref_ties_argsort(benchmark, case: Case) -> None:
-    out = _run(
-        benchmark,
-        case,
-        "ties",
-        lambda: ties_argsort(case.base, case.finetuned, TIES_DENSITY),
-        rounds=SLOW_ROUNDS,
-        warmup=0,
-    )
-    _check_merged(out, case)
-
-
-def test_ref_dare_bernoulli(benchmark, case: Case) -> None:
-    out = _run(benchmark, case, "dare", lambda: dare_bernoulli(case.base, case.finetuned, DARE_DROP))
+@pytest.mark.parametrize(
+    ("group", "reference", "rounds"), [r[1:] for r in REFERENCES], ids=[r[0] for r in REFERENCES]
+)
+def test_reference(benchmark, case: Case, group: str, reference, rounds: int) -> None:
+    out = _run(benchmark, case, group, lambda: reference(case), rounds=rounds, warmup=1 if rounds > 1 else 0)
     _check_merged(out, case)
