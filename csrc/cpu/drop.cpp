@@ -18,8 +18,11 @@ void drop_kernel(const MergeConfig& c, const in_t* base, const in_t* x, float* o
     alignas(64) uint32_t words[kBlock];
     if constexpr (kMode == kSparsifyDrop) fill_words(words, c.key, g0, c.expert_offset);
     const int64_t len = hi - lo, local0 = lo - offset, w0 = lo - g0;
+    alignas(64) float base_buf[kBlock], x_buf[kBlock];
+    const float* __restrict__ base_f = as_float(base + local0, base_buf, len);
+    const float* __restrict__ x_f = as_float(x + local0, x_buf, len);
     for (int64_t j = 0; j < len; ++j) {
-      const float tau = fsub(static_cast<float>(x[local0 + j]), static_cast<float>(base[local0 + j]));
+      const float tau = fsub(x_f[j], base_f[j]);
       out[local0 + j] = sparsify_as<kMode, kSource>(c, 0, lo + j, local0 + j, tau, words[w0 + j]);
     }
   });
@@ -56,12 +59,14 @@ void run_drop_l1(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
       alignas(64) uint32_t words[kBlock];
       const int64_t len = hi - lo, local0 = lo - element_offset, w0 = lo - g0;
       double* acc = partial.data() + ch * 2 * k;
+      alignas(64) float base_buf[kBlock], x_buf[kBlock];
+      const float* __restrict__ base_f = as_float(b + local0, base_buf, len);
       for (int t = 0; t < k; ++t) {
         fill_words(words, c.key, g0, c.expert_offset + t);
-        const scalar_t* x = in.finetuned[t].data_ptr<scalar_t>() + local0;
+        const float* __restrict__ x = as_float(in.finetuned[t].data_ptr<scalar_t>() + local0, x_buf, len);
         double full = 0.0, kept = 0.0;
         for (int64_t j = 0; j < len; ++j) {
-          const float tau = fsub(static_cast<float>(x[j]), static_cast<float>(b[local0 + j]));
+          const float tau = fsub(x[j], base_f[j]);
           full += abs_f(tau);
           kept += abs_f(sparsify_as<kSparsifyDrop>(c, t, lo + j, local0 + j, tau, words[w0 + j]));
         }

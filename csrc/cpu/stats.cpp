@@ -51,19 +51,19 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
       thread_local std::vector<double> wide;  // the block's task vectors in float64, for the Gram
       scratch.resize(static_cast<size_t>(k + 1) * kBlock);
       wide.resize(static_cast<size_t>(k) * kBlock);
-      float* base_f = scratch.data() + static_cast<size_t>(k) * kBlock;
+      float* base_buf = scratch.data() + static_cast<size_t>(k) * kBlock;
       alignas(64) uint8_t has_pos[kBlock], has_neg[kBlock];
       StatsPartial& p = parts[ch];
       const int64_t len = hi - lo;
       alignas(64) float x_buf[kBlock];
-      const float* __restrict__ b_f = as_float(b + lo, base_f, len);
+      const float* __restrict__ base_f = as_float(b + lo, base_buf, len);
       for (int64_t j = 0; j < len; ++j) has_pos[j] = has_neg[j] = 0;
       for (int t = 0; t < k; ++t) {
         float* tau = scratch.data() + static_cast<size_t>(t) * kBlock;
         const float* __restrict__ x = as_float(ft[t] + lo, x_buf, len);
         // Separate simple loops so each vectorises; max |tau| is taken on the bit patterns, which
         // order like the values for non-negative floats (an integer max reduction vectorises).
-        for (int64_t j = 0; j < len; ++j) tau[j] = fsub(x[j], b_f[j]);
+        for (int64_t j = 0; j < len; ++j) tau[j] = fsub(x[j], base_f[j]);
         uint32_t amax_bits = float_bits(p.absmax[t]);
         int64_t nz = 0;
         for (int64_t j = 0; j < len; ++j) {
