@@ -62,7 +62,7 @@ def _nvidia_wheel_includes() -> list[str]:
 
 def _extension():
     with_cuda = _cuda_mode()
-    cpu_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cpu_sources = ["csrc/ops.cpp", "csrc/covariance.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # The C++ standard is left to torch (C++20 since torch 2.10); the sources are C++17-clean.
     # no-loop-unroll-and-jam: gcc would otherwise jam the task loop into the element loop and lose
     # the vectorisation of the merge kernels.

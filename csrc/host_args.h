@@ -292,4 +292,46 @@ at::Tensor row_ranks_op(const at::Tensor& base, const at::Tensor& finetuned, int
   return ranks;
 }
 
+// Covariance kernels (csrc/covariance.h). Runners fill the outputs allocated here.
+struct MomentsOutputs {
+  at::Tensor centred, colmean, energy, centred_energy;
+};
+using MomentsRunner = void (*)(const Inputs&, MomentsOutputs& out);
+using AssembleRunner = void (*)(const at::Tensor& gram_sum, const at::Tensor& ridge, const at::Tensor& prior_scale,
+                                at::Tensor& system, at::Tensor& prior);
+
+template <MomentsRunner run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> covariance_moments_op(const at::Tensor& base,
+                                                                                 at::TensorList finetuned) {
+  TORCH_CHECK(base.dim() == 3 && base.size(1) > 0 && base.size(2) > 0,
+              "covariance_moments: base must be [layers, rows, cols] with rows, cols >= 1, got shape ",
+              base.sizes());
+  const Inputs in = check_inputs(base, finetuned, "covariance_moments");
+  const int64_t k = in.num_experts(), layers = base.size(0), m = base.size(1), n = base.size(2);
+  const auto f32 = base.options().dtype(at::kFloat), f64 = base.options().dtype(at::kDouble);
+  MomentsOutputs o{at::empty({k, layers, m, n}, f32), at::empty({k, layers, n}, f32), at::empty({k, layers}, f64),
+                   at::empty({k, layers}, f64)};
+  if (layers > 0) run(in, o);
+  return {o.centred, o.colmean, o.energy, o.centred_energy};
+}
+
+template <AssembleRunner run>
+std::tuple<at::Tensor, at::Tensor> covariance_assemble_op(const at::Tensor& gram_sum, const at::Tensor& ridge,
+                                                          const at::Tensor& prior_scale) {
+  TORCH_CHECK(gram_sum.dim() == 3 && gram_sum.size(1) == gram_sum.size(2) && gram_sum.scalar_type() == at::kFloat,
+              "covariance_assemble: gram_sum must be float32 [layers, n, n], got ", gram_sum.scalar_type(), " ",
+              gram_sum.sizes());
+  const int64_t layers = gram_sum.size(0), n = gram_sum.size(1);
+  for (const auto* t : {&ridge, &prior_scale})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == layers && t->scalar_type() == at::kDouble &&
+                    t->device() == gram_sum.device(),
+                "covariance_assemble: ridge and prior_scale must be float64 [", layers, "] on ",
+                gram_sum.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  const auto f64 = gram_sum.options().dtype(at::kDouble);
+  at::Tensor system = at::empty({layers, n, n}, f64), prior = at::empty({layers, n}, f64);
+  if (layers > 0 && n > 0)
+    run(gram_sum.contiguous(), ridge.contiguous(), prior_scale.contiguous(), system, prior);
+  return {system, prior};
+}
+
 }  // namespace mk

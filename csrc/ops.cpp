@@ -41,4 +41,23 @@ TORCH_LIBRARY(mergekernels, m) {
   // L1-matching rescale factor is row 0 / row 1.
   m.def(
       "drop_l1(Tensor base, Tensor[] finetuned, float[] keep, int seed, int key, int element_offset) -> Tensor");
+
+  // Closed-form covariance merges (csrc/covariance.h), batched over L layers of one shape [L, m, n].
+  // One pass over the inputs: centred task vectors W_t = Delta_t - 1 mu_t^T ([T, L, m, n] float32),
+  // column means mu_t ([T, L, n] float32), energies ||Delta_t||^2 and ||W_t||^2 ([T, L] float64).
+  m.def(
+      "covariance_moments(Tensor base, Tensor[] finetuned) -> "
+      "(Tensor centred, Tensor colmean, Tensor energy, Tensor centred_energy)");
+  // From sum_t S_t ([L, n, n] float32): the float64 system sum_t S_t + ridge I and the prior vector
+  // c = column means of sum_t S_t / prior_scale ([L, n]); ridge, prior_scale: [L] float64.
+  m.def("covariance_assemble(Tensor gram_sum, Tensor ridge, Tensor prior_scale) -> (Tensor system, Tensor prior)");
+  // x^T x, exactly symmetric, half the work of a full product.
+  m.def("sym_gram(Tensor x) -> Tensor");
+  // b (r + 1 c^T)^{-1} in float64 by Cholesky + Sherman-Morrison; pseudo-inverse fallback flagged.
+  m.def("spd_solve(Tensor b, Tensor r, Tensor? c, str what) -> (Tensor x, Tensor fallback)");
+  // ACE-Merging of L same-shape layers; gate 0 auto, 1 on, 2 off.
+  m.def(
+      "ace_merge(Tensor base, Tensor[] finetuned, float eps, float tau, float k_frac, float scale, int gate, "
+      "float rank_rtol) -> (Tensor merged, Tensor het, Tensor gamma, Tensor energies, Tensor fallback, "
+      "Tensor refined)");
 }

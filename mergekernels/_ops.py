@@ -75,6 +75,49 @@ def _drop_l1_fake(base, finetuned, *args):
     return base.new_empty((2, len(finetuned)), dtype=torch.float64)
 
 
+@torch.library.register_fake("mergekernels::covariance_moments")
+def _covariance_moments_fake(base, finetuned):
+    k, (layers, m, n) = len(finetuned), base.shape
+    f32, f64 = torch.float32, torch.float64
+    return (
+        base.new_empty((k, layers, m, n), dtype=f32),
+        base.new_empty((k, layers, n), dtype=f32),
+        base.new_empty((k, layers), dtype=f64),
+        base.new_empty((k, layers), dtype=f64),
+    )
+
+
+@torch.library.register_fake("mergekernels::covariance_assemble")
+def _covariance_assemble_fake(gram_sum, ridge, prior_scale):
+    f64 = torch.float64
+    return gram_sum.new_empty(gram_sum.shape, dtype=f64), gram_sum.new_empty(gram_sum.shape[:2], dtype=f64)
+
+
+@torch.library.register_fake("mergekernels::sym_gram")
+def _sym_gram_fake(x):
+    n = x.shape[-1]
+    return x.new_empty((*x.shape[:-2], n, n))
+
+
+@torch.library.register_fake("mergekernels::spd_solve")
+def _spd_solve_fake(b, r, c, what):
+    return b.new_empty(b.shape), b.new_empty(b.shape[:-2], dtype=torch.bool)
+
+
+@torch.library.register_fake("mergekernels::ace_merge")
+def _ace_merge_fake(base, finetuned, *args):
+    layers = base.shape[0]
+    flags = base.new_empty((layers,), dtype=torch.bool)
+    return (
+        base.new_empty(base.shape),
+        flags,
+        base.new_empty((layers,), dtype=torch.float64),
+        base.new_empty((len(finetuned), layers), dtype=torch.float64),
+        flags.clone(),
+        flags.clone(),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Argument checks shared by every op wrapper.
 def tensor_key(name: str | int) -> int:
@@ -289,6 +332,66 @@ def row_ranks(base: torch.Tensor, finetuned: torch.Tensor, row_len: int) -> torc
     int32 of base's shape."""
     p = prepare(base, [finetuned], "row_ranks")
     return _lib.row_ranks(p.base, p.finetuned[0], int(row_len))
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form covariance machinery (csrc/covariance.h), batched over a leading layer dimension.
+def _check_float(x: torch.Tensor, name: str, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {x.dtype}")
+
+
+def sym_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x for x [..., m, n] (float32 or float64), exactly symmetric, computed as block rows of
+    the lower triangle (about half the work of a full product)."""
+    _check_float(x, "x", "sym_gram")
+    if x.dim() < 2:
+        raise ValueError(f"sym_gram: x must have at least 2 dimensions, got shape {tuple(x.shape)}")
+    return _lib.sym_gram(x)
+
+
+def spd_solve(
+    b: torch.Tensor, r: torch.Tensor, c: torch.Tensor | None = None, *, what: str = "spd_solve"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """X = b (r + 1 c^T)^{-1} (c None: b r^{-1}) for b [..., m, n], r [..., n, n] symmetric positive
+    definite and c [..., n], computed in float64: a Cholesky factorisation of r, two triangular
+    solves and the Sherman-Morrison correction for the rank-one term (r + 1 c^T is not symmetric).
+
+    Returns (X in b's dtype, fallback [...] bool). Batch entries whose Cholesky fails, or whose
+    rank-one update is singular, are solved with the pseudo-inverse of the whole matrix instead, with a
+    warning naming ``what``."""
+    _check_float(b, "b", what)
+    _check_float(r, "r", what)
+    if c is not None:
+        _check_float(c, "c", what)
+    return _lib.spd_solve(b, r, c, what)
+
+
+def covariance_moments(base: torch.Tensor, finetuned: Sequence[torch.Tensor]):
+    """One pass over [L, m, n] inputs: (centred task vectors [T, L, m, n] float32, column means
+    [T, L, n] float32, ||tau_t||_F^2 [T, L] float64, ||centred_t||_F^2 [T, L] float64)."""
+    p = prepare(base, finetuned, "covariance_moments")
+    return _lib.covariance_moments(p.base, p.finetuned)
+
+
+def ace_merge(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    *,
+    eps: float,
+    tau: float,
+    k_frac: float,
+    scale: float,
+    gate: int,
+    rank_rtol: float,
+):
+    """ACE-Merging of L same-shape layers [L, m, n]; see mergekernels.methods.ace.ace_batched."""
+    p = prepare(base, finetuned, "ace")
+    return _lib.ace_merge(
+        p.base, p.finetuned, float(eps), float(tau), float(k_frac), float(scale), int(gate), float(rank_rtol)
+    )
 
 
 def has_cuda_kernels() -> bool:

@@ -9,7 +9,9 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/sub.h>
+#include <ATen/ops/sum.h>
 
+#include "../covariance.h"
 #include "../host_args.h"
 #include "launch.h"
 
@@ -87,6 +89,31 @@ void run_row_ranks(const Inputs& in, int64_t row_len, at::Tensor& ranks) {
   ranks.view({rows, row_len}).scatter_(1, order, positions);
 }
 
+void run_moments(const Inputs& in, MomentsOutputs& o) {
+  const c10::cuda::CUDAGuard guard(in.base.device());
+  const int k = in.num_experts();
+  const int64_t layers = in.base.size(0), m = in.base.size(1), n = in.base.size(2);
+  TORCH_CHECK(k * layers < (int64_t{1} << 31), "covariance_moments: too many experts x layers in one call");
+  const int64_t strips = (n + 31) / 32;
+  const auto f64 = in.base.options().dtype(at::kDouble);
+  at::Tensor e_part = at::empty({k * layers, strips}, f64), s_part = at::empty({k * layers, strips}, f64);
+  launch_covariance_moments(k, static_cast<int>(layers), m, n, dtype_of(in.base.scalar_type()), in.base.data_ptr(),
+                            pointers(in), o.centred.data_ptr<float>(), o.colmean.data_ptr<float>(),
+                            e_part.data_ptr<double>(), s_part.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  o.energy.copy_(e_part.sum(1).view({k, layers}));
+  o.centred_energy.copy_(s_part.sum(1).view({k, layers}));
+}
+
+void run_assemble(const at::Tensor& gram_sum, const at::Tensor& ridge, const at::Tensor& prior_scale,
+                  at::Tensor& system, at::Tensor& prior) {
+  const c10::cuda::CUDAGuard guard(gram_sum.device());
+  launch_covariance_assemble(gram_sum.size(0), gram_sum.size(1), gram_sum.data_ptr<float>(), ridge.data_ptr<double>(),
+                             prior_scale.data_ptr<double>(), system.data_ptr<double>(), prior.data_ptr<double>(),
+                             c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mergekernels, CUDA, m) {
@@ -96,6 +123,13 @@ TORCH_LIBRARY_IMPL(mergekernels, CUDA, m) {
   m.impl("drop_l1", &drop_l1_op<run_drop_l1>);
   m.impl("tv_stats", &tv_stats_op<run_stats>);
   m.impl("magnitude_histogram_", &magnitude_histogram_op<run_histogram>);
+  m.impl("covariance_moments", &covariance_moments_op<run_moments>);
+  m.impl("covariance_assemble", &covariance_assemble_op<run_assemble>);
+  // Device-independent drivers (csrc/covariance.cpp): ATen routes their dense algebra to cuBLAS /
+  // cuSOLVER and their kernel calls to the two above.
+  m.impl("sym_gram", &mk::sym_gram);
+  m.impl("spd_solve", &mk::spd_solve);
+  m.impl("ace_merge", &mk::ace_merge);
 }
 
 }  // namespace mk::cuda

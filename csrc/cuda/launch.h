@@ -39,4 +39,15 @@ void launch_tv_stats(int k, DType in, const void* base, const InputPtrs& ft, int
 void launch_magnitude_histogram(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, int level,
                                 const int64_t* prefix, unsigned long long* hist, cudaStream_t stream);
 
+// Moments of the covariance merges (csrc/covariance.h): base and ft are [layers, m, n];
+// centred [k, layers, m, n], colmean [k, layers, n]; e_part / s_part: [k * layers, ceil(n / 32)]
+// float64 partials of ||Delta||^2 and ||centred||^2, summed by the caller.
+void launch_covariance_moments(int k, int layers, int64_t m, int64_t n, DType in, const void* base,
+                               const InputPtrs& ft, float* centred, float* colmean, double* e_part, double* s_part,
+                               cudaStream_t stream);
+
+// system[l] = gram_sum[l] + ridge[l] I (float64), prior[l, i] = sum_j gram_sum[l, i, j] / n / prior_scale[l].
+void launch_covariance_assemble(int64_t layers, int64_t n, const float* gram_sum, const double* ridge,
+                                const double* prior_scale, double* system, double* prior, cudaStream_t stream);
+
 }  // namespace mk::cuda
