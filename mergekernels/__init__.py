@@ -7,7 +7,22 @@ inside the kernels and never materialised. ``merge`` does the same for whole sta
 
 from ._ops import has_cuda_kernels, masked_drop, tensor_key
 from .merge import merge
-from .methods import METHODS, breadcrumbs, dare, della, task_arithmetic, ties
+from .methods import (
+    METHODS,
+    AceInfo,
+    ace,
+    breadcrumbs,
+    collect_input_grams,
+    dare,
+    della,
+    iso_c,
+    iso_cts,
+    regmean,
+    task_arithmetic,
+    ties,
+    tsv_m,
+    wudi,
+)
 from .selection import MagnitudeThreshold, magnitude_threshold
 from .stats import TaskVectorStats, task_vector_stats
 
@@ -15,6 +30,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AceInfo",
+    "ace",
+    "collect_input_grams",
+    "iso_c",
+    "iso_cts",
+    "regmean",
+    "tsv_m",
+    "wudi",
     "MagnitudeThreshold",
     "TaskVectorStats",
     "breadcrumbs",

@@ -7,6 +7,7 @@ in ``csrc/ops.cpp``; CPU and CUDA implementations are registered by the compiled
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -353,7 +354,12 @@ def sym_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def spd_solve(
-    b: torch.Tensor, r: torch.Tensor, c: torch.Tensor | None = None, *, what: str = "spd_solve"
+    b: torch.Tensor,
+    r: torch.Tensor,
+    c: torch.Tensor | None = None,
+    *,
+    what: str = "spd_solve",
+    warn: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """X = b (r + 1 c^T)^{-1} (c None: b r^{-1}) for b [..., m, n], r [..., n, n] symmetric positive
     definite and c [..., n], computed in float64: a Cholesky factorisation of r, two triangular
@@ -361,12 +367,26 @@ def spd_solve(
 
     Returns (X in b's dtype, fallback [...] bool). Batch entries whose Cholesky fails, or whose
     rank-one update is singular, are solved with the pseudo-inverse of the whole matrix instead, with a
-    warning naming ``what``."""
+    warning naming ``what`` (``warn=False``: for callers that handle the flagged systems themselves)."""
     _check_float(b, "b", what)
     _check_float(r, "r", what)
     if c is not None:
         _check_float(c, "c", what)
-    return _lib.spd_solve(b, r, c, what)
+    x, fallback = _lib.spd_solve(b, r, c, what)
+    if warn:
+        warn_fallback(fallback, what)
+    return x, fallback
+
+
+def warn_fallback(fallback: torch.Tensor, what: str) -> None:
+    """Warn when some systems of a batched closed-form solve needed the pseudo-inverse."""
+    if fallback.numel() and bool(fallback.any()):
+        warnings.warn(
+            f"{what}: the Cholesky solve failed for {int(fallback.sum())} of {fallback.numel()} systems (not "
+            "positive definite in float64, or a singular rank-one update); used the pseudo-inverse for them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def covariance_moments(base: torch.Tensor, finetuned: Sequence[torch.Tensor]):

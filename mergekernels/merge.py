@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import os
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,8 +20,24 @@ def _method(name: str):
     return METHODS[name]
 
 
-def _check_params(name: str, function, params: dict) -> None:
-    accepted = set(inspect.signature(function).parameters) - {"base", "finetuned"}
+# Per-tensor switches that make no sense at model level (the model-level call has its own).
+_INTERNAL_PARAMS = {"base", "finetuned", "return_info", "return_loss", "key"}
+
+
+def default_memory_cap(device: torch.device) -> int:
+    """Bytes one batched matrix merge may use: 70% of the GPU's free memory, or half of the host's
+    available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.7 * free)
+    try:
+        return int(0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):  # pragma: no cover - platforms without sysconf
+        return 4 << 30
+
+
+def _check_params(name: str, function, params: dict, extra: Sequence[str] = ()) -> None:
+    accepted = (set(inspect.signature(function).parameters) | set(extra)) - _INTERNAL_PARAMS
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(
@@ -36,6 +54,8 @@ def merge(
     device: torch.device | str | None = None,
     exclude: Sequence[str] = (),
     threshold_scope: str = "tensor",
+    memory_cap: int | None = None,
+    diagnostics: dict | None = None,
     **params,
 ) -> dict[str, torch.Tensor]:
     """Merge whole models given as state dicts.
@@ -50,10 +70,20 @@ def merge(
         exclude: glob patterns of tensor names kept at the base's value.
         threshold_scope: for ``ties``: ``"tensor"`` (paper / mergekit) or ``"global"`` (one
             threshold per model over every merged tensor, FusionBench), found exactly in two passes.
+        memory_cap: for matrix methods (``ace``, ``tsv_m``, ``iso_c``, ``iso_cts``, ``wudi``,
+            ``regmean``), the bytes one batch of same-shape 2-D tensors may use (default:
+            :func:`default_memory_cap` of the compute device). A tensor too large for the cap is still
+            merged, alone.
+        diagnostics: if a dict is given, it receives per-tensor diagnostics of the methods that
+            report them (ACE: het, gamma, energies, fallback, refined; WUDI: the loss reached).
         **params: the method's parameters; any may be a list with one value per model. Methods
-            that draw random masks use each tensor's name as its key.
+            that draw random masks use each tensor's name as its key. ``regmean`` takes
+            ``grams={tensor name: [one input Gram per model]}`` (see
+            :func:`mergekernels.methods.collect_input_grams`); 2-D tensors without Grams get the mean.
 
-    Non-floating tensors (integer buffers) are copied from the base.
+    Non-floating tensors (integer buffers) are copied from the base. Matrix methods merge every 2-D
+    tensor of one shape as one batch (under ``memory_cap``) and give other tensors the mean of the task
+    vectors.
     """
     spec = _method(method)
     if not finetuned:
@@ -63,7 +93,10 @@ def merge(
     if threshold_scope == "global" and spec.function.__name__ != "ties":
         raise ValueError(f"threshold_scope='global' applies to ties, not {method!r}")
     kwargs = {**spec.implied, **params}
-    _check_params(method, spec.function, kwargs)
+    _check_params(method, spec.function, kwargs, spec.matrix_params)
+    missing = [p for p in spec.required if p not in kwargs]
+    if missing:
+        raise ValueError(f"method {method!r} needs {', '.join(missing)} (see the method's docstring)")
     for i, sd in enumerate(finetuned):
         missing = [name for name in base if name not in sd]
         if missing:
@@ -94,12 +127,25 @@ def merge(
         kwargs["thresholds"] = selector.thresholds()
 
     merged: dict[str, torch.Tensor] = {}
+    matrix_names: set[str] = set()
+    if spec.kind == "matrix":
+        matrix_names = {
+            n
+            for n in base
+            if mergeable(n) and base[n].dim() == 2 and (spec.selects is None or spec.selects(n, kwargs))
+        }
+        _merge_matrices(
+            base, finetuned, spec, sorted(matrix_names), inputs, kwargs, memory_cap, merged, diagnostics
+        )
+    tensor_kwargs = {k: v for k, v in kwargs.items() if k not in spec.matrix_params}
     for name, tensor in base.items():
+        if name in matrix_names:
+            continue
         if not mergeable(name):
             merged[name] = tensor.clone()
             continue
         b, fts = inputs(name)
-        call = dict(kwargs)
+        call = dict(tensor_kwargs)
         if spec.uses_rng:
             call.setdefault("key", name)
         try:
@@ -107,4 +153,31 @@ def merge(
         except (ValueError, TypeError, RuntimeError) as exc:
             raise type(exc)(f"merge: tensor {name!r}: {exc}") from exc
         merged[name] = out.to(tensor.device)
-    return merged
+    return {name: merged[name] for name in base}
+
+
+def _merge_matrices(base, finetuned, spec, names, inputs, kwargs, memory_cap, merged, diagnostics) -> None:
+    """Merge the 2-D tensors `names` in batches of one shape, dtype and device under the memory cap."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name in names:
+        b, _ = inputs(name)
+        groups[(tuple(b.shape), b.dtype, b.device)].append(name)
+    for (shape, dtype, device), group in groups.items():
+        cap = memory_cap if memory_cap is not None else default_memory_cap(device)
+        per_layer = spec.layer_bytes(*shape, len(finetuned), torch.empty((), dtype=dtype).element_size())
+        size = max(1, cap // max(per_layer, 1))
+        for start in range(0, len(group), size):
+            chunk = group[start : start + size]
+            pairs = [inputs(name) for name in chunk]
+            b = torch.stack([p[0] for p in pairs])
+            fts = [torch.stack([p[1][t] for p in pairs]) for t in range(len(finetuned))]
+            del pairs
+            try:
+                out, diag = spec.batched(b, fts, chunk, **kwargs)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                shown = ", ".join(repr(n) for n in chunk[:3]) + (", ..." if len(chunk) > 3 else "")
+                raise type(exc)(f"merge: tensors {shown} (shape {list(shape)}): {exc}") from exc
+            for i, name in enumerate(chunk):
+                merged[name] = out[i].to(base[name].device)
+                if diagnostics is not None and diag is not None:
+                    diagnostics[name] = diag[i]

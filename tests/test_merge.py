@@ -31,7 +31,14 @@ def _models(k=3, dtype=torch.bfloat16):
 @pytest.mark.parametrize("method", sorted(mk.METHODS))
 def test_every_method_merges_a_model(method):
     base, fts = _models()
-    merged = mk.merge(base, fts, method=method)
+    params = {}
+    if method == "regmean":  # needs input Grams: random positive definite ones for the 2-D weights
+        params["grams"] = {
+            name: [torch.eye(t.shape[1]) + torch.rand(t.shape[1]).diag() for _ in fts]
+            for name, t in base.items()
+            if t.dim() == 2
+        }
+    merged = mk.merge(base, fts, method=method, **params)
     assert merged.keys() == base.keys()
     assert torch.equal(merged["position_ids"], base["position_ids"])  # integer buffers copied from base
     for name, tensor in base.items():
@@ -46,6 +53,12 @@ def test_model_merge_equals_per_tensor_with_name_keys_and_per_model_params():
             base[name], [sd[name] for sd in fts], [0.8, 0.5, 0.3], [1, 2, 3], 1.0, 9, name, True, "ties"
         )
         assert_close_to_ref(merged[name], expected)
+
+
+def test_method_without_its_required_data_is_refused():
+    base, fts = _models()
+    with pytest.raises(ValueError, match="regmean.*needs grams"):
+        mk.merge(base, fts, method="regmean")
 
 
 def test_exclude_keeps_base_values():

@@ -3,7 +3,9 @@
 ``METHODS`` maps every accepted method name (ours and mergekit's) to the per-tensor function and
 the keyword arguments the name implies. ``kind`` tells the model-level driver how a method
 consumes tensors: ``elementwise`` methods may be chunked below tensor size once any per-tensor
-threshold is known; ``needs_stats`` methods need a pass over the whole model first.
+threshold is known; ``needs_stats`` methods need a pass over the whole model first; ``matrix``
+methods need whole 2-D tensors and run same-shape tensors as one batch [L, m, n] through
+``batched`` (other tensors go through ``function``, which gives them the mean of the task vectors).
 """
 
 from __future__ import annotations
@@ -11,11 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
+from . import ace as _ace
+from .ace import AceInfo, ace, ace_batched
 from .breadcrumbs import breadcrumbs
 from .dare import dare
 from .della import della
+from .iso import iso_c, iso_c_batched, iso_cts, iso_cts_batched
+from .regmean import collect_input_grams, regmean, regmean_batched
 from .ta import task_arithmetic
 from .ties import ties
+from .tsv import tsv_m, tsv_m_batched
+from .wudi import wudi, wudi_batched
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,49 @@ class MethodSpec:
     implied: dict = field(default_factory=dict)
     kind: str = "elementwise"
     uses_rng: bool = False
+    # matrix methods: batched(base [L, m, n], finetuned, names, **params) -> (merged, per-layer
+    # diagnostics or None); layer_bytes(m, n, experts, dtype_bytes) bounds one layer's peak memory.
+    batched: Callable | None = None
+    layer_bytes: Callable | None = None
+    # matrix methods: which 2-D tensors take the matrix path (default all), and the parameters only
+    # that path takes (dropped for the others).
+    selects: Callable[[str, dict], bool] | None = None
+    matrix_params: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()  # model-level parameters without a default
+
+
+def _generic_layer_bytes(m: int, n: int, experts: int, dtype_bytes: int) -> int:
+    """Peak memory of one layer of an SVD / closed-form method (an upper estimate): the inputs and
+    their stacked copies, float32 task vectors and factors, and the n x n float64 systems."""
+    return (experts + 1) * m * n * dtype_bytes * 2 + (3 * experts + 6) * m * n * 4 + 4 * n * n * 8
+
+
+def _without_diagnostics(function: Callable) -> Callable:
+    def run(base, finetuned, names, **params):
+        return function(base, finetuned, **params), None
+
+    return run
+
+
+def _ace_run(base, finetuned, names, **params):
+    merged, info = ace_batched(base, finetuned, **params)
+    return merged, [info.layer(i) for i in range(len(names))]
+
+
+def _wudi_run(base, finetuned, names, **params):
+    merged, loss = wudi_batched(base, finetuned, return_loss=True, **params)
+    return merged, [{"loss": float(x)} for x in loss]
+
+
+def _regmean_run(base, finetuned, names, *, grams, **params):
+    stacked = [torch.stack([grams[name][t] for name in names]) for t in range(len(finetuned))]
+    return regmean_batched(base, finetuned, stacked, **params), None
+
+
+def _matrix(
+    function: Callable, run: Callable, layer_bytes: Callable = _generic_layer_bytes, **extra
+) -> MethodSpec:
+    return MethodSpec(function, kind="matrix", batched=run, layer_bytes=layer_bytes, **extra)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -37,6 +90,40 @@ METHODS: dict[str, MethodSpec] = {
     "breadcrumbs_ties": MethodSpec(breadcrumbs, {"consensus": "ties"}),
     "della": MethodSpec(della, {"consensus": "ties"}, uses_rng=True),
     "della_linear": MethodSpec(della, {"consensus": None, "merge": "sum"}, uses_rng=True),
+    "ace": _matrix(ace, _ace_run, _ace.layer_bytes),
+    "tsv_m": _matrix(tsv_m, _without_diagnostics(tsv_m_batched)),
+    "iso_c": _matrix(iso_c, _without_diagnostics(iso_c_batched)),
+    "iso_cts": _matrix(iso_cts, _without_diagnostics(iso_cts_batched)),
+    "wudi": _matrix(wudi, _wudi_run),
+    "regmean": _matrix(
+        regmean,
+        _regmean_run,
+        selects=lambda name, params: name in params["grams"],
+        matrix_params=("grams",),
+        required=("grams",),
+    ),
 }
 
-__all__ = ["METHODS", "MethodSpec", "breadcrumbs", "dare", "della", "task_arithmetic", "ties"]
+__all__ = [
+    "METHODS",
+    "AceInfo",
+    "MethodSpec",
+    "ace",
+    "ace_batched",
+    "breadcrumbs",
+    "collect_input_grams",
+    "dare",
+    "della",
+    "iso_c",
+    "iso_c_batched",
+    "iso_cts",
+    "iso_cts_batched",
+    "regmean",
+    "regmean_batched",
+    "task_arithmetic",
+    "ties",
+    "tsv_m",
+    "tsv_m_batched",
+    "wudi",
+    "wudi_batched",
+]

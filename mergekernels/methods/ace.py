@@ -145,6 +145,7 @@ def ace_batched(
             gate=GATES[gate],
             rank_rtol=rank_rtol,
         )
+    _ops.warn_fallback(fallback, "ace")
     if orientation == "transposed":
         merged = merged.mT.contiguous()
     return merged, AceInfo(het, gamma, energies, fallback, refined)
