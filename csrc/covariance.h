@@ -22,7 +22,7 @@ at::Tensor sym_gram(const at::Tensor& x);
 // X = b (r + 1 c^T)^{-1} for b [..., m, n], r [..., n, n] symmetric positive definite, c [..., n]
 // or none, in float64: Cholesky of r, two triangular solves, and the Sherman-Morrison correction
 // for the rank-one term. Batch entries whose Cholesky fails (or whose rank-one update is singular)
-// fall back to the pseudo-inverse of the whole matrix, with a warning naming `what`.
+// fall back to the pseudo-inverse of the whole matrix; `what` names the caller in errors.
 // Returns (X in b's dtype, fallback flags [...] bool).
 std::tuple<at::Tensor, at::Tensor> spd_solve(const at::Tensor& b, const at::Tensor& r,
                                              const c10::optional<at::Tensor>& c, c10::string_view what);
