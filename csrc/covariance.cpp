@@ -71,19 +71,24 @@ at::Tensor sym_gram(const at::Tensor& x) {
   const int64_t m = x.size(-2), n = x.size(-1);
   const auto xb = x.reshape({-1, m, n});
   const int64_t blocks = gram_blocks(x), width = (n + blocks - 1) / std::max<int64_t>(blocks, 1);
-  at::Tensor g;
+  // A GEMM need not round (i, j) and (j, i) alike, so the upper triangle is always the mirror of the
+  // lower one: the result is exactly symmetric (Cholesky and eigensolvers read one triangle, products
+  // both, and covariance_assemble takes row sums for column sums).
+  const auto symmetrize_block = [](at::Tensor d) { d.copy_(at::tril(d).add_(at::tril(d, -1).mT())); };
+  at::Tensor out;
   if (blocks == 1) {
-    g = at::bmm(xb.mT(), xb);
+    out = at::bmm(xb.mT(), xb);
+    symmetrize_block(out);
   } else {
-    g = at::empty({xb.size(0), n, n}, x.options());
+    out = at::empty({xb.size(0), n, n}, x.options());
     for (int64_t r0 = 0; r0 < n; r0 += width) {
       const int64_t r1 = std::min(n, r0 + width);
-      g.slice(1, r0, r1).slice(2, 0, r1).copy_(at::bmm(xb.slice(2, r0, r1).mT(), xb.slice(2, 0, r1)));
+      auto panel = out.slice(1, r0, r1);
+      panel.slice(2, 0, r1).copy_(at::bmm(xb.slice(2, r0, r1).mT(), xb.slice(2, 0, r1)));
+      symmetrize_block(panel.slice(2, r0, r1));
+      out.slice(1, 0, r0).slice(2, r0, r1).copy_(panel.slice(2, 0, r0).mT());
     }
   }
-  // A GEMM need not round (i, j) and (j, i) alike: mirror the lower triangle so the result is
-  // exactly symmetric (the Cholesky and eigensolvers read one triangle, the products read both).
-  auto out = at::tril(g).add_(at::tril(g, -1).mT());
   auto shape = batch_shape(x, 2);
   shape.push_back(n);
   shape.push_back(n);
@@ -163,39 +168,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto s = centred_energy + kDelta;
   const auto norm = at::where(het.unsqueeze(0), s.reciprocal(), at::ones_like(s));  // [T, L]
   const auto ridge = norm * eps;
-  const auto norm32 = norm.to(at::kFloat), ridge32 = ridge.to(at::kFloat);
+  const auto ridge32 = ridge.to(at::kFloat);
 
-  // Accumulate over experts: gram_sum = sum_t S_t, products = sum_t W_t S_t, ridged = sum_t eps_t W_t
-  // (B = products + ridged), and for the refinement sum_t W_t and v = sum_t S_t mu_t.
+  // Accumulate over experts: gram_sum = sum_t S_t (ridge-free), products = B = sum_t W_t R_t, and
+  // for the refinement ridged = sum_t eps_t W_t, w_sum = sum_t W_t, v = sum_t S_t mu_t.
+  // Het layers are handled by scaling the centred vectors in place, Z_t = sqrt(a_t) W_t with
+  // a_t = 1 / s_t, so that S_t = Z_t^T Z_t is a plain Gram and one layer's experts stacked, [T m, n],
+  // give sum_t S_t in a single product.
+  const auto root = norm.sqrt(), inv_root = root.reciprocal();  // [T, L]
+  if (any_het) centred.mul_(root.t().to(at::kFloat).view({L, T, 1, 1}));
+  const auto inv_root32 = inv_root.to(at::kFloat), ridge_w32 = (ridge * inv_root).to(at::kFloat);
   const auto f32 = centred.options();
-  auto gram_sum = at::zeros({L, n, n}, f32);
-  auto products = at::zeros({L, m, n}, f32);
-  auto ridged = at::zeros({L, m, n}, f32);
-  at::Tensor w_sum, v;
+  const auto per_layer = [&](const at::Tensor& x, int64_t t) { return x.select(0, t).view({L, 1, 1}); };
+  at::Tensor gram_sum, products, ridged, w_sum, v;
   if (any_het) {
+    ridged = at::zeros({L, m, n}, f32);
     w_sum = at::zeros({L, m, n}, f32);
     v = at::zeros({L, n, 1}, f32);
   }
+  if (m < n) {
+    // The n x n Gram only as the sum; the products as (W W^T) W with the m x m Grams.
+    gram_sum = sym_gram(centred.view({L, T * m, n}));
+    products = at::zeros({L, m, n}, f32);
+  }
   for (int64_t t = 0; t < T; ++t) {
-    const auto w = centred.select(0, t);
-    const auto nt = norm32.select(0, t).view({L, 1, 1});
-    const auto S = sym_gram(w).mul_(nt);
-    gram_sum.add_(S);
-    if (m >= n)
-      products.baddbmm_(w, S);
-    else  // W (W^T W) = (W W^T) W: the m x m Gram is the smaller one
-      products.baddbmm_(sym_gram(w.mT()).mul_(nt), w);
-    ridged.addcmul_(w, ridge32.select(0, t).view({L, 1, 1}));
+    const auto z = centred.select(1, t);  // sqrt(a_t) W_t, [L, m, n]
+    const auto mu = colmean.select(0, t).unsqueeze(-1);
+    if (m >= n) {
+      auto S = sym_gram(z);
+      if (any_het) v.baddbmm_(S, mu);
+      gram_sum = t == 0 ? S.clone() : gram_sum.add_(S);
+      S.diagonal(0, -2, -1).add_(per_layer(ridge32, t).view({L, 1}));  // R_t
+      S.mul_(per_layer(inv_root32, t));                                 // W_t R_t = Z_t R_t / sqrt(a_t)
+      products = t == 0 ? at::bmm(z, S) : products.baddbmm_(z, S);
+    } else {
+      // a_t W W^T W = (Z Z^T / sqrt(a_t)) Z
+      products.baddbmm_(sym_gram(z.mT()).mul_(per_layer(inv_root32, t)), z);
+      products.addcmul_(z, per_layer(ridge_w32, t));
+      if (any_het) v.baddbmm_(z.mT(), at::bmm(z, mu));
+    }
     if (any_het) {
-      w_sum.add_(w);
-      v.baddbmm_(S, colmean.select(0, t).unsqueeze(-1));
+      ridged.addcmul_(z, per_layer(ridge_w32, t));
+      w_sum.addcmul_(z, per_layer(inv_root32, t));
     }
   }
+  if (any_het) centred.mul_(inv_root.t().to(at::kFloat).view({L, T, 1, 1}));  // undo: callers may reuse it
 
   // 3-4. A = sum_t R_t + 1 c^T; W_pre = B A^{-1}.
   const auto prior_scale = at::where(het, energy.mean(0) + kDelta, at::ones_like(gamma));
   auto [system, prior] = covariance_assemble(gram_sum, ridge.sum(0), prior_scale);
-  auto [w_pre, fallback] = spd_solve(products + ridged, system, prior, "ace_merge");
+  auto [w_pre, fallback] = spd_solve(products, system, prior, "ace_merge");
 
   // 5. Spectral refinement of the het layers.
   const int64_t k = static_cast<int64_t>(std::floor(k_frac * static_cast<double>(std::min(m, n))));
@@ -206,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t lh = idx.numel();
     const auto r_bar = pick(system).div(static_cast<double>(T)).to(at::kFloat);  // ridge included
     const auto mu_sum = pick(colmean.sum(0)).unsqueeze(-1);                      // [lh, n, 1]
-    // Delta_res = sum_t Delta_t S_t - (sum_t Delta_t) R_bar with Delta_t = W_t + 1 mu_t^T:
-    //           = products + 1 v^T - (w_sum R_bar + 1 (R_bar mu_sum)^T).
-    auto f = pick(w_pre) + pick(products) + pick(v).mT() - at::bmm(pick(w_sum), r_bar) -
+    // Delta_res = sum_t Delta_t S_t - (sum_t Delta_t) R_bar with Delta_t = W_t + 1 mu_t^T and
+    // sum_t W_t S_t = B - ridged: (B - ridged) + 1 v^T - (w_sum R_bar + 1 (R_bar mu_sum)^T).
+    auto f = pick(w_pre) + pick(products) - pick(ridged) + pick(v).mT() - at::bmm(pick(w_sum), r_bar) -
              at::bmm(r_bar, mu_sum).mT();
     // Top-k singular triplets from a float64 symmetric eigensolver on the smaller Gram of F (the Gram
     // squares the condition number, float64 keeps sigma_k accurate to ~1e-8 sigma_1).

@@ -309,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> covariance_moments_op
   const Inputs in = check_inputs(base, finetuned, "covariance_moments");
   const int64_t k = in.num_experts(), layers = base.size(0), m = base.size(1), n = base.size(2);
   const auto f32 = base.options().dtype(at::kFloat), f64 = base.options().dtype(at::kDouble);
-  MomentsOutputs o{at::empty({k, layers, m, n}, f32), at::empty({k, layers, n}, f32), at::empty({k, layers}, f64),
+  MomentsOutputs o{at::empty({layers, k, m, n}, f32), at::empty({k, layers, n}, f32), at::empty({k, layers}, f64),
                    at::empty({k, layers}, f64)};
   if (layers > 0) run(in, o);
   return {o.centred, o.colmean, o.energy, o.centred_energy};

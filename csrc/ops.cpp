@@ -43,7 +43,8 @@ TORCH_LIBRARY(mergekernels, m) {
       "drop_l1(Tensor base, Tensor[] finetuned, float[] keep, int seed, int key, int element_offset) -> Tensor");
 
   // Closed-form covariance merges (csrc/covariance.h), batched over L layers of one shape [L, m, n].
-  // One pass over the inputs: centred task vectors W_t = Delta_t - 1 mu_t^T ([T, L, m, n] float32),
+  // One pass over the inputs: centred task vectors W_t = Delta_t - 1 mu_t^T ([L, T, m, n] float32:
+  // one layer's experts stack into a [T m, n] matrix),
   // column means mu_t ([T, L, n] float32), energies ||Delta_t||^2 and ||W_t||^2 ([T, L] float64).
   m.def(
       "covariance_moments(Tensor base, Tensor[] finetuned) -> "

@@ -81,7 +81,7 @@ def _covariance_moments_fake(base, finetuned):
     k, (layers, m, n) = len(finetuned), base.shape
     f32, f64 = torch.float32, torch.float64
     return (
-        base.new_empty((k, layers, m, n), dtype=f32),
+        base.new_empty((layers, k, m, n), dtype=f32),
         base.new_empty((k, layers, n), dtype=f32),
         base.new_empty((k, layers), dtype=f64),
         base.new_empty((k, layers), dtype=f64),
@@ -390,7 +390,7 @@ def warn_fallback(fallback: torch.Tensor, what: str) -> None:
 
 
 def covariance_moments(base: torch.Tensor, finetuned: Sequence[torch.Tensor]):
-    """One pass over [L, m, n] inputs: (centred task vectors [T, L, m, n] float32, column means
+    """One pass over [L, m, n] inputs: (centred task vectors [L, T, m, n] float32, column means
     [T, L, n] float32, ||tau_t||_F^2 [T, L] float64, ||centred_t||_F^2 [T, L] float64)."""
     p = prepare(base, finetuned, "covariance_moments")
     return _lib.covariance_moments(p.base, p.finetuned)

@@ -219,10 +219,10 @@ def test_covariance_moments_reference():
         tau = (x.float() - base.float()).double()
         mu = tau.mean(1, keepdim=True)
         torch.testing.assert_close(colmean[t].double(), mu[:, 0], rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(centred[t].double(), tau - mu, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(centred[:, t].double(), tau - mu, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(energy[t], (tau**2).sum((1, 2)), rtol=1e-12, atol=0)
         torch.testing.assert_close(
-            centred_energy[t], (centred[t].double() ** 2).sum((1, 2)), rtol=1e-12, atol=0
+            centred_energy[t], (centred[:, t].double() ** 2).sum((1, 2)), rtol=1e-12, atol=0
         )
 
 
@@ -310,7 +310,7 @@ def test_cuda_moments_and_assemble_equal_cpu():
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-7)
     for a, b in zip(cpu[2:], gpu[2:], strict=True):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-12, atol=0)
-    gram = _ops.sym_gram(cpu[0][0])
+    gram = _ops.sym_gram(cpu[0][:, 0])
     ridge, scale = torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 1
     c_sys, c_prior = OPS.covariance_assemble(gram, ridge, scale)
     g_sys, g_prior = OPS.covariance_assemble(gram.cuda(), ridge.cuda(), scale.cuda())

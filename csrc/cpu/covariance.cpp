@@ -30,7 +30,7 @@ void run_moments(const Inputs& in, MomentsOutputs& o) {
         const int64_t c0 = strip * kStrip, w = std::min(kStrip, n - c0);
         const scalar_t* b = in.base.data_ptr<scalar_t>() + l * m * n + c0;
         const scalar_t* x = in.finetuned[t].data_ptr<scalar_t>() + l * m * n + c0;
-        float* out = centred + tl * m * n + c0;
+        float* out = centred + (l * k + t) * m * n + c0;  // [layers, k, m, n]
         std::fill(colsum, colsum + w, 0.0);
         std::fill(sq, sq + w, 0.0);
         for (int64_t i = 0; i < m; ++i) {

@@ -1,7 +1,8 @@
 // CUDA covariance kernels (csrc/covariance.h): the moments pass and the system assembly.
 // Moments: one block per (expert x layer, 32-column strip); 8 warps split the rows, each warp
 // reading 32 consecutive columns of a row. The block walks its rows twice: column sums and the energy
-// first, then the centred values and their energy. Per-block energies leave as partials that the
+// first, then the centred values and their energy (written layer-major, [layers, k, m, n], so one
+// layer's experts stack into one [k * m, n] matrix). Per-block energies leave as partials that the
 // host sums in a fixed order, so the results are deterministic.
 #include "cuda_common.cuh"
 
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
   const float mu = mu_shared[lane];
   double s = 0.0;
   if (active) {
-    float* out = centred + tl * m * n;
+    float* out = centred + (l * (gridDim.x / layers) + t) * m * n;  // [layers, k, m, n]
     for (int64_t i = row_lane; i < m; i += kRowLanes) {
       const float c = fsub(fsub(to_float(x[i * n + col]), to_float(b[i * n + col])), mu);
       out[i * n + col] = c;

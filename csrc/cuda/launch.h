@@ -40,7 +40,7 @@ void launch_magnitude_histogram(int k, DType in, const void* base, const InputPt
                                 const int64_t* prefix, unsigned long long* hist, cudaStream_t stream);
 
 // Moments of the covariance merges (csrc/covariance.h): base and ft are [layers, m, n];
-// centred [k, layers, m, n], colmean [k, layers, n]; e_part / s_part: [k * layers, ceil(n / 32)]
+// centred [layers, k, m, n], colmean [k, layers, n]; e_part / s_part: [k * layers, ceil(n / 32)]
 // float64 partials of ||Delta||^2 and ||centred||^2, summed by the caller.
 void launch_covariance_moments(int k, int layers, int64_t m, int64_t n, DType in, const void* base,
                                const InputPtrs& ft, float* centred, float* colmean, double* e_part, double* s_part,
