@@ -13,3 +13,9 @@ python -m mergekernels info | tee "$OUT/info.txt"
 python -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1 || { tail -n 60 "$OUT/tests.log"; exit 1; }
 tail -n 3 "$OUT/tests.log"
 python benchmarks/bandwidth.py --device cuda --repeats 20 --json "$OUT/results_cuda.json" "$@" | tee "$OUT/bandwidth.txt"
+# ACE on one Llama-7B block (4 experts, fp32): gate off and on, full fp32 and TF32, next to the
+# reference-style loop and checked against the float64 reference.
+python benchmarks/bench_ace.py --device cuda --preset llama-7b-block --gate off on --repeats 3 \
+  --json "$OUT/ace_cuda.json" | tee "$OUT/ace.txt"
+python benchmarks/bench_ace.py --device cuda --preset llama-7b-block --gate off on --repeats 3 --tf32 \
+  --json "$OUT/ace_cuda_tf32.json" | tee "$OUT/ace_tf32.txt"
