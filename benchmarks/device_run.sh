@@ -19,3 +19,4 @@ python benchmarks/bench_ace.py --device cuda --preset llama-7b-block --gate off 
   --json "$OUT/ace_cuda.json" | tee "$OUT/ace.txt"
 python benchmarks/bench_ace.py --device cuda --preset llama-7b-block --gate off on --repeats 3 --tf32 \
   --json "$OUT/ace_cuda_tf32.json" | tee "$OUT/ace_tf32.txt"
+python benchmarks/wudi_loss.py --device cuda | tee "$OUT/wudi.txt"
