@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from bench_common import (
@@ -29,6 +28,7 @@ from bench_common import (
     make_inputs,
     measure_copy_bandwidth,
     parse_shape,
+    report,
     time_fn,
 )
 from references import dare_bernoulli, ta_torch, ties_argsort, ties_kthvalue
@@ -250,11 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device available")
 
     meta, rows = run(args)
-    print()
-    print(render(meta, rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    report(meta, rows, render, args.json)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ for _path in (_HERE, _HERE.parent / "tests"):  # bench_common/references, and te
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_common import device_name, synchronize, time_fn  # noqa: E402
+from bench_common import device_name, report, synchronize, time_fn  # noqa: E402
 from reference_ace import ace_reference  # noqa: E402
 from references import ace_reference_style  # noqa: E402
 
@@ -319,11 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats, --scale-down and --experts must be >= 1")
 
     meta, rows = run(args)
-    print()
-    print(render(meta, rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    report(meta, rows, render, args.json)
 
 
 if __name__ == "__main__":

@@ -168,3 +168,15 @@ def device_name(device: torch.device | str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def report(meta: dict, rows: list, render: Callable[[dict, list], str], json_path: str | None) -> None:
+    """Print a script's table and, when asked, write its meta data and rows (dataclasses) as JSON."""
+    import json
+    from dataclasses import asdict
+
+    print()
+    print(render(meta, rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)

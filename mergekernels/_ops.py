@@ -147,9 +147,9 @@ class Prepared:
     out_dtype: torch.dtype  # dtype the caller gets back
 
 
-def prepare(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> Prepared:
-    """Validate base/finetuned and cast them to one kernel dtype (promoting mixed dtypes; float64
-    is computed in float32 and returned as float64)."""
+def validate(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
+    """Check base/finetuned (tensors, floating point, one shape, one device); returns finetuned as a
+    list. Errors name the op and the offending argument."""
     if not isinstance(base, torch.Tensor):
         raise TypeError(f"{op}: base must be a torch.Tensor, got {type(base).__name__}")
     if isinstance(finetuned, torch.Tensor):
@@ -157,11 +157,8 @@ def prepare(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> P
     finetuned = list(finetuned)
     if not finetuned:
         raise ValueError(f"{op}: finetuned is empty; pass at least one fine-tuned tensor")
-    if len(finetuned) > MAX_EXPERTS:
-        raise ValueError(f"{op}: at most {MAX_EXPERTS} fine-tuned tensors per call, got {len(finetuned)}")
     if not base.is_floating_point():
         raise TypeError(f"{op}: base has dtype {base.dtype}; merging needs floating-point tensors")
-    dtype = base.dtype
     for t, x in enumerate(finetuned):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: finetuned[{t}] must be a torch.Tensor, got {type(x).__name__}")
@@ -173,6 +170,17 @@ def prepare(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> P
             )
         if x.device != base.device:
             raise ValueError(f"{op}: finetuned[{t}] is on {x.device} but base is on {base.device}")
+    return finetuned
+
+
+def prepare(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> Prepared:
+    """Validate base/finetuned and cast them to one kernel dtype (promoting mixed dtypes; float64
+    is computed in float32 and returned as float64)."""
+    finetuned = validate(base, finetuned, op)
+    if len(finetuned) > MAX_EXPERTS:
+        raise ValueError(f"{op}: at most {MAX_EXPERTS} fine-tuned tensors per call, got {len(finetuned)}")
+    dtype = base.dtype
+    for x in finetuned:
         dtype = torch.promote_types(dtype, x.dtype)
     kernel_dtype = dtype if dtype in _KERNEL_DTYPES else torch.float32
     base_k = base.to(kernel_dtype)

@@ -83,7 +83,7 @@ def ace_reference(
         (merged float64 on `device`, info) where info = {"het": bool, "gamma": float,
         "energies": float64 Tensor[T] on the CPU}.
 
-    Spec step -> the line that computes it (Delta_t is ``tau[t]``):
+    Spec step -> the line that computes it (Delta_t is ``tau_t``; ``tau`` is the gate threshold):
 
     1. gate:      ``energies = (tau_t ** 2).sum()``; ``logs = log(energies + DELTA)``;
                   ``gamma = logs.var(unbiased) / (logs.mean() ** 2 + DELTA)``; ``het = gamma > tau``;

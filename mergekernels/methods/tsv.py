@@ -27,34 +27,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .. import _ops
+
 SVD_DTYPES = (torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared machinery of the spectral methods (TSV-M, Iso-C, Iso-CTS).
-def check_inputs(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
-    """Validate base and finetuned (same messages as the kernels' checks); returns finetuned as a list."""
-    if not isinstance(base, torch.Tensor):
-        raise TypeError(f"{op}: base must be a torch.Tensor, got {type(base).__name__}")
-    if isinstance(finetuned, torch.Tensor):
-        raise TypeError(f"{op}: finetuned must be a sequence of tensors, not a single tensor")
-    finetuned = list(finetuned)
-    if not finetuned:
-        raise ValueError(f"{op}: finetuned is empty; pass at least one fine-tuned tensor")
-    if not base.is_floating_point():
-        raise TypeError(f"{op}: base has dtype {base.dtype}; merging needs floating-point tensors")
-    for t, x in enumerate(finetuned):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{op}: finetuned[{t}] must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{op}: finetuned[{t}] has dtype {x.dtype}; merging needs floating-point tensors")
-        if x.shape != base.shape:
-            raise ValueError(
-                f"{op}: finetuned[{t}] has shape {tuple(x.shape)} but base has {tuple(base.shape)}"
-            )
-        if x.device != base.device:
-            raise ValueError(f"{op}: finetuned[{t}] is on {x.device} but base is on {base.device}")
-    return finetuned
+check_inputs = _ops.validate  # same checks and messages as the kernel-backed methods
 
 
 def check_dtypes(svd_dtype: torch.dtype, out_dtype: torch.dtype | None, base: torch.Tensor, op: str):
