@@ -15,8 +15,9 @@ from collections.abc import Callable
 import pytest
 import torch
 from bench_ace import EPS, K_FRAC, PRESETS, SCALE, TAU, ace_flops, make_group
-from mergekernels.methods.ace import ace_batched
 from references import ace_reference_style
+
+from mergekernels.methods.ace import ace_batched
 
 ROUNDS = 2
 PRESET = "gpt2"
