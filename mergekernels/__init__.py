@@ -5,7 +5,10 @@ merged tensor in base's dtype on base's device; task vectors tau_t = theta_t - t
 inside the kernels and never materialised. ``merge`` does the same for whole state dicts.
 """
 
+__version__ = "0.1.0"  # before the imports: submodules read it
+
 from ._ops import has_cuda_kernels, masked_drop, tensor_key
+from .engine import MergeReport, merge_checkpoints
 from .merge import merge
 from .methods import (
     METHODS,
@@ -26,8 +29,6 @@ from .methods import (
 from .selection import MagnitudeThreshold, magnitude_threshold
 from .stats import TaskVectorStats, task_vector_stats
 
-__version__ = "0.1.0"
-
 __all__ = [
     "METHODS",
     "AceInfo",
@@ -47,6 +48,8 @@ __all__ = [
     "magnitude_threshold",
     "masked_drop",
     "merge",
+    "merge_checkpoints",
+    "MergeReport",
     "task_arithmetic",
     "task_vector_stats",
     "tensor_key",

@@ -9,7 +9,39 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    demo.run(num_experts=args.experts, layers=args.layers, device=args.device, repeats=args.repeats)
+    if args.synthetic:
+        demo.run_synthetic(
+            num_experts=args.experts, layers=args.layers, device=args.device, repeats=args.repeats
+        )
+    else:
+        demo.run(methods=args.methods)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .engine import OutputError, merge_checkpoints
+
+    try:
+        report = merge_checkpoints(
+            args.config,
+            args.out_dir,
+            device=args.device,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            allow_pickle=args.allow_pickle,
+            shard_size=args.shard_size,
+        )
+    except (ValueError, OutputError, FileNotFoundError) as exc:  # config, checkpoint and output errors
+        print(f"mergekernels merge: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(report.summary())
+    if args.report:
+        import json
+
+        with open(args.report, "w") as f:
+            json.dump(report.to_json(), f, indent=2, default=str)
     return 0
 
 
@@ -26,7 +58,15 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mergekernels", description="Fast model merging kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="merge a synthetic model with every method and print a report")
+    p = sub.add_parser(
+        "demo", help="merge the digits testbed with every method through the engine and print the scores"
+    )
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="instead: merge a synthetic bf16 model in memory, report speed",
+    )
     p.add_argument("--experts", type=int, default=4, help="number of fine-tuned models (default 4)")
     p.add_argument(
         "--layers", type=int, default=4, help="transformer layers in the synthetic model (default 4)"
@@ -34,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median reported)")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("merge", help="merge checkpoints on disk as a (mergekit-compatible) YAML config says")
+    p.add_argument("config", help="YAML merge config (mergekit's format; see mergekernels.config)")
+    p.add_argument("out_dir", help="output directory (HF layout); written only when the merge finishes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--resume", action="store_true", help="keep the shards an interrupted run finished")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (weights_only)"
+    )
+    p.add_argument("--shard-size", default=None, help="bytes per output shard, e.g. 5GB (default 5GB)")
+    p.add_argument("--report", metavar="FILE", default=None, help="write the merge report as JSON")
+    p.set_defaults(func=_merge)
     p = sub.add_parser("info", help="print the build and device configuration")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)

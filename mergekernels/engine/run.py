@@ -1,0 +1,521 @@
+"""The checkpoint merge: plan, optional statistics pass, streamed merge, atomic publish.
+
+Three things overlap: a reader thread reads the next tensors (safetensors lazy reads, a bounded
+queue of two work units), the calling thread computes them (GPU kernels with pinned host buffers and
+non-blocking copies, or the CPU kernels), and a writer thread writes each finished shard. Memory is
+bounded by the queue: the K + 1 inputs of at most three units, the shard being filled and the one
+being written.
+
+Work units follow the methods' needs (``mergekernels.methods.MethodSpec.kind``):
+- element-wise methods (task arithmetic, linear, DARE with the inverse rescale) read large tensors in
+  row chunks (``chunk_bytes`` per input), so a 128k x 8k embedding never needs K full copies;
+- methods with per-tensor statistics (TIES, Breadcrumbs, DELLA, DARE's L1 rescale) take whole
+  tensors; ``threshold_scope: global`` adds a statistics pass over the model first;
+- matrix methods (ACE, TSV-M, Iso, WUDI, RegMean) take groups of same-shape tensors, batched under
+  the memory cap.
+Shards are planned up front from the base's tensor sizes in processing order, so the layout, and
+with it every output byte, is the same on every run, on resume and on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import resource
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+
+from .. import __version__
+from ..config import MergeConfig, load_config, method_kwargs
+from ..merge import default_memory_cap
+from ..methods import METHODS
+from ..selection import MagnitudeThreshold
+from .checkpoint import Checkpoint, CheckpointError
+from .writer import CheckpointWriter, plan_shards
+
+DEFAULT_SHARD_SIZE = 5 * 1024**3
+DEFAULT_CHUNK_BYTES = 256 * 1024**2
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+MERGE_CONFIG_FILE = "merge_config.yml"
+# Element-wise methods whose result for a row range depends only on those rows (and, for random
+# drops, the element offset, which the kernels take).
+_CHUNKABLE = {"task_arithmetic", "linear", "dare", "dare_linear", "dare_ties"}
+
+
+@dataclass
+class MergeReport:
+    """What a checkpoint merge did: time per phase, bytes, throughput, memory, per-tensor diagnostics."""
+
+    out_dir: str
+    method: str
+    device: str
+    tensors: int
+    shards: int
+    resumed_shards: int
+    seconds: dict[str, float]
+    bytes_read: int
+    bytes_written: int
+    peak_rss_bytes: int
+    diagnostics: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_read + self.bytes_written) / max(self.seconds.get("total", 0.0), 1e-9) / 1e9
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
+        return (
+            f"merged {self.tensors} tensors with {self.method} on {self.device} into {self.out_dir} "
+            f"({self.shards} shard(s), {self.resumed_shards} kept from an earlier run)\n"
+            f"time: {phases}\n"
+            f"read {self.bytes_read / 1e9:.3f} GB, wrote {self.bytes_written / 1e9:.3f} GB, "
+            f"{self.gb_per_s:.2f} GB/s end to end; peak RSS {self.peak_rss_bytes / 1e6:.0f} MB"
+        )
+
+    def to_json(self) -> dict:
+        data = dict(self.__dict__)
+        data["gb_per_s"] = self.gb_per_s
+        return data
+
+
+def _parse_bytes(value, what: str) -> int:
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    for suffix, factor in (
+        ("GIB", 1024**3),
+        ("MIB", 1024**2),
+        ("KIB", 1024),
+        ("GB", 10**9),
+        ("MB", 10**6),
+        ("KB", 10**3),
+        ("B", 1),
+    ):
+        if text.endswith(suffix):
+            try:
+                return int(float(text[: -len(suffix)]) * factor)
+            except ValueError:
+                break
+    raise ValueError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 1048576)")
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def _fingerprint(cfg: MergeConfig, checkpoints: list[Checkpoint], shard_size: int) -> dict:
+    files = []
+    for ckpt in checkpoints:
+        for f in ckpt.files:
+            st = f.stat()
+            files.append([str(f), st.st_size, st.st_mtime_ns])
+    return {
+        "version": __version__,
+        "config": hashlib.sha256(json.dumps(cfg.source, sort_keys=True, default=str).encode()).hexdigest(),
+        "files": files,
+        "shard_size": shard_size,
+    }
+
+
+@dataclass
+class _Unit:
+    """One piece of work: a tensor, a row range of one, or a group of same-shape tensors."""
+
+    names: tuple[str, ...]
+    kind: str  # "copy" | "tensor" | "rows" | "group"
+    rows: tuple[int, int] | None = None
+    inputs: tuple | None = None  # filled by the reader: (base, [experts]) per name
+
+
+class _Plan:
+    def __init__(
+        self,
+        cfg: MergeConfig,
+        base: Checkpoint,
+        experts: list[Checkpoint],
+        kwargs: dict,
+        memory_cap: int,
+        chunk_bytes: int,
+    ):
+        self.cfg, self.base, self.experts, self.kwargs = cfg, base, experts, kwargs
+        self.spec = METHODS[cfg.method]
+        self.allow_missing = cfg.options.get("allow_missing") or "error"
+        self._validate()
+        excluded = self._excluded
+        self.mergeable = {
+            n for n, info in base.tensors.items() if info.dtype.is_floating_point and not excluded(n)
+        }
+        matrix = set()
+        if self.spec.kind == "matrix":
+            matrix = {
+                n
+                for n in self.mergeable
+                if len(base.tensors[n].shape) == 2
+                and (self.spec.selects is None or self.spec.selects(n, kwargs))
+            }
+        self.units: list[_Unit] = []
+        scheduled: set[str] = set()
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for n in base.names():
+            if n in matrix:
+                groups[(base.tensors[n].shape, base.tensors[n].dtype)].append(n)
+        for n in base.names():
+            if n in scheduled:
+                continue
+            info = base.tensors[n]
+            if n in matrix:
+                group = groups[(info.shape, info.dtype)]
+                per_layer = self.spec.layer_bytes(*info.shape, len(experts), info.dtype.itemsize)
+                size = max(1, memory_cap // max(per_layer, 1))
+                for start in range(0, len(group), size):
+                    chunk = tuple(group[start : start + size])
+                    self.units.append(_Unit(chunk, "group"))
+                    scheduled.update(chunk)
+                continue
+            scheduled.add(n)
+            if n not in self.mergeable:
+                self.units.append(_Unit((n,), "copy"))
+            elif (
+                self._chunkable() and info.nbytes > chunk_bytes and len(info.shape) >= 1 and info.shape[0] > 1
+            ):
+                row_bytes = max(1, info.nbytes // info.shape[0])
+                step = max(1, chunk_bytes // row_bytes)
+                for r0 in range(0, info.shape[0], step):
+                    self.units.append(_Unit((n,), "rows", (r0, min(info.shape[0], r0 + step))))
+            else:
+                self.units.append(_Unit((n,), "tensor"))
+        self.order = list(dict.fromkeys(name for u in self.units for name in u.names))
+
+    def _excluded(self, name: str) -> bool:
+        import fnmatch
+
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.exclude)
+
+    def _chunkable(self) -> bool:
+        return self.cfg.method in _CHUNKABLE and self.kwargs.get("rescale", True) != "l1"
+
+    def _validate(self) -> None:
+        for ckpt in self.experts:
+            for name, info in self.base.tensors.items():
+                if name not in ckpt.tensors:
+                    if self.allow_missing == "base":
+                        continue
+                    raise CheckpointError(
+                        f"{ckpt.path}: lacks tensor {name!r} of the base {self.base.path} "
+                        "(options: {allow_missing: base} takes the base's value for it)"
+                    )
+                other = ckpt.tensors[name]
+                if other.shape != info.shape:
+                    raise CheckpointError(
+                        f"tensor {name!r}: shape {list(other.shape)} in {other.file} but "
+                        f"{list(info.shape)} in the base's {info.file}"
+                    )
+                if other.dtype != info.dtype and self.cfg.dtype is None:
+                    raise CheckpointError(
+                        f"tensor {name!r}: dtype {other.dtype} in {other.file} but {info.dtype} in the "
+                        f"base's {info.file}; set `dtype:` in the config to compute in one dtype"
+                    )
+
+    def out_dtype(self, name: str) -> torch.dtype:
+        info = self.base.tensors[name]
+        if name in self.mergeable and self.cfg.out_dtype is not None:
+            return self.cfg.out_dtype
+        return info.dtype
+
+    def out_bytes(self, name: str) -> int:
+        return self.base.tensors[name].numel * self.out_dtype(name).itemsize
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def merge_checkpoints(
+    config: MergeConfig | str | os.PathLike | dict,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    allow_pickle: bool = False,
+    shard_size: int | str | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> MergeReport:
+    """Merge checkpoints on disk as a config describes and write the result to out_dir (HF layout).
+
+    Args:
+        config: a :class:`mergekernels.config.MergeConfig`, a YAML file or its parsed dict
+            (mergekit-compatible; see :func:`mergekernels.config.load_config`).
+        out_dir: the output directory: ``model-0000i-of-0000N.safetensors``, the index JSON, the base's
+            ``config.json`` / tokenizer / generation files and the merge config (``merge_config.yml``).
+        device: ``"cpu"``, ``"cuda"`` (``"cuda:1"``...) or ``"auto"`` (default: CUDA if available).
+        resume: keep the shards an interrupted run of the same inputs and config finished.
+        overwrite: replace an existing out_dir (it is replaced only when the merge has finished).
+        quiet: no progress bar.
+        allow_pickle: accept pickle ``.bin`` checkpoints (loaded with ``weights_only=True``).
+        shard_size: bytes per output shard (default: the config's ``options.shard_size`` or 5 GB);
+            strings such as ``"500MB"`` are accepted.
+        chunk_bytes: element-wise methods read tensors larger than this in row chunks.
+
+    Returns:
+        A :class:`MergeReport`.
+    """
+    t_start = time.perf_counter()
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if cfg.base_model is None:
+        raise ValueError("merge_checkpoints: the config needs a base_model")
+    dev = _device(device)
+    opts = {k: v for k, v in cfg.options.items() if v is not None}
+    shard_bytes = _parse_bytes(shard_size or opts.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size")
+    memory_cap = (
+        _parse_bytes(opts["memory_cap"], "memory_cap") if "memory_cap" in opts else default_memory_cap(dev)
+    )
+    allow_nonfinite = bool(opts.get("allow_nonfinite", False))
+
+    base = Checkpoint(cfg.base_model, allow_pickle=allow_pickle)
+    experts = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
+    kwargs = {**METHODS[cfg.method].implied, **method_kwargs(cfg)}
+    plan = _Plan(cfg, base, experts, kwargs, memory_cap, chunk_bytes)
+    shards = plan_shards([(n, plan.out_bytes(n)) for n in plan.order], shard_bytes)
+    writer = CheckpointWriter(
+        out_dir, shards, _fingerprint(cfg, [base, *experts], shard_bytes), overwrite=overwrite, resume=resume
+    )
+    pending = [s for s in shards if not writer.done(s)]
+    seconds = {"plan": time.perf_counter() - t_start}
+    bytes_read = 0
+    diagnostics: dict[str, dict] = {}
+
+    def read_inputs(name: str, rows=None):
+        nonlocal bytes_read
+        b = base.read(name, rows)
+        fts = [ckpt.read(name, rows) if name in ckpt else b for ckpt in experts]
+        if cfg.dtype is not None and name in plan.mergeable:
+            b, fts = b.to(cfg.dtype), [x.to(cfg.dtype) for x in fts]
+        bytes_read += b.numel() * b.element_size() * (1 + sum(name in c for c in experts))
+        if not allow_nonfinite and name in plan.mergeable:
+            for ckpt, x in zip([base, *experts], [b, *fts], strict=True):
+                if not bool(torch.isfinite(x).all()):
+                    raise CheckpointError(
+                        f"{ckpt.info(name).file if name in ckpt else base.info(name).file}: tensor {name!r} "
+                        "holds NaN or Inf (options: {allow_nonfinite: true} merges it anyway)"
+                    )
+        return b, fts
+
+    # Statistics pass: the model-wide magnitude threshold of TIES with threshold_scope: global.
+    if opts.get("threshold_scope", "tensor") == "global":
+        if plan.spec.function.__name__ != "ties":
+            raise ValueError(f"threshold_scope: global applies to ties, not {cfg.method!r}")
+        t0 = time.perf_counter()
+        selector = MagnitudeThreshold(len(experts), dev)
+        names = [n for n in plan.order if n in plan.mergeable]
+        for n in names:
+            b, fts = read_inputs(n)
+            selector.count(b.to(dev), [x.to(dev) for x in fts])
+        selector.set_density(kwargs.pop("density", 0.2))
+        for n in names:
+            b, fts = read_inputs(n)
+            selector.refine(b.to(dev), [x.to(dev) for x in fts])
+        kwargs["thresholds"] = selector.thresholds()
+        seconds["stats"] = time.perf_counter() - t0
+
+    pending_names = {n for s in pending for n in s.names}
+    units = [u for u in plan.units if u.names[0] in pending_names]
+    progress_total = sum(
+        base.tensors[n].nbytes * (1 + len(experts)) + plan.out_bytes(n) for n in pending_names
+    )
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=progress_total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge")
+
+    t_merge = time.perf_counter()
+    read_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        """Put on the read queue unless the merge is being stopped (then give up)."""
+        while not stop.is_set():
+            try:
+                read_q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for unit in units:
+                if stop.is_set():
+                    return
+                unit.inputs = tuple(read_inputs(n, unit.rows) for n in unit.names)
+                if dev.type == "cuda":
+                    unit.inputs = tuple(
+                        (b.pin_memory(), [x.pin_memory() for x in fts]) for b, fts in unit.inputs
+                    )
+                if not hand_over(unit):
+                    return
+            hand_over(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            hand_over(_Failed(exc))
+
+    written = {"bytes": 0}
+
+    def write_loop() -> None:
+        # After a failure keep draining the queue, so the compute thread never blocks on it.
+        while True:
+            item = write_q.get()
+            if item is None:
+                return
+            if "error" in written:
+                continue
+            shard, tensors = item
+            try:
+                writer.write_shard(shard, tensors)
+                written["bytes"] += shard.nbytes
+                if bar is not None:
+                    bar.update(shard.nbytes)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the compute thread
+                written["error"] = exc
+                stop.set()
+
+    shard_of = {n: s for s in pending for n in s.names}
+    buffers: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    partial_rows: dict[str, torch.Tensor] = {}
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=write_loop, daemon=True)]
+    for t in threads:
+        t.start()
+    spec = plan.spec
+    tensor_kwargs = {k: v for k, v in kwargs.items() if k not in spec.matrix_params}
+
+    def place(name: str, value: torch.Tensor) -> None:
+        shard = shard_of[name]
+        buffers[shard.index][name] = value.to("cpu", plan.out_dtype(name))
+        if len(buffers[shard.index]) == len(shard.names):
+            if "error" in written:
+                raise written["error"]
+            write_q.put((shard, buffers.pop(shard.index)))
+
+    try:
+        while True:
+            unit = read_q.get()
+            if unit is None:
+                break
+            if isinstance(unit, _Failed):
+                raise unit.exc
+            if "error" in written:
+                raise written["error"]
+            inputs = [
+                (b.to(dev, non_blocking=True), [x.to(dev, non_blocking=True) for x in fts])
+                for b, fts in unit.inputs
+            ]
+            unit.inputs = None
+            in_bytes = sum(b.numel() * b.element_size() * (1 + len(fts)) for b, fts in inputs)
+            try:
+                if unit.kind == "copy":
+                    place(unit.names[0], inputs[0][0])
+                elif unit.kind == "group":
+                    b = torch.stack([i[0] for i in inputs])
+                    fts = [torch.stack([i[1][t] for i in inputs]) for t in range(len(experts))]
+                    out, diag = spec.batched(b, fts, list(unit.names), **kwargs)
+                    for i, name in enumerate(unit.names):
+                        place(name, out[i])
+                        if diag is not None:
+                            diagnostics[name] = diag[i]
+                else:
+                    name = unit.names[0]
+                    call = dict(tensor_kwargs)
+                    if spec.uses_rng:
+                        call.setdefault("key", name)
+                    if unit.kind == "rows":
+                        info = base.tensors[name]
+                        row_len = info.numel // info.shape[0]
+                        if spec.uses_rng:
+                            call["element_offset"] = unit.rows[0] * row_len
+                        piece = spec.function(inputs[0][0], inputs[0][1], **call)
+                        full = partial_rows.setdefault(
+                            name, torch.empty(info.shape, dtype=plan.out_dtype(name))
+                        )
+                        full[unit.rows[0] : unit.rows[1]] = piece.to("cpu", full.dtype)
+                        if unit.rows[1] == info.shape[0]:
+                            place(name, partial_rows.pop(name))
+                    else:
+                        place(name, spec.function(inputs[0][0], inputs[0][1], **call))
+            except (ValueError, TypeError, RuntimeError) as exc:
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise type(exc)(f"merge: tensor(s) {', '.join(unit.names[:3])}: {exc}") from exc
+            if bar is not None:
+                bar.update(in_bytes)
+    except BaseException:
+        stop.set()
+        write_q.put(None)
+        threads[1].join()
+        if bar is not None:
+            bar.close()
+        raise
+    write_q.put(None)
+    threads[1].join()
+    if "error" in written:
+        raise written["error"]
+    if bar is not None:
+        bar.close()
+    seconds["merge"] = time.perf_counter() - t_merge
+
+    t_finish = time.perf_counter()
+    side = {}
+    for name in SIDE_FILES:
+        src = base.directory / name
+        if base.path.is_dir() and src.exists():
+            side[name] = src.read_bytes()
+    side[MERGE_CONFIG_FILE] = yaml.safe_dump(cfg.source, sort_keys=False).encode()
+    total_size = sum(plan.out_bytes(n) for n in plan.order)
+    writer.finish(side, total_size)
+    seconds["finish"] = time.perf_counter() - t_finish
+    seconds["total"] = time.perf_counter() - t_start
+    return MergeReport(
+        out_dir=str(out_dir),
+        method=cfg.method,
+        device=str(dev),
+        tensors=len(plan.order),
+        shards=len(shards),
+        resumed_shards=len(shards) - len(pending),
+        seconds=seconds,
+        bytes_read=bytes_read,
+        bytes_written=written["bytes"],
+        peak_rss_bytes=_rss_bytes(),
+        diagnostics=diagnostics,
+    )
+
+
+def iter_units(plan: _Plan) -> Iterator[_Unit]:  # pragma: no cover - debugging aid
+    yield from plan.units

@@ -1,0 +1,164 @@
+"""Output in HF layout, written so that nothing half-written can look complete.
+
+Everything goes into ``OUT_DIR.partial`` first. Each shard is written to a ``.tmp`` name, fsynced
+and renamed, so a shard file with its final name is always whole; the plan (``.plan.json``: the
+fingerprint of the inputs and config, and the shard layout) lets ``resume`` skip finished shards.
+The index JSON is written last, then the partial directory is renamed to ``OUT_DIR``: an
+``OUT_DIR`` exists only when the merge finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PLAN_FILE = ".plan.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class OutputError(RuntimeError):
+    """The output cannot be written as asked; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 0-based
+    names: tuple[str, ...]
+    nbytes: int
+    filename: str
+
+
+def plan_shards(entries: list[tuple[str, int]], shard_size: int) -> list[Shard]:
+    """Greedy split of (name, bytes) in the given order into shards of at most shard_size bytes (a
+    larger tensor gets a shard of its own); file names follow HF's model-0000i-of-0000N pattern."""
+    groups: list[list[tuple[str, int]]] = []
+    current: list[tuple[str, int]] = []
+    size = 0
+    for name, nbytes in entries:
+        if current and size + nbytes > shard_size:
+            groups.append(current)
+            current, size = [], 0
+        current.append((name, nbytes))
+        size += nbytes
+    if current or not groups:
+        groups.append(current)
+    total = len(groups)
+    return [
+        Shard(
+            i, tuple(n for n, _ in g), sum(b for _, b in g), f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        )
+        for i, g in enumerate(groups)
+    ]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(path: Path, exc: OSError) -> OutputError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(
+            f"{path}: the disk is full ({exc.strerror}); finished shards are kept in the partial "
+            "directory, free space and run again with --resume"
+        )
+    return OutputError(f"{path}: cannot be written ({exc})")
+
+
+class CheckpointWriter:
+    """Writes the planned shards, then the index and side files, and publishes OUT_DIR at the end."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        shards: list[Shard],
+        fingerprint: dict,
+        *,
+        overwrite: bool,
+        resume: bool,
+    ):
+        self.out_dir = Path(out_dir)
+        self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self.shards = shards
+        self.overwrite = overwrite
+        plan = {"fingerprint": fingerprint, "shards": [[s.filename, list(s.names)] for s in shards]}
+        if self.out_dir.exists() and not overwrite:
+            raise OutputError(f"{self.out_dir}: already exists; pass --overwrite to replace it")
+        plan_path = self.partial / PLAN_FILE
+        if resume and plan_path.exists():
+            try:
+                previous = json.loads(plan_path.read_text())
+            except json.JSONDecodeError:
+                previous = None
+            if previous != plan:
+                raise OutputError(
+                    f"{self.partial}: was started with other inputs, config or shard layout; "
+                    "run without --resume to start over"
+                )
+        else:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            try:
+                self.partial.mkdir(parents=True)
+                self._atomic_write(plan_path, json.dumps(plan, indent=1).encode())
+            except OSError as exc:
+                raise _disk_error(self.partial, exc) from exc
+
+    def done(self, shard: Shard) -> bool:
+        """Whether the shard was finished by this run or an earlier one (its final name exists)."""
+        return (self.partial / shard.filename).exists()
+
+    def write_shard(self, shard: Shard, tensors: dict[str, torch.Tensor]) -> None:
+        final = self.partial / shard.filename
+        tmp = final.with_name(final.name + ".tmp")
+        ordered = {name: tensors[name].contiguous() for name in shard.names}
+        try:
+            save_file(ordered, str(tmp), metadata={"format": "pt"})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.partial)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(final, exc) from exc
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def finish(self, side_files: dict[str, bytes], total_size: int) -> None:
+        """Side files (config.json, tokenizer, the merge config), the index last, then publish."""
+        weight_map = {name: s.filename for s in self.shards for name in s.names}
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        try:
+            for name, data in side_files.items():
+                self._atomic_write(self.partial / name, data)
+            self._atomic_write(self.partial / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+            (self.partial / PLAN_FILE).unlink()
+            _fsync_dir(self.partial)
+        except OSError as exc:
+            raise _disk_error(self.partial, exc) from exc
+        if self.out_dir.exists():  # overwrite: move the old output aside, publish, then delete it
+            old = self.out_dir.with_name(self.out_dir.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out_dir, old)
+            os.replace(self.partial, self.out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.partial, self.out_dir)
+        _fsync_dir(self.out_dir.parent)

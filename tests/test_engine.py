@@ -1,0 +1,352 @@
+"""The checkpoint engine: outputs equal the in-memory merge, bytes are deterministic, resume after a
+kill gives identical files, and every bad input gets an error naming the file and tensor."""
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import mergekernels as mk
+from mergekernels.cli import main as cli_main
+from mergekernels.engine import CheckpointError, OutputError, merge_checkpoints
+from mergekernels.engine import writer as writer_module
+
+SHAPES = {
+    "embed.weight": (64, 24),
+    "layers.0.weight": (24, 24),
+    "layers.0.bias": (24,),
+    "layers.1.weight": (24, 24),
+    "layers.1.bias": (24,),
+    "head.weight": (10, 24),
+    "norm.weight": (24,),
+}
+
+
+def _state(seed: int, base: dict | None = None, dtype=torch.bfloat16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in SHAPES.items():
+        if base is None:
+            sd[name] = (0.05 * torch.randn(shape, generator=g)).to(dtype)
+        else:
+            sd[name] = (base[name].float() + 0.01 * (seed % 5 + 1) * torch.randn(shape, generator=g)).to(
+                dtype
+            )
+    sd["position_ids"] = torch.arange(7)
+    return sd
+
+
+def _write_hf(directory: Path, sd: dict, shards: int = 1) -> None:
+    directory.mkdir(parents=True)
+    names = list(sd)
+    if shards == 1:
+        save_file(sd, str(directory / "model.safetensors"))
+    else:
+        weight_map = {}
+        per = math.ceil(len(names) / shards)
+        for i in range(shards):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: sd[n] for n in names[i * per : (i + 1) * per]}
+            save_file(part, str(directory / fname))
+            weight_map.update({n: fname for n in part})
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text('{"model_type": "toy"}')
+    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = _state(0)
+    experts = [_state(s, base) for s in (1, 2, 3)]
+    _write_hf(tmp_path / "base", base, shards=2)
+    _write_hf(tmp_path / "e1", experts[0])
+    _write_hf(tmp_path / "e2", experts[1], shards=3)
+    (tmp_path / "e3").mkdir()
+    save_file(experts[2], str(tmp_path / "e3" / "bare.safetensors"))
+    paths = [str(tmp_path / "e1"), str(tmp_path / "e2"), str(tmp_path / "e3" / "bare.safetensors")]
+    return tmp_path, base, experts, paths
+
+
+def _config(tmp_path, paths, method, **params):
+    cfg = {
+        "merge_method": method,
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": p} for p in paths],
+        "dialect": "mergekernels",
+    }
+    params = dict(params)
+    if "seed" in params:  # an engine option in the config format
+        cfg["options"] = {"seed": params.pop("seed")}
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+def _load(out: Path) -> dict:
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    sd = {}
+    for f in sorted(set(index["weight_map"].values())):
+        sd.update(load_file(str(out / f)))
+    assert set(sd) == set(index["weight_map"])
+    return sd
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("task_arithmetic", {"scale": 0.7}),
+        ("ties", {"density": 0.3}),
+        ("dare_ties", {"drop": 0.5, "seed": 3}),
+        ("della", {"density": 0.5, "seed": 1}),
+        ("ace", {}),
+        ("tsv_m", {}),
+    ],
+)
+def test_engine_equals_in_memory_merge(models, method, params):
+    tmp_path, base, experts, paths = models
+    out = tmp_path / "out"
+    report = merge_checkpoints(
+        _config(tmp_path, paths, method, **params), out, device="cpu", quiet=True, shard_size=4000
+    )
+    merged = _load(out)
+    expected = mk.merge(base, experts, method=method, **params)
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        assert merged[name].dtype == expected[name].dtype
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=0, msg=name)
+    assert report.shards > 1 and report.tensors == len(expected)
+    assert (out / "config.json").read_text() == '{"model_type": "toy"}'
+    assert (out / "tokenizer.json").exists()
+    assert yaml.safe_load((out / "merge_config.yml").read_text())["merge_method"] == method
+    assert not (out.parent / "out.partial").exists()
+    assert report.bytes_written == sum(t.numel() * t.element_size() for t in merged.values())
+
+
+def test_row_chunks_equal_whole_tensors(models):
+    tmp_path, base, experts, paths = models
+    for method, params in (("task_arithmetic", {}), ("dare_linear", {"drop": 0.7, "seed": 5})):
+        whole, chunked = tmp_path / f"{method}-whole", tmp_path / f"{method}-chunked"
+        cfg = _config(tmp_path, paths, method, **params)
+        merge_checkpoints(cfg, whole, device="cpu", quiet=True)
+        merge_checkpoints(cfg, chunked, device="cpu", quiet=True, chunk_bytes=100)
+        assert _files(whole) == _files(chunked)
+
+
+def test_deterministic_bytes_and_out_dtype(models):
+    tmp_path, _, _, paths = models
+    cfg = _config(tmp_path, paths, "ties", density=0.2)
+    cfg["out_dtype"] = "float32"
+    merge_checkpoints(cfg, tmp_path / "a", device="cpu", quiet=True, shard_size=3000)
+    merge_checkpoints(cfg, tmp_path / "b", device="cpu", quiet=True, shard_size=3000)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    merged = _load(tmp_path / "a")
+    assert merged["layers.0.weight"].dtype == torch.float32 and merged["position_ids"].dtype == torch.int64
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 2, "finish"])
+def test_resume_after_a_kill_gives_identical_output(models, monkeypatch, kill_after):
+    tmp_path, _, _, paths = models
+    cfg = _config(tmp_path, paths, "dare_ties", drop=0.5, seed=2)
+    merge_checkpoints(cfg, tmp_path / "clean", device="cpu", quiet=True, shard_size=1500)
+
+    calls = {"n": 0}
+    real_write, real_finish = (
+        writer_module.CheckpointWriter.write_shard,
+        writer_module.CheckpointWriter.finish,
+    )
+
+    def write_then_die(self, shard, tensors):
+        if calls["n"] == kill_after:
+            raise _Killed
+        calls["n"] += 1
+        real_write(self, shard, tensors)
+
+    def finish_then_die(self, side, total):
+        raise _Killed
+
+    monkeypatch.setattr(writer_module.CheckpointWriter, "write_shard", write_then_die)
+    if kill_after == "finish":
+        monkeypatch.setattr(writer_module.CheckpointWriter, "write_shard", real_write)
+        monkeypatch.setattr(writer_module.CheckpointWriter, "finish", finish_then_die)
+    with pytest.raises(_Killed):
+        merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, shard_size=1500)
+    assert not (tmp_path / "out").exists()  # nothing looks complete
+    monkeypatch.setattr(writer_module.CheckpointWriter, "write_shard", real_write)
+    monkeypatch.setattr(writer_module.CheckpointWriter, "finish", real_finish)
+    report = merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, shard_size=1500, resume=True)
+    assert _files(tmp_path / "out") == _files(tmp_path / "clean")
+    if kill_after != 0:
+        assert report.resumed_shards > 0
+
+
+def test_resume_refuses_other_inputs(models):
+    tmp_path, _, _, paths = models
+    cfg = _config(tmp_path, paths, "task_arithmetic")
+    writer_module.CheckpointWriter(tmp_path / "out", [], {"other": 1}, overwrite=False, resume=False)
+    with pytest.raises(OutputError, match="other inputs"):
+        merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, resume=True)
+
+
+def test_existing_output_needs_overwrite(models):
+    tmp_path, _, _, paths = models
+    cfg = _config(tmp_path, paths, "task_arithmetic")
+    merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True)
+    with pytest.raises(OutputError, match="already exists.*--overwrite"):
+        merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True)
+    merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, overwrite=True)
+    assert not (tmp_path / "out.old").exists()
+
+
+def test_full_disk_is_reported_and_leaves_no_output(models, monkeypatch):
+    tmp_path, _, _, paths = models
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "save_file", no_space)
+    with pytest.raises(OutputError, match="disk is full.*--resume"):
+        merge_checkpoints(
+            _config(tmp_path, paths, "task_arithmetic"), tmp_path / "out", device="cpu", quiet=True
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_files_and_tensors(models):
+    tmp_path, base, experts, paths = models
+    with pytest.raises(CheckpointError, match="nowhere.*no such file"):
+        merge_checkpoints(
+            _config(tmp_path, [*paths[:2], str(tmp_path / "nowhere")], "task_arithmetic"),
+            tmp_path / "out",
+            quiet=True,
+        )
+    (tmp_path / "e2" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors: missing"):
+        merge_checkpoints(_config(tmp_path, paths, "task_arithmetic"), tmp_path / "out", quiet=True)
+
+
+def test_tensor_missing_from_one_expert(models, tmp_path):
+    root, base, experts, paths = models
+    partial = {k: v for k, v in experts[0].items() if k != "layers.1.bias"}
+    _write_hf(root / "e1b", partial)
+    cfg = _config(root, [str(root / "e1b"), *paths[1:]], "task_arithmetic")
+    with pytest.raises(CheckpointError, match=r"e1b.*lacks tensor 'layers.1.bias'.*allow_missing"):
+        merge_checkpoints(cfg, root / "out", quiet=True)
+    cfg.setdefault("options", {})["allow_missing"] = "base"
+    merge_checkpoints(cfg, root / "out", device="cpu", quiet=True)
+    merged = _load(root / "out")
+    expected_bias = base["layers.1.bias"].float() + sum(
+        e["layers.1.bias"].float() - base["layers.1.bias"].float() for e in experts[1:]
+    )
+    torch.testing.assert_close(merged["layers.1.bias"].float(), expected_bias, rtol=1e-2, atol=1e-3)
+
+
+def test_shape_and_dtype_mismatches(models):
+    tmp_path, base, experts, paths = models
+    bad = dict(experts[0])
+    bad["layers.0.weight"] = torch.zeros(24, 23, dtype=torch.bfloat16)
+    _write_hf(tmp_path / "shape", bad)
+    with pytest.raises(CheckpointError, match=r"'layers.0.weight': shape \[24, 23\].*\[24, 24\]"):
+        merge_checkpoints(
+            _config(tmp_path, [str(tmp_path / "shape")], "task_arithmetic"), tmp_path / "o", quiet=True
+        )
+    bad = dict(experts[0])
+    bad["layers.0.weight"] = bad["layers.0.weight"].float()
+    _write_hf(tmp_path / "dtype", bad)
+    cfg = _config(tmp_path, [str(tmp_path / "dtype")], "task_arithmetic")
+    with pytest.raises(CheckpointError, match=r"'layers.0.weight': dtype torch.float32.*dtype:"):
+        merge_checkpoints(cfg, tmp_path / "o", quiet=True)
+    cfg["dtype"] = "float32"
+    merge_checkpoints(cfg, tmp_path / "o", device="cpu", quiet=True)
+
+
+def test_nonfinite_inputs(models):
+    tmp_path, base, experts, paths = models
+    bad = dict(experts[0])
+    bad["layers.1.weight"] = bad["layers.1.weight"].clone()
+    bad["layers.1.weight"][3, 4] = float("nan")
+    _write_hf(tmp_path / "nan", bad)
+    cfg = _config(tmp_path, [str(tmp_path / "nan"), *paths[1:]], "task_arithmetic")
+    with pytest.raises(CheckpointError, match=r"nan.*'layers.1.weight' holds NaN or Inf.*allow_nonfinite"):
+        merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
+    cfg.setdefault("options", {})["allow_nonfinite"] = True
+    merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True)
+
+
+def test_truncated_and_corrupt_safetensors(models):
+    tmp_path, _, _, paths = models
+    f = tmp_path / "e1" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="e1/model.safetensors: not a readable safetensors file"):
+        merge_checkpoints(_config(tmp_path, paths, "task_arithmetic"), tmp_path / "out", quiet=True)
+    f.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="e1/model.safetensors"):
+        merge_checkpoints(_config(tmp_path, paths, "task_arithmetic"), tmp_path / "out", quiet=True)
+
+
+def test_index_pointing_outside_its_directory(models):
+    tmp_path, _, _, paths = models
+    index = tmp_path / "e2" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../e1/model.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="points outside its directory"):
+        merge_checkpoints(_config(tmp_path, paths, "task_arithmetic"), tmp_path / "out", quiet=True)
+
+
+def test_pickle_needs_explicit_consent(models):
+    tmp_path, base, experts, paths = models
+    (tmp_path / "pk").mkdir()
+    torch.save(experts[0], tmp_path / "pk" / "pytorch_model.bin")
+    cfg = _config(tmp_path, [str(tmp_path / "pk"), *paths[1:]], "task_arithmetic")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: pickle.*allow_pickle"):
+        merge_checkpoints(cfg, tmp_path / "out", quiet=True)
+    merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, allow_pickle=True)
+    merge_checkpoints(_config(tmp_path, paths, "task_arithmetic"), tmp_path / "ref", device="cpu", quiet=True)
+    assert _files(tmp_path / "out").keys() == _files(tmp_path / "ref").keys()
+    for name, t in _load(tmp_path / "ref").items():
+        torch.testing.assert_close(_load(tmp_path / "out")[name], t, rtol=0, atol=0)
+
+
+def test_cli_merge_and_its_errors(models, capsys):
+    tmp_path, _, _, paths = models
+    cfg_file = tmp_path / "merge.yml"
+    cfg_file.write_text(yaml.safe_dump(_config(tmp_path, paths, "ties", density=0.2)))
+    assert cli_main(["merge", str(cfg_file), str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert cli_main(["merge", str(cfg_file), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    report = tmp_path / "report.json"
+    assert (
+        cli_main(
+            [
+                "merge",
+                str(cfg_file),
+                str(tmp_path / "out"),
+                "--overwrite",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    data = json.loads(report.read_text())
+    assert data["tensors"] == len(SHAPES) + 1 and data["bytes_read"] > 0 and data["peak_rss_bytes"] > 0
