@@ -113,6 +113,19 @@ class MagnitudeThreshold:
             raise RuntimeError("MagnitudeThreshold.refine before set_rank/set_density")
         _ops.magnitude_histogram_(self._hist1, self._prepared(base, finetuned), 1, self._prefix)
 
+    def all_reduce(self) -> None:
+        """Sum the current pass's counts over the torch.distributed ranks, each of which counted its
+        own share of the tensors (call after each pass, before set_density / thresholds)."""
+        import torch.distributed as dist
+
+        if self._prefix is None:
+            dist.all_reduce(self._hist0)
+            numel = torch.tensor([self.numel], dtype=torch.int64, device=self._hist0.device)
+            dist.all_reduce(numel)
+            self.numel = int(numel.item())
+        else:
+            dist.all_reduce(self._hist1)
+
     def thresholds(self) -> torch.Tensor:
         if self._hist1 is None:
             raise RuntimeError("MagnitudeThreshold.thresholds before refine")

@@ -117,12 +117,38 @@ def _parse_bytes(value, what: str) -> int:
     raise ValueError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 1048576)")
 
 
-def _device(device: str) -> torch.device:
+def _device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    if device == "cuda" and local_rank:
+        return torch.device("cuda", local_rank)
     return torch.device(device)
+
+
+def _distributed(device: str) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call initialised the process group). Under ``torchrun`` (or
+    any launcher that sets WORLD_SIZE > 1) the group is initialised here: NCCL for GPU merges, gloo
+    otherwise."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        gpu = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if gpu else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _fingerprint(cfg: MergeConfig, checkpoints: list[Checkpoint], shard_size: int) -> dict:
@@ -285,14 +311,20 @@ def merge_checkpoints(
             strings such as ``"500MB"`` are accepted.
         chunk_bytes: element-wise methods read tensors larger than this in row chunks.
 
+    Under torch.distributed (``torchrun --nproc-per-node N -m mergekernels merge ...``, or a process
+    group the caller initialised) rank r merges and writes shards r, r + N, ...; model-wide
+    statistics are all-reduced; rank 0 writes the index and publishes out_dir. The files are the same
+    as a single process writes.
+
     Returns:
-        A :class:`MergeReport`.
+        A :class:`MergeReport` (of this rank's share under torch.distributed).
     """
     t_start = time.perf_counter()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.base_model is None:
         raise ValueError("merge_checkpoints: the config needs a base_model")
-    dev = _device(device)
+    rank, world, owns_group = _distributed(device)
+    dev = _device(device, int(os.environ.get("LOCAL_RANK", "0")))
     opts = {k: v for k, v in cfg.options.items() if v is not None}
     shard_bytes = _parse_bytes(shard_size or opts.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size")
     memory_cap = (
@@ -305,10 +337,15 @@ def merge_checkpoints(
     kwargs = {**METHODS[cfg.method].implied, **method_kwargs(cfg)}
     plan = _Plan(cfg, base, experts, kwargs, memory_cap, chunk_bytes)
     shards = plan_shards([(n, plan.out_bytes(n)) for n in plan.order], shard_bytes)
-    writer = CheckpointWriter(
-        out_dir, shards, _fingerprint(cfg, [base, *experts], shard_bytes), overwrite=overwrite, resume=resume
-    )
-    pending = [s for s in shards if not writer.done(s)]
+    # Ranks split the shards (shard i goes to rank i mod world); rank 0 prepares the output first.
+    fingerprint = _fingerprint(cfg, [base, *experts], shard_bytes)
+    writer = None
+    if rank == 0:
+        writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=overwrite, resume=resume)
+    _barrier(world)
+    if rank != 0:
+        writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=True, resume=resume, attach=True)
+    pending = [s for s in shards if s.index % world == rank and not writer.done(s)]
     seconds = {"plan": time.perf_counter() - t_start}
     bytes_read = 0
     diagnostics: dict[str, dict] = {}
@@ -335,14 +372,18 @@ def merge_checkpoints(
             raise ValueError(f"threshold_scope: global applies to ties, not {cfg.method!r}")
         t0 = time.perf_counter()
         selector = MagnitudeThreshold(len(experts), dev)
-        names = [n for n in plan.order if n in plan.mergeable]
+        names = [n for n in plan.order if n in plan.mergeable][rank::world]  # each rank counts its share
         for n in names:
             b, fts = read_inputs(n)
             selector.count(b.to(dev), [x.to(dev) for x in fts])
+        if world > 1:
+            selector.all_reduce()
         selector.set_density(kwargs.pop("density", 0.2))
         for n in names:
             b, fts = read_inputs(n)
             selector.refine(b.to(dev), [x.to(dev) for x in fts])
+        if world > 1:
+            selector.all_reduce()
         kwargs["thresholds"] = selector.thresholds()
         seconds["stats"] = time.perf_counter() - t0
 
@@ -492,14 +533,21 @@ def merge_checkpoints(
     seconds["merge"] = time.perf_counter() - t_merge
 
     t_finish = time.perf_counter()
-    side = {}
-    for name in SIDE_FILES:
-        src = base.directory / name
-        if base.path.is_dir() and src.exists():
-            side[name] = src.read_bytes()
-    side[MERGE_CONFIG_FILE] = yaml.safe_dump(cfg.source, sort_keys=False).encode()
-    total_size = sum(plan.out_bytes(n) for n in plan.order)
-    writer.finish(side, total_size)
+    _barrier(world)  # every rank's shards are written
+    if rank == 0:
+        side = {}
+        for name in SIDE_FILES:
+            src = base.directory / name
+            if base.path.is_dir() and src.exists():
+                side[name] = src.read_bytes()
+        side[MERGE_CONFIG_FILE] = yaml.safe_dump(cfg.source, sort_keys=False).encode()
+        total_size = sum(plan.out_bytes(n) for n in plan.order)
+        writer.finish(side, total_size)
+    _barrier(world)
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     seconds["finish"] = time.perf_counter() - t_finish
     seconds["total"] = time.perf_counter() - t_start
     return MergeReport(
@@ -508,7 +556,7 @@ def merge_checkpoints(
         device=str(dev),
         tensors=len(plan.order),
         shards=len(shards),
-        resumed_shards=len(shards) - len(pending),
+        resumed_shards=sum(1 for s in shards if s.index % world == rank) - len(pending),
         seconds=seconds,
         bytes_read=bytes_read,
         bytes_written=written["bytes"],

@@ -86,6 +86,7 @@ class CheckpointWriter:
         *,
         overwrite: bool,
         resume: bool,
+        attach: bool = False,
     ):
         self.out_dir = Path(out_dir)
         self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
@@ -95,7 +96,12 @@ class CheckpointWriter:
         if self.out_dir.exists() and not overwrite:
             raise OutputError(f"{self.out_dir}: already exists; pass --overwrite to replace it")
         plan_path = self.partial / PLAN_FILE
-        if resume and plan_path.exists():
+        if attach:  # another rank (rank 0) created or validated the partial directory
+            if not plan_path.exists() or json.loads(plan_path.read_text()) != plan:
+                raise OutputError(
+                    f"{self.partial}: the ranks disagree on the plan (inputs, config or shards)"
+                )
+        elif resume and plan_path.exists():
             try:
                 previous = json.loads(plan_path.read_text())
             except json.JSONDecodeError:
