@@ -27,7 +27,6 @@ import resource
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -563,7 +562,3 @@ def merge_checkpoints(
         peak_rss_bytes=_rss_bytes(),
         diagnostics=diagnostics,
     )
-
-
-def iter_units(plan: _Plan) -> Iterator[_Unit]:  # pragma: no cover - debugging aid
-    yield from plan.units
