@@ -75,7 +75,6 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
         self.path = Path(path)
         self.allow_pickle = allow_pickle
-        self._handles: dict[Path, object] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self.files, self.index_file = self._resolve()
         self.tensors: dict[str, TensorInfo] = {}
@@ -136,13 +135,13 @@ class Checkpoint:
 
     def _scan(self, file: Path) -> None:
         if file.suffix == ".safetensors":
-            handle = self._handle(file)
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                dtype = piece.get_dtype()
-                if dtype not in _DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-                self._add(TensorInfo(name, tuple(piece.get_shape()), _DTYPES[dtype], file))
+            with self._open(file) as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    dtype = piece.get_dtype()
+                    if dtype not in _DTYPES:
+                        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+                    self._add(TensorInfo(name, tuple(piece.get_shape()), _DTYPES[dtype], file))
         else:
             for name, tensor in self._pickle(file).items():
                 self._add(TensorInfo(name, tuple(tensor.shape), tensor.dtype, file))
@@ -154,13 +153,12 @@ class Checkpoint:
             )
         self.tensors[info.name] = info
 
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-        return self._handles[file]
+    @staticmethod
+    def _open(file: Path):
+        try:
+            return safe_open(str(file), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
 
     def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._pickled:
@@ -190,8 +188,12 @@ class Checkpoint:
         info = self.info(name)
         try:
             if info.file.suffix == ".safetensors":
-                piece = self._handle(info.file).get_slice(name)
-                tensor = piece[rows[0] : rows[1]] if rows is not None else piece[:]
+                # A fresh handle per read, closed at once: safetensors maps the file, and the pages
+                # of a handle kept open would stay in this process's RSS for the whole merge. The
+                # copy makes the tensor independent of the mapping.
+                with self._open(info.file) as handle:
+                    piece = handle.get_slice(name)
+                    tensor = (piece[rows[0] : rows[1]] if rows is not None else piece[:]).clone()
             else:
                 tensor = self._pickle(info.file)[name]
                 tensor = tensor[rows[0] : rows[1]] if rows is not None else tensor
@@ -203,7 +205,6 @@ class Checkpoint:
         return tensor
 
     def close(self) -> None:
-        self._handles.clear()
         self._pickled.clear()
 
     def __repr__(self) -> str:

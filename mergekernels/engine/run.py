@@ -273,6 +273,13 @@ class _Plan:
         return self.base.tensors[name].numel * self.out_dtype(name).itemsize
 
 
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in x: min and max propagate both, and one aminmax pass runs at memory speed
+    (isfinite(x).all() is ~40x slower on CPU for bf16)."""
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -358,7 +365,7 @@ def merge_checkpoints(
         bytes_read += b.numel() * b.element_size() * (1 + sum(name in c for c in experts))
         if not allow_nonfinite and name in plan.mergeable:
             for ckpt, x in zip([base, *experts], [b, *fts], strict=True):
-                if not bool(torch.isfinite(x).all()):
+                if x.numel() and not _finite(x):
                     raise CheckpointError(
                         f"{ckpt.info(name).file if name in ckpt else base.info(name).file}: tensor {name!r} "
                         "holds NaN or Inf (options: {allow_nonfinite: true} merges it anyway)"
@@ -467,7 +474,12 @@ def merge_checkpoints(
 
     try:
         while True:
-            unit = read_q.get()
+            try:
+                unit = read_q.get(timeout=0.1)
+            except queue.Empty:  # the writer may have failed (and stopped the reader) meanwhile
+                if "error" in written:
+                    raise written["error"] from None
+                continue
             if unit is None:
                 break
             if isinstance(unit, _Failed):
