@@ -438,6 +438,11 @@ def _size(value: Any, what: str, fail: _Fail) -> int:
     return int(size)
 
 
+def parse_size(value: Any, what: str) -> int:
+    """Bytes from an integer or a size string ("5GB", "500MB", "4GiB"); a ValueError naming ``what``."""
+    return _size(value, what, _Fail("size"))
+
+
 def _coerce(value: Any, rule: _Rule, what: str, fail: _Fail) -> Any:
     """Checks one scalar parameter value against its rule; returns it in the form the method takes."""
     if isinstance(value, (list, tuple, dict)):

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import MergeConfig, load_config, method_kwargs
+from ..config import MergeConfig, load_config, method_kwargs, parse_size
 from ..merge import default_memory_cap
 from ..methods import METHODS
 from ..selection import MagnitudeThreshold
@@ -93,27 +93,6 @@ class MergeReport:
         data = dict(self.__dict__)
         data["gb_per_s"] = self.gb_per_s
         return data
-
-
-def _parse_bytes(value, what: str) -> int:
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().upper().replace(" ", "")
-    for suffix, factor in (
-        ("GIB", 1024**3),
-        ("MIB", 1024**2),
-        ("KIB", 1024),
-        ("GB", 10**9),
-        ("MB", 10**6),
-        ("KB", 10**3),
-        ("B", 1),
-    ):
-        if text.endswith(suffix):
-            try:
-                return int(float(text[: -len(suffix)]) * factor)
-            except ValueError:
-                break
-    raise ValueError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 1048576)")
 
 
 def _device(device: str, local_rank: int) -> torch.device:
@@ -332,9 +311,9 @@ def merge_checkpoints(
     rank, world, owns_group = _distributed(device)
     dev = _device(device, int(os.environ.get("LOCAL_RANK", "0")))
     opts = {k: v for k, v in cfg.options.items() if v is not None}
-    shard_bytes = _parse_bytes(shard_size or opts.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size")
+    shard_bytes = parse_size(shard_size or opts.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size")
     memory_cap = (
-        _parse_bytes(opts["memory_cap"], "memory_cap") if "memory_cap" in opts else default_memory_cap(dev)
+        parse_size(opts["memory_cap"], "memory_cap") if "memory_cap" in opts else default_memory_cap(dev)
     )
     allow_nonfinite = bool(opts.get("allow_nonfinite", False))
 
