@@ -36,6 +36,22 @@ def default_memory_cap(device: torch.device) -> int:
         return 4 << 30
 
 
+def is_excluded(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a tensor name matches one of the exclude globs (it stays at the base's value)."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def takes_matrix_path(spec, name: str, ndim: int, params: dict) -> bool:
+    """Whether a mergeable tensor goes through a matrix method's batched path."""
+    return spec.kind == "matrix" and ndim == 2 and (spec.selects is None or spec.selects(name, params))
+
+
+def batch_layers(spec, shape: Sequence[int], experts: int, dtype: torch.dtype, memory_cap: int) -> int:
+    """How many same-shape layers one batched matrix merge takes under the memory cap (at least 1)."""
+    per_layer = spec.layer_bytes(*shape, experts, dtype.itemsize)
+    return max(1, memory_cap // max(per_layer, 1))
+
+
 def _check_params(name: str, function, params: dict, extra: Sequence[str] = ()) -> None:
     accepted = (set(inspect.signature(function).parameters) | set(extra)) - _INTERNAL_PARAMS
     unknown = sorted(set(params) - accepted)
@@ -105,7 +121,7 @@ def merge(
             )
 
     def mergeable(name: str) -> bool:
-        return base[name].is_floating_point() and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+        return base[name].is_floating_point() and not is_excluded(name, exclude)
 
     def inputs(name: str):
         target = device if device is not None else base[name].device
@@ -127,13 +143,8 @@ def merge(
         kwargs["thresholds"] = selector.thresholds()
 
     merged: dict[str, torch.Tensor] = {}
-    matrix_names: set[str] = set()
-    if spec.kind == "matrix":
-        matrix_names = {
-            n
-            for n in base
-            if mergeable(n) and base[n].dim() == 2 and (spec.selects is None or spec.selects(n, kwargs))
-        }
+    matrix_names = {n for n in base if mergeable(n) and takes_matrix_path(spec, n, base[n].dim(), kwargs)}
+    if matrix_names:
         _merge_matrices(
             base, finetuned, spec, sorted(matrix_names), inputs, kwargs, memory_cap, merged, diagnostics
         )
@@ -164,8 +175,7 @@ def _merge_matrices(base, finetuned, spec, names, inputs, kwargs, memory_cap, me
         groups[(tuple(b.shape), b.dtype, b.device)].append(name)
     for (shape, dtype, device), group in groups.items():
         cap = memory_cap if memory_cap is not None else default_memory_cap(device)
-        per_layer = spec.layer_bytes(*shape, len(finetuned), torch.empty((), dtype=dtype).element_size())
-        size = max(1, cap // max(per_layer, 1))
+        size = batch_layers(spec, shape, len(finetuned), dtype, cap)
         for start in range(0, len(group), size):
             chunk = group[start : start + size]
             pairs = [inputs(name) for name in chunk]

@@ -34,7 +34,7 @@ import yaml
 
 from .. import __version__
 from ..config import MergeConfig, load_config, method_kwargs, parse_size
-from ..merge import default_memory_cap
+from ..merge import batch_layers, default_memory_cap, is_excluded, takes_matrix_path
 from ..methods import METHODS
 from ..selection import MagnitudeThreshold
 from .checkpoint import Checkpoint, CheckpointError
@@ -167,18 +167,14 @@ class _Plan:
         self.spec = METHODS[cfg.method]
         self.allow_missing = cfg.options.get("allow_missing") or "error"
         self._validate()
-        excluded = self._excluded
         self.mergeable = {
-            n for n, info in base.tensors.items() if info.dtype.is_floating_point and not excluded(n)
+            n
+            for n, info in base.tensors.items()
+            if info.dtype.is_floating_point and not is_excluded(n, cfg.exclude)
         }
-        matrix = set()
-        if self.spec.kind == "matrix":
-            matrix = {
-                n
-                for n in self.mergeable
-                if len(base.tensors[n].shape) == 2
-                and (self.spec.selects is None or self.spec.selects(n, kwargs))
-            }
+        matrix = {
+            n for n in self.mergeable if takes_matrix_path(self.spec, n, len(base.tensors[n].shape), kwargs)
+        }
         self.units: list[_Unit] = []
         scheduled: set[str] = set()
         groups: dict[tuple, list[str]] = defaultdict(list)
@@ -191,8 +187,7 @@ class _Plan:
             info = base.tensors[n]
             if n in matrix:
                 group = groups[(info.shape, info.dtype)]
-                per_layer = self.spec.layer_bytes(*info.shape, len(experts), info.dtype.itemsize)
-                size = max(1, memory_cap // max(per_layer, 1))
+                size = batch_layers(self.spec, info.shape, len(experts), info.dtype, memory_cap)
                 for start in range(0, len(group), size):
                     chunk = tuple(group[start : start + size])
                     self.units.append(_Unit(chunk, "group"))
@@ -211,11 +206,6 @@ class _Plan:
             else:
                 self.units.append(_Unit((n,), "tensor"))
         self.order = list(dict.fromkeys(name for u in self.units for name in u.names))
-
-    def _excluded(self, name: str) -> bool:
-        import fnmatch
-
-        return any(fnmatch.fnmatchcase(name, pat) for pat in self.cfg.exclude)
 
     def _chunkable(self) -> bool:
         return self.cfg.method in _CHUNKABLE and self.kwargs.get("rescale", True) != "l1"
