@@ -178,3 +178,43 @@ def magnitude_threshold(
     p = _ops.prepare(base, finetuned, "magnitude_threshold")
     densities = _ops.per_task(density, len(p.finetuned), "density")
     return kth_largest_abs(p.base, p.finetuned, [[rank_for_density(d, p.base.numel()) for d in densities]])[0]
+
+
+class ThresholdPrepass:
+    """Exact per-tensor rank queries over a tensor read in chunks, for the checkpoint engine.
+
+    Pass 0 counts every chunk into the coarse histogram; pass i (i >= 1) refines query i - 1. The
+    thresholds equal :func:`kth_largest_abs` on the whole tensor (the radix select does not depend on
+    chunking), so a tensor too large for K full copies is merged in row chunks with the same result.
+    ``assemble`` turns the list of per-query thresholds into the method's keyword arguments.
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        queries: Sequence[Sequence[int]],
+        device: torch.device | str,
+        assemble,
+    ):
+        self.selector = MagnitudeThreshold(num_tasks, device)
+        self.queries = [list(q) for q in queries]
+        self.passes = 1 + len(self.queries)
+        self.assemble = assemble
+        self.results: list[torch.Tensor] = []
+
+    def update(
+        self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int
+    ) -> None:
+        if index == 0:
+            self.selector.count(base, finetuned)
+        else:
+            self.selector.refine(base, finetuned)
+
+    def end_pass(self, index: int) -> None:
+        if index > 0:
+            self.results.append(self.selector.thresholds())
+        if index < len(self.queries):
+            self.selector.set_rank(self.queries[index])
+
+    def params(self) -> dict:
+        return self.assemble(self.results)

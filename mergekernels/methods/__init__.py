@@ -17,13 +17,13 @@ import torch
 
 from . import ace as _ace
 from .ace import AceInfo, ace, ace_batched
-from .breadcrumbs import breadcrumbs
-from .dare import dare
+from .breadcrumbs import breadcrumbs, breadcrumbs_prepass
+from .dare import dare, dare_prepass
 from .della import della
 from .iso import iso_c, iso_c_batched, iso_cts, iso_cts_batched
 from .regmean import collect_input_grams, regmean, regmean_batched
 from .ta import task_arithmetic
-from .ties import ties
+from .ties import ties, ties_prepass
 from .tsv import tsv_m, tsv_m_batched
 from .wudi import wudi, wudi_batched
 
@@ -43,6 +43,13 @@ class MethodSpec:
     selects: Callable[[str, dict], bool] | None = None
     matrix_params: tuple[str, ...] = ()
     required: tuple[str, ...] = ()  # model-level parameters without a default
+    # How the checkpoint engine may split one tensor: "" (whole tensors only), "elements" (any row
+    # range; random methods take the element offset) or "rows" (blocks of whole rows, ndim >= 2).
+    chunks: str = ""
+    # prepass(num_tasks, numel, params, device) -> None or an object with ``passes``,
+    # ``update(pass, base, finetuned, element_offset)``, ``end_pass(pass)`` and ``params()``: what a
+    # chunked tensor needs from all of its chunks first (a per-tensor threshold, DARE's L1 norms).
+    prepass: Callable | None = None
 
 
 def _generic_layer_bytes(m: int, n: int, experts: int, dtype_bytes: int) -> int:
@@ -79,17 +86,20 @@ def _matrix(
     return MethodSpec(function, kind="matrix", batched=run, layer_bytes=layer_bytes, **extra)
 
 
+_dare_chunks = {"chunks": "elements", "prepass": dare_prepass}
+_band_chunks = {"chunks": "elements", "prepass": breadcrumbs_prepass}
+
 METHODS: dict[str, MethodSpec] = {
-    "task_arithmetic": MethodSpec(task_arithmetic),
-    "linear": MethodSpec(task_arithmetic, {"normalize": True}),
-    "ties": MethodSpec(ties),
-    "dare": MethodSpec(dare, uses_rng=True),
-    "dare_linear": MethodSpec(dare, {"consensus": None}, uses_rng=True),
-    "dare_ties": MethodSpec(dare, {"consensus": "ties"}, uses_rng=True),
-    "breadcrumbs": MethodSpec(breadcrumbs, {"consensus": None}),
-    "breadcrumbs_ties": MethodSpec(breadcrumbs, {"consensus": "ties"}),
-    "della": MethodSpec(della, {"consensus": "ties"}, uses_rng=True),
-    "della_linear": MethodSpec(della, {"consensus": None, "merge": "sum"}, uses_rng=True),
+    "task_arithmetic": MethodSpec(task_arithmetic, chunks="elements"),
+    "linear": MethodSpec(task_arithmetic, {"normalize": True}, chunks="elements"),
+    "ties": MethodSpec(ties, chunks="elements", prepass=ties_prepass),
+    "dare": MethodSpec(dare, uses_rng=True, **_dare_chunks),
+    "dare_linear": MethodSpec(dare, {"consensus": None}, uses_rng=True, **_dare_chunks),
+    "dare_ties": MethodSpec(dare, {"consensus": "ties"}, uses_rng=True, **_dare_chunks),
+    "breadcrumbs": MethodSpec(breadcrumbs, {"consensus": None}, **_band_chunks),
+    "breadcrumbs_ties": MethodSpec(breadcrumbs, {"consensus": "ties"}, **_band_chunks),
+    "della": MethodSpec(della, {"consensus": "ties"}, uses_rng=True, chunks="rows"),
+    "della_linear": MethodSpec(della, {"consensus": None, "merge": "sum"}, uses_rng=True, chunks="rows"),
     "ace": _matrix(ace, _ace_run, _ace.layer_bytes),
     "tsv_m": _matrix(tsv_m, _without_diagnostics(tsv_m_batched)),
     "iso_c": _matrix(iso_c, _without_diagnostics(iso_c_batched)),

@@ -40,6 +40,7 @@ def dare(
     merge: str | None = None,
     weighted_election: bool = False,
     element_offset: int = 0,
+    l1_norms: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by DARE.
@@ -58,6 +59,8 @@ def dare(
             normalize).
         element_offset: global index of this tensor's first element when it is a chunk of a
             larger tensor (masks stay those of the whole tensor).
+        l1_norms: with ``rescale="l1"`` on a chunk, the whole tensor's [2, K] L1 norms (before and
+            after the drop) from :func:`dare_prepass`, so the rescale is that of the whole tensor.
     """
     mode = _rescale_mode(rescale)
     p = _ops.prepare(base, finetuned, "dare")
@@ -72,7 +75,9 @@ def dare(
     keep = [1.0 - d for d in drops]
     post = [1.0] * k
     if mode == "l1":
-        l1 = _ops.drop_l1(p, keep, seed, key, element_offset).cpu().tolist()
+        if l1_norms is None:
+            l1_norms = _ops.drop_l1(p, keep, seed, key, element_offset)
+        l1 = l1_norms.cpu().tolist()
         post = [f / m if f >= _L1_MIN and m >= _L1_MIN else 1.0 for f, m in zip(l1[0], l1[1], strict=True)]
     return _ops.fused_merge(
         p,
@@ -87,3 +92,35 @@ def dare(
         element_offset=element_offset,
         out_dtype=out_dtype,
     )
+
+
+class _L1Prepass:
+    """Sums the L1 norms of each task vector before and after its drop over a tensor's chunks."""
+
+    passes = 1
+
+    def __init__(self, keep: list[float], seed: int, key: int | str):
+        self.keep, self.seed, self.key = keep, seed, key
+        self.total: torch.Tensor | None = None
+
+    def update(
+        self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int
+    ) -> None:
+        part = _ops.drop_l1(
+            _ops.prepare(base, finetuned, "dare"), self.keep, self.seed, self.key, element_offset
+        )
+        self.total = part if self.total is None else self.total + part
+
+    def end_pass(self, index: int) -> None:
+        pass
+
+    def params(self) -> dict:
+        return {"l1_norms": self.total}
+
+
+def dare_prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
+    """DARE needs a pre-pass over a chunked tensor only for mergekit's L1 rescale."""
+    if _rescale_mode(params.get("rescale", True)) != "l1" or params.get("l1_norms") is not None:
+        return None
+    keep = [1.0 - d for d in _ops.per_task(params.get("drop", 0.9), num_tasks, "drop")]
+    return _L1Prepass(keep, int(params.get("seed", 0)), params.get("key", 0))

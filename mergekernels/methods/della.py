@@ -41,6 +41,7 @@ def della(
     consensus: str | None = "ties",
     merge: str = "mean",
     weighted_election: bool = False,
+    element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by DELLA.
@@ -52,6 +53,8 @@ def della(
         consensus: ``"ties"`` (DELLA-merging, default) or ``None`` (mergekit's della_linear).
         merge: reduction after election, ``"mean"`` (default), ``"sum"`` or ``"weighted"``.
         seed, key: the random stream (use the tensor's name as key).
+        element_offset: global index of this tensor's first element when it is a block of whole
+            rows of a larger tensor (ranks are per row, so row blocks merge exactly as the whole).
     """
     p = _ops.prepare(base, finetuned, "della")
     k = len(p.finetuned)
@@ -93,7 +96,7 @@ def della(
             rescale_inverse=True,
             seed=seed,
             key=key,
-            element_offset=r0 * row_len,
+            element_offset=element_offset + r0 * row_len,
             out_dtype=want,
         ).view(r1 - r0, row_len)
     return out

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
-from ..selection import magnitude_threshold
+from ..selection import ThresholdPrepass, magnitude_threshold, rank_for_density
 
 MERGE_MODES = ("mean", "sum", "weighted")
 
@@ -101,3 +101,13 @@ def ties(
         thresholds=thr,
         out_dtype=out_dtype,
     )
+
+
+def ties_prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
+    """The per-tensor threshold of a tensor merged in chunks (``None`` when the caller already holds
+    thresholds, e.g. a model-wide one)."""
+    if params.get("thresholds") is not None:
+        return None
+    densities = _ops.per_task(params.get("density", 0.2), num_tasks, "density")
+    ranks = [rank_for_density(d, numel) for d in densities]
+    return ThresholdPrepass(num_tasks, [ranks], device, lambda found: {"thresholds": found[0]})
