@@ -14,6 +14,8 @@ from .methods import (
     METHODS,
     AceInfo,
     ace,
+    apl,
+    awd,
     breadcrumbs,
     collect_input_grams,
     dare,
@@ -33,6 +35,8 @@ __all__ = [
     "METHODS",
     "AceInfo",
     "ace",
+    "apl",
+    "awd",
     "collect_input_grams",
     "iso_c",
     "iso_cts",
@@ -55,3 +59,12 @@ __all__ = [
     "tensor_key",
     "ties",
 ]
+
+
+def __getattr__(name: str):
+    """``mergekernels.bench`` is imported on first use, so ``import mergekernels`` stays light."""
+    if name == "bench":
+        import importlib
+
+        return importlib.import_module(".bench", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

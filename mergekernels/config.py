@@ -918,8 +918,9 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
     _check_combinations(method, models, params, fail)
     if options["threshold_scope"] == "global" and METHODS[method].function is not ties:
         fail(f"options.threshold_scope 'global' applies to ties methods, not {method!r}")
-    if "grams" in params:
-        params["grams"] = _resolve(params["grams"], root)
+    for path_param in ("grams", "scores"):  # files named relative to the config's directory
+        if isinstance(params.get(path_param), str):
+            params[path_param] = _resolve(params[path_param], root)
     return MergeConfig(
         method=method,
         base_model=base,

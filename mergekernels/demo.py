@@ -57,7 +57,10 @@ DEMO_PARAMS = {
     "wudi": {},
 }
 # Methods the synthetic model cannot exercise, and why.
-DEMO_SKIP = {"regmean": "needs input Grams from calibration data"}
+DEMO_SKIP = {
+    "regmean": "needs input Grams from calibration data",
+    "apl": "needs importance scores from calibration data",
+}
 
 
 def synthetic_models(
@@ -164,20 +167,45 @@ TESTBED_METHODS: dict[str, tuple[dict, str | None, tuple]] = {
     "iso_cts": ({}, "alpha", SCALE_GRID),
     "wudi": ({}, "scale", SCALE_GRID),
     "regmean": ({"reduction": 0.95}, None, ()),
+    "apl": ({"drop": 0.5}, "scale", (0.03, 0.05, 0.1, 0.15, 0.2, 0.3)),
+    "awd (global)": ({"granularity": "global", "scale_free": True}, "scale", SCALE_GRID),
+    "awd (per_tensor)": ({"granularity": "per_tensor", "scale_free": True}, "scale", SCALE_GRID),
+    "awd (per_row)": ({"granularity": "per_row", "scale_free": True}, "scale", SCALE_GRID),
 }
+# Methods that need the testbed's calibration data: a file the merge config names.
+_DATA_FILES = {"regmean": "grams", "apl": "scores"}
 
 
-def _engine_merge(testbed, method: str, params: dict, workdir, grams_file=None) -> tuple[dict, float]:
-    """Merge the testbed's checkpoints with the engine; returns (state dict, merge seconds)."""
+def _data_file(testbed, method: str, workdir) -> str | None:
+    """RegMean's input Grams and APL's importance scores, from the testbed's training split."""
+    if method == "regmean":
+        path = f"{workdir}/grams.pt"
+        torch.save(testbed.grams(), path)
+        return path
+    if method == "apl":
+        from .methods import apl
+
+        path = f"{workdir}/apl-scores.safetensors"
+        calibration = {task: testbed.labelled_batches(task, "train") for task in testbed.tasks}
+        model = testbed.model(testbed.base_state_dict())
+        apl.importance(model, testbed.loss_fn, calibration, testbed.expert_state_dicts()).save(path)
+        return path
+    return None
+
+
+def _engine_merge(testbed, label: str, params: dict, workdir, data_file=None):
+    """Merge the testbed's checkpoints with the engine; returns (state dict, merge seconds, report).
+    ``label`` is a method name, optionally followed by a variant in parentheses."""
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     from .engine import merge_checkpoints
 
+    method = label.split(" ")[0]
     params = dict(params)
-    if grams_file is not None:
-        params["grams"] = str(grams_file)
+    if data_file is not None:
+        params[_DATA_FILES[method]] = str(data_file)
     config = {
         "merge_method": method,
         "dialect": "mergekernels",
@@ -186,12 +214,20 @@ def _engine_merge(testbed, method: str, params: dict, workdir, grams_file=None) 
         "parameters": params,
         "exclude": ["head.*"],
     }
-    out = Path(workdir) / method
+    out = Path(workdir) / "merged"
     report = merge_checkpoints(config, out, device="cpu", quiet=True, overwrite=True)
     merged = {}
     for f in sorted(out.glob("model-*.safetensors")):
         merged.update(load_file(str(f)))
-    return merged, report.seconds["total"]
+    return merged, report.seconds["total"], report
+
+
+def _note(diagnostics: dict) -> str:
+    """AWD's mean |cos| of the task vectors before and after disentangling, from the report."""
+    awd = diagnostics.get("awd")
+    if not awd or "mean_abs_cos_before" not in awd:
+        return ""
+    return f"mean |cos| {awd['mean_abs_cos_before']:.3f} -> {awd['mean_abs_cos_after']:.3f}"
 
 
 def run(methods: list[str] | None = None, testbed_dir: str | None = None) -> list[dict]:
@@ -219,22 +255,22 @@ def run(methods: list[str] | None = None, testbed_dir: str | None = None) -> lis
         }
     ]
     with tempfile.TemporaryDirectory(prefix="mk-demo-") as work:
-        grams_file = None
+        data_files: dict[str, str | None] = {}
         for method in methods or list(TESTBED_METHODS):
+            if method not in TESTBED_METHODS:
+                raise ValueError(f"demo: unknown method {method!r}; valid: {', '.join(TESTBED_METHODS)}")
             params, knob, grid = TESTBED_METHODS[method]
-            if method == "regmean":
-                grams_file = f"{work}/grams.pt"
-                torch.save(tb.grams(), grams_file)
+            name = method.split(" ")[0]
+            if name not in data_files:
+                data_files[name] = _data_file(tb, name, work)
             best = None
             for value in grid or (None,):
                 call = dict(params) if knob is None else {**params, knob: value}
-                merged, seconds = _engine_merge(
-                    tb, method, call, work, grams_file if method == "regmean" else None
-                )
+                merged, seconds, report = _engine_merge(tb, method, call, work, data_files[name])
                 val = tb.normalised_accuracy(merged, "val")
                 if best is None or val > best[0]:
-                    best = (val, value, seconds, merged)
-            val, value, seconds, merged = best
+                    best = (val, value, seconds, merged, report)
+            val, value, seconds, merged, report = best
             picked = f"{knob} {value}" if knob else ""
             rows.append(
                 {
@@ -243,6 +279,7 @@ def run(methods: list[str] | None = None, testbed_dir: str | None = None) -> lis
                     "val": val,
                     "test": tb.normalised_accuracy(merged, "test"),
                     "seconds": seconds,
+                    "note": _note(report.diagnostics),
                 }
             )
     header = f"{'method':<18}{'picked':<12}{'val':>7}{'test':>7}{'merge (ms)':>12}"
@@ -250,6 +287,7 @@ def run(methods: list[str] | None = None, testbed_dir: str | None = None) -> lis
     print("-" * len(header))
     for r in rows:
         ms = f"{1e3 * r['seconds']:.0f}" if r["seconds"] is not None else "-"
-        print(f"{r['method']:<18}{r['picked']:<12}{r['val']:>7.3f}{r['test']:>7.3f}{ms:>12}")
+        note = r.get("note") or ""
+        print(f"{r['method']:<18}{r['picked']:<12}{r['val']:>7.3f}{r['test']:>7.3f}{ms:>12}  {note}")
     print("\nmerge (ms): one end-to-end mergekernels merge (read, merge, write shards) of the 7 checkpoints.")
     return rows

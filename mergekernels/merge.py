@@ -53,7 +53,10 @@ def batch_layers(spec, shape: Sequence[int], experts: int, dtype: torch.dtype, m
 
 
 def _check_params(name: str, function, params: dict, extra: Sequence[str] = ()) -> None:
-    accepted = (set(inspect.signature(function).parameters) | set(extra)) - _INTERNAL_PARAMS
+    signature = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in signature.values()):
+        return  # takes another method's parameters (awd's ``then``) and checks them itself
+    accepted = (set(signature) | set(extra)) - _INTERNAL_PARAMS
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(
@@ -91,7 +94,9 @@ def merge(
             :func:`default_memory_cap` of the compute device). A tensor too large for the cap is still
             merged, alone.
         diagnostics: if a dict is given, it receives per-tensor diagnostics of the methods that
-            report them (ACE: het, gamma, energies, fallback, refined; WUDI: the loss reached).
+            report them (ACE: het, gamma, energies, fallback, refined; WUDI: the loss reached; AWD:
+            mean |cos| before/after, ||delta||, how far delta moved, under "awd" for the whole model
+            and, per tensor or row, under each tensor's name).
         **params: the method's parameters; any may be a list with one value per model. Methods
             that draw random masks use each tensor's name as its key. ``regmean`` takes
             ``grams={tensor name: [one input Gram per model]}`` (see
@@ -142,6 +147,13 @@ def merge(
             selector.refine(*inputs(name))
         kwargs["thresholds"] = selector.thresholds()
 
+    per_tensor: dict[str, dict] = {}
+    if spec.prepare_stats is not None:  # a statistics pass over the merged tensors (AWD's Grams)
+        shared, per_tensor, found = spec.prepare_stats(inputs, [n for n in base if mergeable(n)], kwargs)
+        kwargs.update(shared)
+        if diagnostics is not None:
+            diagnostics.update(found)
+
     merged: dict[str, torch.Tensor] = {}
     matrix_names = {n for n in base if mergeable(n) and takes_matrix_path(spec, n, base[n].dim(), kwargs)}
     if matrix_names:
@@ -156,7 +168,7 @@ def merge(
             merged[name] = tensor.clone()
             continue
         b, fts = inputs(name)
-        call = dict(tensor_kwargs)
+        call = {**tensor_kwargs, **per_tensor.get(name, {})}
         if spec.uses_rng:
             call.setdefault("key", name)
         try:

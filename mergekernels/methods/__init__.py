@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ace as _ace
+from . import apl
 from .ace import AceInfo, ace, ace_batched
+from .awd import AwdInfo, awd, awd_coefficients
+from .awd import prepare_stats as _awd_stats
 from .breadcrumbs import breadcrumbs, breadcrumbs_prepass
 from .dare import dare, dare_prepass
 from .della import della
@@ -50,6 +53,10 @@ class MethodSpec:
     # ``update(pass, base, finetuned, element_offset)``, ``end_pass(pass)`` and ``params()``: what a
     # chunked tensor needs from all of its chunks first (a per-tensor threshold, DARE's L1 norms).
     prepass: Callable | None = None
+    # needs_stats methods: prepare_stats(read, names, params) -> (params for every tensor, {name:
+    # params for that tensor}, diagnostics), run once over the merged tensors before the merge
+    # (read(name) -> (base, finetuned) on the compute device). AWD: the Gram pass and its solve.
+    prepare_stats: Callable | None = None
 
 
 def _generic_layer_bytes(m: int, n: int, experts: int, dtype_bytes: int) -> int:
@@ -112,6 +119,8 @@ METHODS: dict[str, MethodSpec] = {
         matrix_params=("grams",),
         required=("grams",),
     ),
+    "apl": MethodSpec(apl.apl, kind="needs_stats", uses_rng=True, required=("scores",)),
+    "awd": MethodSpec(awd, kind="needs_stats", uses_rng=True, prepare_stats=_awd_stats),
 }
 
 __all__ = [
@@ -120,6 +129,10 @@ __all__ = [
     "MethodSpec",
     "ace",
     "ace_batched",
+    "apl",
+    "AwdInfo",
+    "awd",
+    "awd_coefficients",
     "breadcrumbs",
     "collect_input_grams",
     "dare",
