@@ -211,6 +211,8 @@ _NOT_CONFIGURABLE = {
     "return_loss",
     "out_dtype",
     "seed",
+    "l1_norms",  # computed by the engine's pre-pass
+    "coefficients",  # awd: computed by its statistics pass
 }
 # Defaults that the signatures spell None: what None means per model.
 _NONE_MEANS = {"weights": 1.0}
@@ -789,6 +791,14 @@ def _ours(
     method: str, raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
 ) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
     schema = _our_schema(method)
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(METHODS[method].function).parameters.values()):
+        # awd: also the parameters of the method it hands the disentangled vectors to (``then``);
+        # names it shares with awd's own take a ``then_`` prefix
+        then = raw.get("then", inspect.signature(METHODS[method].function).parameters["then"].default)
+        if not isinstance(then, str) or then not in METHODS:
+            fail(f"parameters.then must name a method; valid: {', '.join(sorted(METHODS))}")
+        for name, param in _our_schema(then).items():
+            schema[f"then_{name}" if name in schema else name] = param
     valid = ", ".join(schema) or "(none)"
     per_model = ", ".join(n for n, p in schema.items() if p.per_model) or "none"
 

@@ -1059,3 +1059,37 @@ def test_reference_can_fail(tmp_path):
     with pytest.raises(AssertionError):
         assert_close_to_ref(ours[tensor], expected)
     assert_close_to_ref(_run(load(tmp_path, text.replace("WEIGHT", "weight")), sds)[tensor], expected)
+
+
+def test_awd_accepts_the_parameters_of_its_then_method():
+    cfg = load_config(
+        {
+            "merge_method": "awd",
+            "dialect": "mergekernels",
+            "base_model": "/m/base",
+            "models": [{"model": "/m/a", "parameters": {"density": 0.5}}, {"model": "/m/b"}],
+            "parameters": {"then": "ties", "density": 0.3, "granularity": "per_row", "then_scale": 0.5},
+        }
+    )
+    assert cfg.params == {"then": "ties", "density": 0.3, "granularity": "per_row", "then_scale": 0.5}
+    assert cfg.models[0].params == {"density": 0.5}
+    with pytest.raises(ValueError, match="unknown parameter 'drop' for awd; valid: .*density"):
+        load_config(
+            {
+                "merge_method": "awd",
+                "dialect": "mergekernels",
+                "base_model": "/m/base",
+                "models": [{"model": "/m/a"}],
+                "parameters": {"then": "ties", "drop": 0.3},
+            }
+        )
+    with pytest.raises(ValueError, match="parameters.then must name a method"):
+        load_config(
+            {
+                "merge_method": "awd",
+                "dialect": "mergekernels",
+                "base_model": "/m/base",
+                "models": [{"model": "/m/a"}],
+                "parameters": {"then": "nope"},
+            }
+        )

@@ -474,11 +474,14 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path):
     assert killed_midway >= 2  # the merge was really interrupted
 
 
-@pytest.mark.parametrize("granularity", ["global", "per_tensor", "per_row"])
-def test_awd_through_the_engine_equals_in_memory(models, granularity):
+@pytest.mark.parametrize(
+    ("granularity", "then"),
+    [("global", {}), ("per_tensor", {}), ("per_row", {}), ("global", {"then": "ties", "density": 0.4})],
+)
+def test_awd_through_the_engine_equals_in_memory(models, granularity, then):
     """AWD's statistics pass (the Gram of the whole model for `global`) runs in the engine too."""
     tmp_path, base, experts, paths = models
-    params = {"granularity": granularity, "scale_free": True, "scale": 0.5}
+    params = {"granularity": granularity, "scale_free": True, "scale": 0.5, **then}
     report = merge_checkpoints(
         _config(tmp_path, paths, "awd", **params), tmp_path / "out", device="cpu", quiet=True
     )
