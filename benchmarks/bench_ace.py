@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,74 +40,27 @@ for _path in (_HERE, _HERE.parent / "tests"):  # bench_common/references, and te
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_common import device_name, report, synchronize, time_fn  # noqa: E402
 from reference_ace import ace_reference  # noqa: E402
 from references import ace_reference_style  # noqa: E402
 
+from mergekernels.bench.cases import ACE_PARAMS, ace_flops  # noqa: E402
+from mergekernels.bench.cases import PRESETS as BENCH_PRESETS  # noqa: E402
+from mergekernels.bench.cases import make_ace_group as make_group  # noqa: E402
+from mergekernels.bench.inputs import device_name  # noqa: E402
+from mergekernels.bench.results import report  # noqa: E402
+from mergekernels.bench.timing import synchronize, time_fn  # noqa: E402
 from mergekernels.methods.ace import ace_batched  # noqa: E402
 
-BASE_STD = 0.02
-EPS, TAU, K_FRAC, SCALE = 1e-2, 0.3, 0.3, 1.0
+# The FLOP count (ace_flops), the inputs (make_group) and the timing are mergekernels.bench's, shared
+# with `mergekernels bench`.
+EPS, TAU, K_FRAC, SCALE = (ACE_PARAMS[k] for k in ("eps", "tau", "k_frac", "scale"))
 
 # preset -> (default experts, [(layers L, m, n)]): the shape groups of one block.
 PRESETS: dict[str, tuple[int, list[tuple[int, int, int]]]] = {
-    "gpt2": (7, [(1, 768, 768), (1, 3072, 768), (1, 768, 3072)]),
-    "llama-7b-block": (4, [(4, 4096, 4096), (2, 11008, 4096), (1, 4096, 11008)]),
+    name: (p.ace_experts, list(p.ace_groups)) for name, p in BENCH_PRESETS.items()
 }
 
-
-def ace_flops(m: int, n: int, experts: int, het: bool, k_frac: float = K_FRAC) -> tuple[float, float]:
-    """(float32 FLOPs, float64 FLOPs) mergekernels spends on ACE for one m x n layer and T experts.
-
-    Multiply-adds count 2; a symmetric product (Gram) counts half of the general one, the useful
-    work of one triangle (the package's blocked half-Gram runs b <= 8 panel GEMMs that do
-    (1 + 1/b) / 2 of the full product, so its true count is slightly higher). Elementwise work
-    (differences, centring, traces, the ridge, the rank-one prior's Sherman-Morrison update) is
-    O(T m n + n^2) and not counted.
-
-    float32, per expert:
-    - m >= n: the half-Gram G_t = W~_t^T W~_t, m n^2 (half of 2 m n^2), and the product
-      W~_t S_t, 2 m n^2.
-    - m < n: the n x n half-Gram, m n^2; then W~_t S_t is formed as (W~_t W~_t^T) W~_t instead of
-      through the n x n matrix: the m x m half-Gram W~_t W~_t^T, m^2 n, and its product with
-      W~_t, 2 m^2 n.
-    float64, once per layer: the Cholesky factor of the n x n SPD matrix R = sum_t R_t, n^3 / 3;
-    two triangular solves with m right-hand sides, m n^2 each (2 m n^2).
-    het only:
-    - float32: one more m x n by n x n product for the residual, 2 m n^2;
-    - float64: the Gram of F on its smaller side s = min(m, n), l = max(m, n): s^2 l (half of
-      2 s^2 l); its symmetric eigendecomposition with eigenvectors, counted as ~9 s^3 (the usual
-      estimate for tridiagonal reduction + implicit QR with vectors, Golub & Van Loan; a
-      divide-and-conquer solver often does fewer); the other side's top-k singular vectors and
-      the product U_k V_k^T, 2 m n k + 2 m n k = 4 m n k, with k = floor(k_frac * s).
-    """
-    fp32 = 0.0
-    if m >= n:
-        fp32 += experts * (m * n * n + 2 * m * n * n)
-    else:
-        fp32 += experts * (m * n * n + m * m * n + 2 * m * m * n)
-    fp64 = n**3 / 3 + 2 * m * n * n
-    if het:
-        small, large = min(m, n), max(m, n)
-        k = math.floor(k_frac * small)
-        fp32 += 2 * m * n * n
-        fp64 += small * small * large + 9 * small**3 + 4 * m * n * k
-    return fp32, fp64
-
-
-def make_group(
-    layers: int, m: int, n: int, experts: int, device: torch.device, seed: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Fresh fp32 base [L, m, n] and T fine-tuned tensors with expert energies ~ 10**t (see the
-    module docstring)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    base = torch.randn(layers, m, n, generator=gen, device=device) * BASE_STD
-    finetuned = []
-    for t in range(experts):
-        std = 10.0 ** (t / 2) / math.sqrt(m * n)
-        finetuned.append(base + std * torch.randn(layers, m, n, generator=gen, device=device))
-    return base, finetuned
+__all__ = ["EPS", "K_FRAC", "PRESETS", "SCALE", "TAU", "ace_flops", "make_group", "main"]
 
 
 def relative_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
@@ -286,7 +238,7 @@ def render(meta: dict, rows: list[Row]) -> str:
     lines += [
         "",
         "err: max over layers of ||out - ref64||_F / ||ref64||_F, ref64 = tests/reference_ace.py (float64). "
-        "GFLOP/s: ours, fp32 + fp64 FLOPs (bench_ace.ace_flops) over ours' median time.",
+        "GFLOP/s: ours, fp32 + fp64 FLOPs (mergekernels.bench.ace_flops) over ours' median time.",
     ]
     return "\n".join(lines)
 

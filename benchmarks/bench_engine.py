@@ -26,86 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-SHARD_BYTES = 200 * 1024**2
+# Checkpoint generation and the I/O floor are mergekernels.bench's (the streaming case of
+# `mergekernels bench` uses them too).
+from mergekernels.bench.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES
+from mergekernels.bench.checkpoints import io_floor, layer_shapes, write_model
 
-
-def layer_shapes(hidden: int, inter: int, vocab: int, layers: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            shapes[p + f"self_attn.{proj}_proj.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
-
-
-def write_model(directory: Path, shapes: dict, seed: int, base: Path | None) -> None:
-    """One model, sharded; experts are the base plus a small random delta (read back shard by shard)."""
-    directory.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    weight_map, shard, size, files = {}, {}, 0, []
-
-    def flush():
-        nonlocal shard, size
-        if shard:
-            name = f"part-{len(files):03d}.safetensors"
-            save_file(shard, str(directory / name))
-            files.append(name)
-            weight_map.update({k: name for k in shard})
-            shard, size = {}, 0
-
-    handles = {}
-    if base is not None:
-        index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
-    for name, shape in shapes.items():
-        if base is None:
-            t = torch.randn(shape, generator=g) * 0.02
-        else:
-            f = index[name]
-            if f not in handles:
-                handles[f] = safe_open(str(base / f), framework="pt")
-            t = handles[f].get_tensor(name).float() + torch.randn(shape, generator=g) * 0.002
-        shard[name] = t.to(torch.bfloat16)
-        size += shard[name].numel() * 2
-        if size >= SHARD_BYTES:
-            flush()
-    flush()
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": shape[0]}))
-
-
-def io_floor(models: list[Path], out: Path) -> float:
-    """Read every tensor of every input (one at a time, as a streaming merge holds them) and write a
-    model-sized output in shards: the least any merge tool does."""
-    t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    shard, size, n = {}, 0, 0
-    for i, m in enumerate(models):
-        index = json.loads((m / "model.safetensors.index.json").read_text())["weight_map"]
-        for f in sorted(set(index.values())):
-            with safe_open(str(m / f), framework="pt") as h:
-                for k in h.keys():
-                    t = h.get_tensor(k).clone()  # get_tensor alone maps the file without reading it
-                    if i == 0:  # the output is one model's worth of tensors
-                        shard[k] = t
-                        size += t.numel() * t.element_size()
-                        if size >= SHARD_BYTES:
-                            save_file(shard, str(out / f"floor-{n}.safetensors"))
-                            shard, size, n = {}, 0, n + 1
-    if shard:
-        save_file(shard, str(out / f"floor-{n}.safetensors"))
-    elapsed = time.perf_counter() - t0
-    shutil.rmtree(out)
-    return elapsed
+__all__ = ["SHARD_BYTES", "io_floor", "layer_shapes", "main", "write_model"]
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ MK_CUDA=1 MK_CUDA_ARCHS=${MK_CUDA_ARCHS:-9.0} python -m pip install --no-build-i
 python -m mergekernels info | tee "$OUT/info.txt"
 python -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1 || { tail -n 60 "$OUT/tests.log"; exit 1; }
 tail -n 3 "$OUT/tests.log"
+# The user-facing command (ceilings, then every case against its references), with its JSON.
+python -m mergekernels bench --device cuda --json "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.txt"
 python benchmarks/bandwidth.py --device cuda --repeats 20 --json "$OUT/results_cuda.json" "$@" | tee "$OUT/bandwidth.txt"
 # ACE on one Llama-7B block (4 experts, fp32): gate off and on, full fp32 and TF32, next to the
 # reference-style loop and checked against the float64 reference.

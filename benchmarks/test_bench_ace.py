@@ -2,8 +2,9 @@
 
 Run with ``pytest benchmarks/test_bench_ace.py --benchmark-enable`` (pyproject disables benchmarks by
 default, so a plain run calls each function once as a smoke test). Inputs: the ``gpt2`` preset of
-bench_ace.py on the CPU (768x768, 3072x768, 768x3072 fp32, 7 experts whose energies are spread so
-the gate fires), gate forced off and on. ``MK_BENCH_ACE_SCALE_DOWN=D`` divides every dimension by D.
+mergekernels.bench (as in bench_ace.py) on the CPU (768x768, 3072x768, 768x3072 fp32, 7 experts
+whose energies are spread so the gate fires), gate forced off and on. ``MK_BENCH_ACE_SCALE_DOWN=D``
+divides every dimension by D.
 Results of one gate setting share a benchmark group, e.g. ``cpu:ace-gate-on``.
 """
 
@@ -14,9 +15,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from bench_ace import EPS, K_FRAC, PRESETS, SCALE, TAU, ace_flops, make_group
-from references import ace_reference_style
 
+from mergekernels.bench.cases import ACE_PARAMS, PRESETS, ace_flops
+from mergekernels.bench.cases import make_ace_group as make_group
+from mergekernels.bench.references import ace_reference_style
 from mergekernels.methods.ace import ace_batched
 
 ROUNDS = 2
@@ -30,7 +32,7 @@ Groups = list[tuple[torch.Tensor, list[torch.Tensor]]]
 @pytest.fixture(scope="module")
 def groups() -> Groups:
     """One (base [L, m, n], T fine-tuned) pair per shape group of the preset."""
-    experts, shapes = PRESETS[PRESET]
+    experts, shapes = PRESETS[PRESET].ace_experts, PRESETS[PRESET].ace_groups
     scale_down = int(os.environ.get("MK_BENCH_ACE_SCALE_DOWN", "1"))
     return [
         make_group(layers, max(1, m // scale_down), max(1, n // scale_down), experts, DEVICE, seed=i)
@@ -39,7 +41,7 @@ def groups() -> Groups:
 
 
 def _params(gate: str) -> dict:
-    return dict(eps=EPS, tau=TAU, k_frac=K_FRAC, scale=SCALE, gate=gate)
+    return dict(ACE_PARAMS, gate=gate)
 
 
 def _ours(groups: Groups, gate: str) -> list[torch.Tensor]:

@@ -3,7 +3,9 @@
 Run with ``pytest benchmarks --benchmark-enable`` (pyproject disables benchmarks by default, so a
 plain ``pytest benchmarks`` only runs each function once as a smoke test). Sizes: CPU 8 x 2048x4096
 bf16, CUDA 8 x 4096x11008 bf16; override with MK_BENCH_K and MK_BENCH_SHAPE (e.g. ``256x512``).
-Results of one device and method share a benchmark group, e.g. ``cpu:ties``.
+The cases (calls, parameters, references, byte counts) are ``mergekernels bench``'s
+(:mod:`mergekernels.bench.cases`). Results of one device and case share a benchmark group, e.g.
+``cpu:ties``.
 """
 
 from __future__ import annotations
@@ -13,17 +15,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from bench_common import bench_size, bytes_moved, make_inputs, synchronize
-from references import dare_bernoulli, ta_torch, ties_argsort, ties_kthvalue
 
 import mergekernels as mk
+from mergekernels.bench.cases import Case, bytes_moved, elementwise_cases
+from mergekernels.bench.inputs import bench_size, make_inputs
+from mergekernels.bench.runner import available_ops
+from mergekernels.bench.timing import synchronize
 
 DTYPE = torch.bfloat16
 ROUNDS = 3
 SLOW_ROUNDS = 1  # the argsort reference sorts every task vector in full
-TIES_DENSITY = 0.2
-DARE_DROP = 0.9
-KEY = "model.layers.0.mlp.up_proj.weight"
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -33,10 +34,13 @@ DEVICES = [
         marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
     ),
 ]
+# The element-wise cases of `mergekernels bench` (ACE has its own suite, test_bench_ace.py).
+CASES = elementwise_cases([op for op in available_ops() if op not in ("ace", "stream")], mk.METHODS)
+MERGES = ("ta", "ties", "dare", "dare_ties", "breadcrumbs", "della", "awd")
 
 
 @dataclass
-class Case:
+class Inputs:
     """One set of benchmark inputs."""
 
     device: torch.device
@@ -49,31 +53,26 @@ class Case:
 
 
 @pytest.fixture(scope="module", params=DEVICES)
-def case(request: pytest.FixtureRequest) -> Case:
+def inputs(request: pytest.FixtureRequest) -> Inputs:
     device = torch.device(request.param)
     k, shape = bench_size(device)
     base, finetuned = make_inputs(k, shape, DTYPE, device, seed=0)
-    return Case(device, base, finetuned)
-
-
-def _needs_kernels(case: Case) -> None:
-    if case.device.type == "cuda" and not mk.has_cuda_kernels():
-        pytest.skip("mergekernels was built without CUDA kernels")
+    return Inputs(device, base, finetuned)
 
 
 def _run(
-    benchmark, case: Case, method: str, fn: Callable[[], object], rounds: int = ROUNDS, warmup: int = 1
+    benchmark, inputs: Inputs, case: Case, fn: Callable[[], object], rounds: int = ROUNDS, warmup: int = 1
 ) -> object:
-    """Benchmark `fn` (synchronised on CUDA), tagging it with the bytes `method` must move."""
-    nbytes = bytes_moved(method, case.k, case.base.numel(), case.base.element_size())
-    benchmark.group = f"{case.device.type}:{method}"
+    """Benchmark `fn` (synchronised on CUDA), tagging it with the bytes the case must move."""
+    nbytes = bytes_moved(case.method, inputs.k, inputs.base.numel(), inputs.base.element_size())
+    benchmark.group = f"{inputs.device.type}:{case.name}"
     benchmark.extra_info.update(
-        k=case.k, shape="x".join(map(str, case.base.shape)), dtype=str(DTYPE), bytes_moved=nbytes
+        k=inputs.k, shape="x".join(map(str, inputs.base.shape)), dtype=str(DTYPE), bytes_moved=nbytes
     )
 
     def call() -> object:
         out = fn()
-        synchronize(case.device)
+        synchronize(inputs.device)
         return out
 
     result = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
@@ -82,56 +81,38 @@ def _run(
     return result
 
 
-def _check_merged(out: object, case: Case) -> None:
-    assert isinstance(out, torch.Tensor)
-    assert out.shape == case.base.shape and out.dtype == case.base.dtype
+def _check(out: object, case: Case, inputs: Inputs) -> None:
+    if case.name in MERGES:
+        assert isinstance(out, torch.Tensor)
+        assert out.shape == inputs.base.shape and out.dtype == inputs.base.dtype
+    elif case.name == "threshold":
+        assert out.shape == (inputs.k,)
+    elif case.name == "masked_drop":
+        assert out.shape == inputs.base.shape and out.dtype == torch.float32
+    elif case.name == "stats":
+        assert out.gram.shape == (inputs.k, inputs.k)
 
 
-# ---- our ops and methods ---------------------------------------------------------------------
-def test_stats(benchmark, case: Case) -> None:
-    _needs_kernels(case)
-    stats = _run(benchmark, case, "stats", lambda: mk.task_vector_stats(case.base, case.finetuned))
-    assert stats.gram.shape == (case.k, case.k)
+@pytest.mark.parametrize("case", CASES, ids=[c.ours.name for c in CASES])
+def test_ours(benchmark, inputs: Inputs, case: Case) -> None:
+    if inputs.device.type == "cuda" and not mk.has_cuda_kernels():
+        pytest.skip("mergekernels was built without CUDA kernels")
+    out = _run(benchmark, inputs, case, lambda: case.ours.fn(inputs.base, inputs.finetuned))
+    _check(out, case, inputs)
 
 
-def test_threshold(benchmark, case: Case) -> None:
-    _needs_kernels(case)
-    thr = _run(
-        benchmark, case, "threshold", lambda: mk.magnitude_threshold(case.base, case.finetuned, TIES_DENSITY)
+REFERENCES = [(c, r) for c in CASES for r in c.references]
+
+
+@pytest.mark.parametrize(("case", "reference"), REFERENCES, ids=[r.name for _, r in REFERENCES])
+def test_reference(benchmark, inputs: Inputs, case: Case, reference) -> None:
+    rounds = SLOW_ROUNDS if reference.slow else ROUNDS
+    out = _run(
+        benchmark,
+        inputs,
+        case,
+        lambda: reference.fn(inputs.base, inputs.finetuned),
+        rounds=rounds,
+        warmup=0 if reference.slow else 1,
     )
-    assert thr.shape == (case.k,)
-
-
-# Merge methods: benchmark group (and byte count) -> call.
-MERGES: dict[str, Callable[[Case], torch.Tensor]] = {
-    "ta": lambda c: mk.task_arithmetic(c.base, c.finetuned),
-    "ties": lambda c: mk.ties(c.base, c.finetuned, density=TIES_DENSITY),
-    "dare": lambda c: mk.dare(c.base, c.finetuned, drop=DARE_DROP, seed=0, key=KEY),
-    "dare_ties": lambda c: mk.dare(c.base, c.finetuned, drop=DARE_DROP, seed=0, key=KEY, consensus="ties"),
-    "breadcrumbs": lambda c: mk.breadcrumbs(c.base, c.finetuned, density=0.9, gamma=0.01),
-    "della": lambda c: mk.della(c.base, c.finetuned, density=0.5, epsilon=0.15, seed=0, key=KEY),
-}
-
-
-@pytest.mark.parametrize("method", list(MERGES))
-def test_merge(benchmark, case: Case, method: str) -> None:
-    _needs_kernels(case)
-    _check_merged(_run(benchmark, case, method, lambda: MERGES[method](case)), case)
-
-
-# ---- plain-torch references ------------------------------------------------------------------
-# (id, benchmark group, call, rounds); the argsort reference sorts every task vector in full.
-REFERENCES = [
-    ("ta_torch", "ta", lambda c: ta_torch(c.base, c.finetuned), ROUNDS),
-    ("ties_kthvalue", "ties", lambda c: ties_kthvalue(c.base, c.finetuned, TIES_DENSITY), ROUNDS),
-    ("ties_argsort", "ties", lambda c: ties_argsort(c.base, c.finetuned, TIES_DENSITY), SLOW_ROUNDS),
-    ("dare_bernoulli", "dare", lambda c: dare_bernoulli(c.base, c.finetuned, DARE_DROP), ROUNDS),
-]
-
-
-@pytest.mark.parametrize(
-    ("group", "reference", "rounds"), [r[1:] for r in REFERENCES], ids=[r[0] for r in REFERENCES]
-)
-def test_reference(benchmark, case: Case, group: str, reference, rounds: int) -> None:
-    out = _run(benchmark, case, group, lambda: reference(case), rounds=rounds, warmup=1 if rounds > 1 else 0)
-    _check_merged(out, case)
+    _check(out, case, inputs)

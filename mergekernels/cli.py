@@ -45,6 +45,41 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        results = bench.run(
+            device=args.device,
+            dtype=args.dtype,
+            experts=args.experts,
+            size=args.size,
+            preset=args.preset,
+            ops=args.ops,
+            quick=args.quick,
+            repeats=args.repeats,
+            progress=None if args.no_progress else progress,
+        )
+    except ValueError as exc:  # bad --size, --ops, --experts, --device...
+        print(f"mergekernels bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(results.table())
+    if args.json:
+        results.write_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        try:
+            results.plot(args.plot)
+        except bench.PlotUnavailable as exc:
+            print(f"mergekernels bench: error: {exc}", file=sys.stderr)
+            return 3
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -87,6 +122,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", default=None, help="bytes per output shard, e.g. 5GB (default 5GB)")
     p.add_argument("--report", metavar="FILE", default=None, help="write the merge report as JSON")
     p.set_defaults(func=_merge)
+    p = sub.add_parser(
+        "bench",
+        help="measure every kernel and method on this machine against its ceilings and torch references",
+        description="Measure the copy bandwidth and matmul rates, then time every op and method (median "
+        "and spread over repeats on rotating fresh random inputs) next to the plain-torch references; "
+        "print a table with the achieved GB/s or GFLOP/s and their fraction of the ceilings.",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="storage dtype (bf16)")
+    p.add_argument("--experts", type=int, default=8, help="fine-tuned tensors per merge, K (default 8)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--size",
+        default=None,
+        metavar="SHAPE",
+        help="tensor shape of the element-wise cases, e.g. 2048x4096 (default: 2048x4096 on a CPU, "
+        "4096x11008 on CUDA, 512x1024 with --quick)",
+    )
+    group.add_argument(
+        "--preset",
+        choices=["llama-7b-block", "gpt2"],
+        default=None,
+        help="a model's sizes (also ACE's block)",
+    )
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        default=None,
+        metavar="OP",
+        help="only these cases: stats threshold masked_drop ta ties dare dare_ties breadcrumbs della ace "
+        "awd stream (default: all)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per implementation")
+    p.add_argument(
+        "--json", metavar="FILE", default=None, help="write all results, device, versions, settings"
+    )
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="rates against the ceilings (matplotlib)")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute on 2 cores")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_bench)
     p = sub.add_parser("info", help="print the build and device configuration")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)

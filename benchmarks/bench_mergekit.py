@@ -1,0 +1,255 @@
+"""mergekernels against mergekit on the same mergekit YAML: equal outputs, time and peak memory.
+
+Usage::
+
+    python benchmarks/bench_mergekit.py --mergekit-python /path/to/venv/bin/python
+        [--dir DIR] [--layers 8] [--hidden 1024] [--inter 2816] [--vocab 32000] [--experts 3]
+        [--methods linear task_arithmetic ties] [--json FILE]
+
+mergekit is installed from PyPI in a separate environment (it pins its own torch and transformers;
+mergekernels never imports it): ``python -m venv mk-venv && mk-venv/bin/pip install mergekit``.
+
+The script writes a Llama-shaped base and ``--experts`` fine-tuned checkpoints (bf16, sharded, with
+a full LlamaForCausalLM ``config.json`` so mergekit recognises the architecture), then for each
+method writes one mergekit YAML and runs, one after the other, ``mergekit-yaml`` and
+``mergekernels merge`` on it, each in a fresh process on the CPU. Reported per method: wall time of
+each process (interpreter start-up included for both), the ratio, each process's peak RSS (VmHWM,
+read at exit) and the largest difference between the two outputs, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from mergekernels.bench.checkpoints import layer_shapes, write_model
+
+# Parameters of each method, in mergekit's vocabulary (weights differ per model so that weighting
+# and normalisation are exercised).
+METHOD_PARAMS = {
+    "linear": {"model": lambda i: {"weight": 1.0 + 0.5 * i}, "global": {"normalize": True}},
+    "task_arithmetic": {"model": lambda i: {"weight": 0.5 + 0.25 * i}, "global": {}},
+    "ties": {"model": lambda i: {"weight": 1.0, "density": 0.2 + 0.1 * i}, "global": {"normalize": True}},
+}
+
+# Runs mergekit-yaml in this process and records VmHWM when the interpreter exits.
+_MERGEKIT_SHIM = """
+import atexit, sys
+PEAK_FILE = sys.argv[1]
+def _peak():
+    with open(PEAK_FILE, "w") as f:
+        f.write(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")))
+atexit.register(_peak)
+sys.argv = ["mergekit-yaml"] + sys.argv[2:]
+from mergekit.scripts.run_yaml import main
+main()
+"""
+
+
+def llama_config(hidden: int, inter: int, vocab: int, layers: int) -> dict:
+    heads = max(1, hidden // 128)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def write_yaml(path: Path, method: str, models: list[Path], dtype: str) -> None:
+    """mergekit's ``linear`` averages the listed models and takes no base (it would need a weight)."""
+    spec = METHOD_PARAMS[method]
+    listed = models if method == "linear" else models[1:]
+    cfg = {"merge_method": method}
+    if method != "linear":
+        cfg["base_model"] = str(models[0])
+    cfg["models"] = [{"model": str(m), "parameters": spec["model"](i)} for i, m in enumerate(listed)]
+    cfg["dtype"] = dtype
+    cfg["out_dtype"] = "bfloat16"
+    if spec["global"]:
+        cfg["parameters"] = spec["global"]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def load_dir(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def compare(ours: Path, theirs: Path) -> tuple[float, float, float]:
+    """(max |ours - theirs| over all tensors, the same relative to max |theirs|, the fraction of
+    elements that differ by more than one bf16 rounding of the larger of the two)."""
+    a, b = load_dir(ours), load_dir(theirs)
+    missing = set(b) ^ set(a)
+    if missing:
+        raise SystemExit(f"outputs differ in tensor names: {sorted(missing)[:5]}")
+    worst, rel, off, total = 0.0, 0.0, 0, 0
+    for k in b:
+        if a[k].shape != b[k].shape:
+            raise SystemExit(f"{k}: shape {list(a[k].shape)} vs mergekit's {list(b[k].shape)}")
+        x, y = a[k].float(), b[k].float()
+        diff = (x - y).abs()
+        worst = max(worst, float(diff.max()))
+        rel = max(rel, float(diff.max()) / max(float(y.abs().max()), 1e-30))
+        off += int((diff > torch.maximum(x.abs(), y.abs()) * 2.0**-8).sum())
+        total += diff.numel()
+    return worst, rel, off / max(total, 1)
+
+
+def off_outside_threshold_ties(ours: Path, theirs: Path, cfg: Path) -> int:
+    """TIES: how many differing elements are NOT at a position where some model's |tau| equals its
+    trim threshold. mergekit keeps exactly k entries by argsort order (arbitrary among equal values),
+    mergekernels keeps every entry equal to the threshold; bf16 task vectors have many equal values."""
+    config = yaml.safe_load(cfg.read_text())
+    paths = [config["base_model"]] + [m["model"] for m in config["models"]]
+    densities = [m["parameters"]["density"] for m in config["models"]]
+    a, b = load_dir(ours), load_dir(theirs)
+    sds = [load_dir(Path(p)) for p in paths]
+    unexplained = 0
+    for k in b:
+        differ = (a[k].float() - b[k].float()).abs() > torch.maximum(
+            a[k].float().abs(), b[k].float().abs()
+        ) * 2.0**-8
+        at_threshold = torch.zeros_like(differ)
+        base = sds[0][k].float()
+        for sd, density in zip(sds[1:], densities, strict=True):
+            tau = (sd[k].float() - base).abs()
+            kth = max(1, int(density * tau.numel()))
+            threshold = tau.reshape(-1).kthvalue(tau.numel() - kth + 1).values
+            at_threshold |= tau == threshold
+        unexplained += int((differ & ~at_threshold).sum())
+    return unexplained
+
+
+def run_mergekit(python: str, cfg: Path, out: Path, shard_params: int) -> tuple[float, int]:
+    peak_file = out.with_suffix(".peak")
+    cmd = [python, "-c", _MERGEKIT_SHIM, str(peak_file), str(cfg), str(out), "--quiet"]
+    cmd += ["--out-shard-size", str(shard_params), "--no-copy-tokenizer", "--no-write-model-card"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    return wall, int(peak_file.read_text().split()[1]) * 1024
+
+
+def run_ours(cfg: Path, out: Path, shard_bytes: int) -> tuple[float, int]:
+    report = out.with_suffix(".json")
+    cmd = [sys.executable, "-m", "mergekernels", "merge", str(cfg), str(out), "--quiet", "--device", "cpu"]
+    cmd += ["--shard-size", str(shard_bytes), "--report", str(report)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    return wall, json.loads(report.read_text())["peak_rss_bytes"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mergekit-python", required=True, help="python of the venv holding mergekit")
+    parser.add_argument("--dir", default="/tmp/mk-bench-mergekit")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--inter", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_PARAMS), choices=list(METHOD_PARAMS))
+    parser.add_argument(
+        "--dtype", default="bfloat16", help="the YAML's dtype: what both tools compute in (default bfloat16)"
+    )
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    root = Path(args.dir)
+    shapes = layer_shapes(args.hidden, args.inter, args.vocab, args.layers)
+    tag = f"l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-k{args.experts}"
+    models = [root / tag / "base"] + [root / tag / f"expert{i}" for i in range(args.experts)]
+    if not (models[-1] / "config.json").exists():
+        shutil.rmtree(root / tag, ignore_errors=True)
+        print(f"writing {len(models)} checkpoints to {root / tag} ...", flush=True)
+        write_model(models[0], shapes, 0, None)
+        for i, m in enumerate(models[1:]):
+            write_model(m, shapes, i + 1, models[0])
+        for m in models:
+            cfg = llama_config(args.hidden, args.inter, args.vocab, args.layers)
+            (m / "config.json").write_text(json.dumps(cfg))
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    model_mb = params * 2 / 1e6
+    print(f"{len(models)} models of {params / 1e6:.0f} M parameters ({model_mb:.0f} MB bf16 each)\n")
+
+    rows = []
+    for method in args.methods:
+        work = root / "runs" / method
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        cfg = work / "config.yml"
+        write_yaml(cfg, method, models, args.dtype)
+        shard_bytes = 200 * 1024**2
+        t_mk, rss_mk = run_mergekit(args.mergekit_python, cfg, work / "mergekit", shard_bytes // 2)
+        t_us, rss_us = run_ours(cfg, work / "ours", shard_bytes)
+        worst, rel, off = compare(work / "ours", work / "mergekit")
+        unexplained = (
+            off_outside_threshold_ties(work / "ours", work / "mergekit", cfg) if method == "ties" else None
+        )
+        rows.append(
+            {
+                "method": method,
+                "mergekit_s": t_mk,
+                "ours_s": t_us,
+                "speedup": t_mk / t_us,
+                "mergekit_rss_mb": rss_mk / 1e6,
+                "ours_rss_mb": rss_us / 1e6,
+                "max_abs_diff": worst,
+                "max_rel_diff": rel,
+                "fraction_off_by_more_than_bf16_ulp": off,
+                "off_elements_not_at_a_threshold_tie": unexplained,
+            }
+        )
+        print(
+            f"{method}: mergekit {t_mk:.2f} s, ours {t_us:.2f} s ({t_mk / t_us:.2f}x); peak RSS "
+            f"{rss_mk / 1e6:.0f} / {rss_us / 1e6:.0f} MB; max |diff| {worst:.3g} ({rel:.3g} of max); "
+            f"{100 * off:.4f}% of elements differ by more than a bf16 rounding"
+            + (
+                f", {unexplained} of them not at a tie with the trim threshold"
+                if unexplained is not None
+                else ""
+            ),
+            flush=True,
+        )
+        shutil.rmtree(work)
+    print(
+        "\n| method | mergekit (s) | mergekernels (s) | speed-up | mergekit peak RSS (MB) "
+        "| mergekernels peak RSS (MB) | max abs diff | elements off by > 1 bf16 ulp |"
+        "\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['mergekit_s']:.2f} | {r['ours_s']:.2f} | {r['speedup']:.2f}× "
+            f"| {r['mergekit_rss_mb']:.0f} | {r['ours_rss_mb']:.0f} | {r['max_abs_diff']:.3g} "
+            f"| {100 * r['fraction_off_by_more_than_bf16_ulp']:.4f}% |"
+        )
+    print("\n(wall time of each tool's own process, interpreter and torch start-up included for both)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model_mb": model_mb, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

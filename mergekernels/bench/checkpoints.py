@@ -1,0 +1,139 @@
+"""Generated Llama-shaped checkpoints (sharded safetensors, HF layout) and the I/O floor of a merge."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_SHARD_BYTES = 200 * 1024**2
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A Llama-shaped model: ``layers`` blocks of hidden x hidden attention and hidden x inter MLP
+    matrices, embeddings and LM head of vocab x hidden, norms."""
+
+    layers: int
+    hidden: int
+    inter: int
+    vocab: int
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return layer_shapes(self.hidden, self.inter, self.vocab, self.layers)
+
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes().values())
+
+
+def layer_shapes(hidden: int, inter: int, vocab: int, layers: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q", "k", "v", "o"):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def write_model(
+    directory: Path,
+    shapes: dict,
+    seed: int,
+    base: Path | None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """One model, sharded; the base ~ N(0, 0.02), experts are the base plus N(0, 0.002) (the base is
+    read back shard by shard)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    weight_map, shard, size, files = {}, {}, 0, []
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"part-{len(files):03d}.safetensors"
+            save_file(shard, str(directory / name))
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    handles = {}
+    if base is not None:
+        index = json.loads((Path(base) / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, shape in shapes.items():
+        if base is None:
+            t = torch.randn(shape, generator=g) * 0.02
+        else:
+            f = index[name]
+            if f not in handles:
+                handles[f] = safe_open(str(Path(base) / f), framework="pt")
+            t = handles[f].get_tensor(name).float() + torch.randn(shape, generator=g) * 0.002
+        shard[name] = t.to(dtype)
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    handles.clear()
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    hidden = shapes["model.norm.weight"][0] if "model.norm.weight" in shapes else 0
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden}))
+
+
+def write_models(
+    root: Path, size: ModelSize, experts: int, *, dtype: torch.dtype, shard_bytes: int, seed: int = 0
+) -> list[Path]:
+    """A base and `experts` fine-tuned models under root: [base, expert0, ...]."""
+    root = Path(root)
+    shapes = size.shapes()
+    models = [root / "base"] + [root / f"expert{i}" for i in range(experts)]
+    write_model(models[0], shapes, seed, None, dtype=dtype, shard_bytes=shard_bytes)
+    for i, m in enumerate(models[1:]):
+        write_model(m, shapes, seed + i + 1, models[0], dtype=dtype, shard_bytes=shard_bytes)
+    return models
+
+
+def io_floor(models: list[Path], out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> float:
+    """Seconds to read every tensor of every input (one at a time, as a streaming merge holds them)
+    and write a model-sized output in shards: the least any merge tool does."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    shard, size, n = {}, 0, 0
+    for i, m in enumerate(models):
+        index = json.loads((Path(m) / "model.safetensors.index.json").read_text())["weight_map"]
+        for f in sorted(set(index.values())):
+            with safe_open(str(Path(m) / f), framework="pt") as h:
+                for k in h.keys():
+                    t = h.get_tensor(k).clone()  # get_tensor alone maps the file without reading it
+                    if i == 0:  # the output is one model's worth of tensors
+                        shard[k] = t
+                        size += t.numel() * t.element_size()
+                        if size >= shard_bytes:
+                            save_file(shard, str(out / f"floor-{n}.safetensors"))
+                            shard, size, n = {}, 0, n + 1
+    if shard:
+        save_file(shard, str(out / f"floor-{n}.safetensors"))
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return elapsed
