@@ -41,8 +41,8 @@ test: build
 	$(VPY) -m pytest
 
 bench: build
+	$(VPY) -m mergekernels bench --json benchmarks/bench_cpu.json
 	$(VPY) -m pytest benchmarks --benchmark-only
-	$(VPY) benchmarks/bandwidth.py
 
 clean:
 	rm -rf build *.egg-info mergekernels/_C*.so

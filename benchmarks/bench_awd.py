@@ -55,6 +55,7 @@ from bench_common import device_name, report  # noqa: E402
 
 import mergekernels as mk  # noqa: E402
 from mergekernels import _ops  # noqa: E402
+from mergekernels.bench.checkpoints import layer_shapes  # noqa: E402
 from mergekernels.methods.awd import awd_coefficients, prepare_stats  # noqa: E402
 
 BASE_STD, SHARED_STD, OWN_STD = 0.02, 0.0015, 0.001
@@ -70,27 +71,12 @@ class Row:
     note: str = ""
 
 
-def layer_shapes(hidden: int, inter: int, vocab: int, layers: int) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            shapes[p + f"self_attn.{proj}_proj.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    return shapes
-
-
 def model_shapes(params: float, quick: bool) -> dict[str, tuple[int, ...]]:
     if quick:
         return layer_shapes(**QUICK)
     h, m, v = FULL["hidden"], FULL["inter"], FULL["vocab"]
     per_layer = 4 * h * h + 3 * h * m + 2 * h
-    layers = max(1, round((params - v * h - h) / per_layer))
+    layers = max(1, round((params - 2 * v * h - h) / per_layer))  # embeddings and lm_head
     return layer_shapes(h, m, v, layers)
 
 

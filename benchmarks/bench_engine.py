@@ -9,7 +9,8 @@ The script writes a base and ``--experts`` fine-tuned checkpoints (bf16, sharded
 index, HF layout; about 340 MB per model at the defaults) once into ``--dir``, then, in one run:
 
 - the I/O floor: reading every input tensor with safetensors and writing a model-sized output in
-  shards (what any merge tool must do at least), timed the same way;
+  shards (what any merge tool must do at least), timed the same way, once as is and once with each
+  shard fsynced (what the engine must do before it names a shard finished);
 - for each method, ``mergekernels merge`` in a fresh subprocess: wall time, the ratio to the floor,
   end-to-end GB/s, and the subprocess's peak RSS (with the bound the engine promises:
   (K + 2) x the largest tensor + 2 shard buffers + 300 MB).
@@ -30,7 +31,7 @@ import torch
 # Checkpoint generation and the I/O floor are mergekernels.bench's (the streaming case of
 # `mergekernels bench` uses them too).
 from mergekernels.bench.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES
-from mergekernels.bench.checkpoints import io_floor, layer_shapes, write_model
+from mergekernels.bench.checkpoints import ModelSize, cached_models, io_floor, layer_shapes, write_model
 
 __all__ = ["SHARD_BYTES", "io_floor", "layer_shapes", "main", "write_model"]
 
@@ -48,27 +49,26 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
+    size = ModelSize(args.layers, args.hidden, args.inter, args.vocab)
     root = Path(args.dir)
-    shapes = layer_shapes(args.hidden, args.inter, args.vocab, args.layers)
-    tag = f"l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-k{args.experts}"
-    models = [root / tag / "base"] + [root / tag / f"expert{i}" for i in range(args.experts)]
-    if not (models[-1] / "model.safetensors.index.json").exists():
-        shutil.rmtree(root / tag, ignore_errors=True)
-        print(f"writing {len(models)} checkpoints to {root / tag} ...", flush=True)
-        write_model(models[0], shapes, 0, None)
-        for i, m in enumerate(models[1:]):
-            write_model(m, shapes, i + 1, models[0])
+    models = cached_models(root, size, args.experts)
+    shapes = size.shapes()
     model_bytes = sum(2 * torch.Size(s).numel() for s in shapes.values())
     largest = max(2 * torch.Size(s).numel() for s in shapes.values())
-    bound = (args.experts + 2) * largest + 2 * SHARD_BYTES + 300 * 1024**2
+    working_bound = (args.experts + 2) * largest + 2 * SHARD_BYTES
+    bound = working_bound + 300 * 1024**2
     print(
         f"{len(shapes)} tensors, {model_bytes / 1e6:.0f} MB per model, "
-        f"largest tensor {largest / 1e6:.0f} MB; "
-        f"RSS bound (K+2) x largest + 2 shards + 300 MB = {bound / 1e6:.0f} MB"
+        f"largest tensor {largest / 1e6:.0f} MB; RSS bound (K+2) x largest + 2 shards + 300 MB = "
+        f"{bound / 1e6:.0f} MB, of which the merge's own working set {working_bound / 1e6:.0f} MB"
     )
 
     floor = io_floor(models, root / "floor-out")
-    rows = [{"method": "I/O floor", "seconds": floor}]
+    durable = io_floor(models, root / "floor-out", durable=True)
+    rows = [
+        {"method": "I/O floor", "seconds": floor},
+        {"method": "I/O floor, shards fsynced", "seconds": durable, "vs_floor": durable / floor},
+    ]
     params = {"ties": {"density": 0.2}, "dare_ties": {"drop": 0.9}, "dare_linear": {"drop": 0.9}}
     for method in args.methods:
         cfg = {
@@ -114,20 +114,28 @@ def main() -> None:
                 "vs_floor": seconds / floor,
                 "gb_per_s": moved / seconds / 1e9,
                 "peak_rss_mb": report["peak_rss_bytes"] / 1e6,
+                "start_rss_mb": report["start_rss_bytes"] / 1e6,
             }
         )
         shutil.rmtree(out)
-    print("\n| method | seconds | × I/O floor | GB/s end to end | peak RSS (MB) |\n|---|---:|---:|---:|---:|")
+    print(
+        "\n| method | seconds | × I/O floor | × fsynced floor | GB/s end to end | peak RSS (MB) "
+        "| RSS before the merge (MB) | working set (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
-        extra = (
-            f"{r['vs_floor']:.2f}× | {r['gb_per_s']:.2f} | {r['peak_rss_mb']:.0f}"
-            if "vs_floor" in r
-            else "1.00× | — | —"
-        )
+        if "gb_per_s" in r:
+            working = r["peak_rss_mb"] - r["start_rss_mb"]
+            extra = (
+                f"{r['seconds'] / floor:.2f}× | {r['seconds'] / durable:.2f}× | {r['gb_per_s']:.2f} "
+                f"| {r['peak_rss_mb']:.0f} | {r['start_rss_mb']:.0f} | {working:.0f}"
+            )
+        else:
+            extra = f"{r['seconds'] / floor:.2f}× | {r['seconds'] / durable:.2f}× | — | — | — | —"
         print(f"| {r['method']} | {r['seconds']:.2f} | {extra} |")
     print(
         "\n(seconds: the merge inside its own `mergekernels merge` process, from the report; the process's"
-        " wall time, with Python and torch start-up, is in --json)"
+        " wall time, with Python and torch start-up, is in --json; RSS before the merge: the interpreter,"
+        " torch and mergekernels imported)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "bound_bytes": bound}, indent=2))

@@ -10,7 +10,7 @@ mergekit is installed from PyPI in a separate environment (it pins its own torch
 mergekernels never imports it): ``python -m venv mk-venv && mk-venv/bin/pip install mergekit``.
 
 The script writes a Llama-shaped base and ``--experts`` fine-tuned checkpoints (bf16, sharded, with
-a full LlamaForCausalLM ``config.json`` so mergekit recognises the architecture), then for each
+a LlamaForCausalLM ``config.json``, so mergekit recognises the architecture), then for each
 method writes one mergekit YAML and runs, one after the other, ``mergekit-yaml`` and
 ``mergekernels merge`` on it, each in a fresh process on the CPU. Reported per method: wall time of
 each process (interpreter start-up included for both), the ratio, each process's peak RSS (VmHWM,
@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from mergekernels.bench.checkpoints import layer_shapes, write_model
+from mergekernels.bench.checkpoints import ModelSize, cached_models
 
 # Parameters of each method, in mergekit's vocabulary (weights differ per model so that weighting
 # and normalisation are exercised).
@@ -53,24 +53,6 @@ sys.argv = ["mergekit-yaml"] + sys.argv[2:]
 from mergekit.scripts.run_yaml import main
 main()
 """
-
-
-def llama_config(hidden: int, inter: int, vocab: int, layers: int) -> dict:
-    heads = max(1, hidden // 128)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "vocab_size": vocab,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
 
 
 def write_yaml(path: Path, method: str, models: list[Path], dtype: str) -> None:
@@ -178,19 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
+    size = ModelSize(args.layers, args.hidden, args.inter, args.vocab)
     root = Path(args.dir)
-    shapes = layer_shapes(args.hidden, args.inter, args.vocab, args.layers)
-    tag = f"l{args.layers}-h{args.hidden}-i{args.inter}-v{args.vocab}-k{args.experts}"
-    models = [root / tag / "base"] + [root / tag / f"expert{i}" for i in range(args.experts)]
-    if not (models[-1] / "config.json").exists():
-        shutil.rmtree(root / tag, ignore_errors=True)
-        print(f"writing {len(models)} checkpoints to {root / tag} ...", flush=True)
-        write_model(models[0], shapes, 0, None)
-        for i, m in enumerate(models[1:]):
-            write_model(m, shapes, i + 1, models[0])
-        for m in models:
-            cfg = llama_config(args.hidden, args.inter, args.vocab, args.layers)
-            (m / "config.json").write_text(json.dumps(cfg))
+    models = cached_models(root, size, args.experts)
+    shapes = size.shapes()
     params = sum(torch.Size(s).numel() for s in shapes.values())
     model_mb = params * 2 / 1e6
     print(f"{len(models)} models of {params / 1e6:.0f} M parameters ({model_mb:.0f} MB bf16 each)\n")

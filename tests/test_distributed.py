@@ -29,7 +29,12 @@ def _rank(rank: int, world: int, store: str, config: dict, out: str) -> None:
 
 def test_two_gloo_ranks_equal_one_process(models):  # noqa: F811
     tmp_path, _, _, paths = models
-    for method, params in (("dare_ties", {"drop": 0.5, "seed": 4}), ("ties", {"density": 0.3})):
+    runs = (
+        ("dare_ties", {"drop": 0.5, "seed": 4}),
+        ("ties", {"density": 0.3}),
+        ("awd", {"granularity": "global", "scale_free": True}),  # each rank runs the statistics pass
+    )
+    for method, params in runs:
         cfg = _config(tmp_path, paths, method, **params)
         if method == "ties":
             cfg.setdefault("options", {})["threshold_scope"] = "global"  # exercises the all-reduce

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -93,8 +94,41 @@ def write_model(
     flush()
     handles.clear()
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    hidden = shapes["model.norm.weight"][0] if "model.norm.weight" in shapes else 0
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden}))
+    (directory / "config.json").write_text(json.dumps(llama_config(shapes)))
+
+
+def llama_config(shapes: dict) -> dict:
+    """A LlamaForCausalLM ``config.json`` for shapes from :func:`layer_shapes` (mergekit reads the
+    architecture and layer count from it)."""
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    layers = sum(1 for n in shapes if n.endswith(".mlp.gate_proj.weight"))
+    inter = shapes["model.layers.0.mlp.gate_proj.weight"][0] if layers else 0
+    heads = max(1, hidden // 128)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def cached_models(root: Path, size: ModelSize, experts: int) -> list[Path]:
+    """[base, expert0, ...] under ``root/<size tag>``, written once (bf16, 200 MB shards) and reused."""
+    tag = f"l{size.layers}-h{size.hidden}-i{size.inter}-v{size.vocab}-k{experts}"
+    models = [Path(root) / tag / "base"] + [Path(root) / tag / f"expert{i}" for i in range(experts)]
+    if not (models[-1] / "model.safetensors.index.json").exists():
+        shutil.rmtree(Path(root) / tag, ignore_errors=True)
+        print(f"writing {len(models)} checkpoints to {Path(root) / tag} ...", flush=True)
+        write_models(Path(root) / tag, size, experts, dtype=torch.bfloat16, shard_bytes=DEFAULT_SHARD_BYTES)
+    return models
 
 
 def write_models(
@@ -110,11 +144,14 @@ def write_models(
     return models
 
 
-def io_floor(models: list[Path], out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> float:
+def io_floor(
+    models: list[Path], out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES, *, durable: bool = False
+) -> float:
     """Seconds to read every tensor of every input (one at a time, as a streaming merge holds them)
-    and write a model-sized output in shards: the least any merge tool does."""
+    and write a model-sized output in shards: the least any merge tool does. ``durable=True`` also
+    fsyncs each shard, as the engine must before it names a shard finished (a tool that does not
+    fsync leaves the disk writes to the kernel after it exits)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -130,10 +167,19 @@ def io_floor(models: list[Path], out: Path, shard_bytes: int = DEFAULT_SHARD_BYT
                         shard[k] = t
                         size += t.numel() * t.element_size()
                         if size >= shard_bytes:
-                            save_file(shard, str(out / f"floor-{n}.safetensors"))
+                            _save(shard, out / f"floor-{n}.safetensors", durable)
                             shard, size, n = {}, 0, n + 1
     if shard:
-        save_file(shard, str(out / f"floor-{n}.safetensors"))
+        _save(shard, out / f"floor-{n}.safetensors", durable)
     elapsed = time.perf_counter() - t0
     shutil.rmtree(out)
     return elapsed
+
+
+def _save(tensors: dict, path: Path, durable: bool) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    if durable:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
