@@ -16,14 +16,13 @@ and what is done here against each:
 from __future__ import annotations
 
 import math
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .inputs import free_memory_bytes, llc_bytes
-from .timing import synchronize
+from .timing import synchronize, timed_call
 
 MIN_COPY_BYTES = 64 << 20
 MAX_COPY_BYTES = {"cpu": 1 << 30, "cuda": 2 << 30}
@@ -101,21 +100,7 @@ def _copy_rate(device: torch.device, nbytes: int, repeats: int) -> float:
     dst = torch.empty_like(src)
     dst.copy_(src)
     synchronize(device)
-    best = math.inf
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t0
-        best = min(best, seconds)
-    del src, dst
+    best = min(timed_call(lambda: dst.copy_(src), device) for _ in range(repeats))
     return 2 * numel * 4 / best / 1e9
 
 
@@ -185,20 +170,7 @@ def measure_matmul(
             out = torch.empty(n, n, device=device, dtype=dtype)
             torch.mm(a, b, out=out)  # warm-up (and library initialisation)
             synchronize(device)
-            best = math.inf
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    torch.mm(a, b, out=out)
-                    end.record()
-                    end.synchronize()
-                    seconds = start.elapsed_time(end) / 1e3
-                else:
-                    t0 = time.perf_counter()
-                    torch.mm(a, b, out=out)
-                    seconds = time.perf_counter() - t0
-                best = min(best, seconds)
+            best = min(timed_call(lambda: torch.mm(a, b, out=out), device) for _ in range(repeats))  # noqa: B023
             sweep[n] = 2 * n**3 / best / 1e9
             del a, b, out
             if best * 8 > max_call_s:

@@ -49,7 +49,8 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of fn (CUDA events on a GPU, perf_counter on the CPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -84,7 +85,7 @@ def time_fn(
     synchronize(device)
     samples: list[float] = []
     while len(samples) < repeats:
-        samples.append(_timed_call(fn, device))
+        samples.append(timed_call(fn, device))
         if budget_s is not None and len(samples) == 1:
             allowed = int(budget_s / samples[0]) if samples[0] > 0 else repeats
             repeats = max(min(min_repeats, repeats), min(repeats, allowed))

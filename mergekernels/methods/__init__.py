@@ -1,11 +1,13 @@
 """Merge methods, one file each, composed from the ops in :mod:`mergekernels._ops`.
 
 ``METHODS`` maps every accepted method name (ours and mergekit's) to the per-tensor function and
-the keyword arguments the name implies. ``kind`` tells the model-level driver how a method
-consumes tensors: ``elementwise`` methods may be chunked below tensor size once any per-tensor
-threshold is known; ``needs_stats`` methods need a pass over the whole model first; ``matrix``
-methods need whole 2-D tensors and run same-shape tensors as one batch [L, m, n] through
-``batched`` (other tensors go through ``function``, which gives them the mean of the task vectors).
+the keyword arguments the name implies. ``kind`` tells the model-level drivers (``mk.merge`` and
+the checkpoint engine) how a method consumes tensors: ``elementwise`` methods may be read in row
+chunks (``chunks``), after a ``prepass`` over the chunks where a per-tensor quantity is needed (TIES'
+threshold, DARE's L1 norms); ``needs_stats`` methods run ``prepare_stats`` over the whole model
+first (AWD's Grams) or take precomputed data (APL's scores); ``matrix`` methods need whole 2-D
+tensors and run same-shape tensors as one batch [L, m, n] through ``batched`` (other tensors go
+through ``function``, which gives them the mean of the task vectors).
 """
 
 from __future__ import annotations
