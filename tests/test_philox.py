@@ -138,3 +138,40 @@ def test_per_row_keep_rates_match_reference():
     q1 = row_keep[1].repeat_interleave(cols)
     keep1 = torch.from_numpy(ref.uniforms(21, "apl", 1, 0, rows * cols)) < q1
     assert torch.equal(single.reshape(-1), torch.where(keep1, tau[1] / q1, 0.0)[5 * cols :])
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(50, 77), (3, 2000), (700, 3)])
+def test_per_row_keep_rates_across_blocks_and_chunks(rows, cols):
+    """Rows that straddle the kernel's 1024-element blocks, rows longer than a block, many rows per
+    block: the full tensor equals the reference, and a row chunk (element offset) equals its rows."""
+    from mergekernels import _ops
+
+    k = 2
+    base, fts = make_inputs(k, (rows, cols), seed=rows)
+    row_keep = (0.05 + 0.9 * torch.rand(k, rows, generator=torch.Generator().manual_seed(1))).float()
+
+    def merged(r0: int) -> torch.Tensor:
+        prepared = _ops.prepare(base[r0:], [x[r0:] for x in fts], "test")
+        return _ops.fused_merge(
+            prepared,
+            weights=[1.0] * k,
+            sparsify="drop",
+            keep_source="row",
+            row_keep=row_keep,
+            row_len=cols,
+            seed=5,
+            key="rows",
+            element_offset=r0 * cols,
+        )
+
+    tau = ref.tau32(base, fts)
+    expected = torch.zeros(rows * cols, dtype=torch.float64)
+    for e in range(k):
+        q = row_keep[e].repeat_interleave(cols)
+        keep = torch.from_numpy(ref.uniforms(5, "rows", e, 0, rows * cols)) < q
+        expected += torch.where(keep, tau[e] / q, 0.0).double()
+    want = (base.double().reshape(-1) + expected).float().reshape(rows, cols)
+    full = merged(0)
+    torch.testing.assert_close(full, want, rtol=2e-6, atol=1e-6)
+    r0 = rows // 3 + 1
+    assert torch.equal(merged(r0), full[r0:])

