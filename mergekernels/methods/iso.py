@@ -33,7 +33,7 @@ from fractions import Fraction
 
 import torch
 
-from .tsv import check_batched, check_dtypes, check_inputs, finish, per_tensor, polar_factor, task_sum
+from .tsv import batched_inputs, finish, per_tensor, polar_factor, task_sum
 from .tsv import task_vectors as _task_vectors
 
 
@@ -79,11 +79,7 @@ def iso_c_batched(
     Returns:
         theta_0 + alpha * mean(S) U V^T per layer, shape [L, m, n], on base's device.
     """
-    op = "iso_c"
-    finetuned = check_inputs(base, finetuned, op)
-    check_batched(base, op)
-    dtype, want = check_dtypes(svd_dtype, out_dtype, base, op)
-    base_c = base.to(dtype)
+    finetuned, base_c, dtype, want = batched_inputs(base, finetuned, svd_dtype, out_dtype, "iso_c")
     if base.numel() == 0:
         return base_c.to(want, copy=True)
     return finish(base_c, _iso_c_merged(task_sum(base_c, finetuned, dtype)), alpha, want)
@@ -112,14 +108,10 @@ def iso_cts_batched(
     Returns:
         theta_0 + alpha * mean(s) U_hat V_hat^T per layer, shape [L, m, n], on base's device.
     """
-    op = "iso_cts"
-    finetuned = check_inputs(base, finetuned, op)
-    check_batched(base, op)
-    dtype, want = check_dtypes(svd_dtype, out_dtype, base, op)
+    finetuned, base_c, dtype, want = batched_inputs(base, finetuned, svd_dtype, out_dtype, "iso_cts")
     layers, rows, cols = base.shape
     rank = min(rows, cols)
     common, per_task = common_split(rank, len(finetuned), common_fraction)
-    base_c = base.to(dtype)
     if base.numel() == 0:
         return base_c.to(want, copy=True)
     total = task_sum(base_c, finetuned, dtype)

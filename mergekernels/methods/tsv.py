@@ -47,12 +47,23 @@ def check_dtypes(svd_dtype: torch.dtype, out_dtype: torch.dtype | None, base: to
     return svd_dtype, want
 
 
-def check_batched(base: torch.Tensor, op: str) -> None:
+def batched_inputs(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    svd_dtype: torch.dtype,
+    out_dtype: torch.dtype | None,
+    op: str,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.dtype, torch.dtype]:
+    """The checks every batched spectral method starts with: (fine-tuned tensors, base in the
+    compute dtype, compute dtype, result dtype)."""
+    finetuned = check_inputs(base, finetuned, op)
     if base.ndim != 3:
         raise ValueError(
             f"{op}: base must be a [L, m, n] stack of matrices, got shape {tuple(base.shape)}; "
             "use the per-tensor function for a single tensor"
         )
+    dtype, want = check_dtypes(svd_dtype, out_dtype, base, op)
+    return finetuned, base.to(dtype), dtype, want
 
 
 def task_vectors(
@@ -144,11 +155,7 @@ def tsv_m_batched(
     Returns:
         theta_0 + alpha * U_hat diag(s) V_hat^T per layer, shape [L, m, n], on base's device.
     """
-    op = "tsv_m"
-    finetuned = check_inputs(base, finetuned, op)
-    check_batched(base, op)
-    dtype, want = check_dtypes(svd_dtype, out_dtype, base, op)
-    base_c = base.to(dtype)
+    finetuned, base_c, dtype, want = batched_inputs(base, finetuned, svd_dtype, out_dtype, "tsv_m")
     if base.numel() == 0:
         return base_c.to(want, copy=True)
     layers, rows, cols = base.shape
