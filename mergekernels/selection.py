@@ -181,12 +181,15 @@ def magnitude_threshold(
 
 
 class ThresholdPrepass:
-    """Exact per-tensor rank queries over a tensor read in chunks, for the checkpoint engine.
+    """Exact rank queries over a tensor read in chunks (or over a whole model read tensor by
+    tensor), for the checkpoint engine.
 
     Pass 0 counts every chunk into the coarse histogram; pass i (i >= 1) refines query i - 1. The
     thresholds equal :func:`kth_largest_abs` on the whole tensor (the radix select does not depend on
     chunking), so a tensor too large for K full copies is merged in row chunks with the same result.
-    ``assemble`` turns the list of per-query thresholds into the method's keyword arguments.
+    ``assemble`` turns the list of per-query thresholds into the method's keyword arguments. With
+    ``all_reduce``, each torch.distributed rank counts its share and the counts are summed over the
+    ranks at the end of every pass (a model-wide threshold).
     """
 
     def __init__(
@@ -195,8 +198,10 @@ class ThresholdPrepass:
         queries: Sequence[Sequence[int]],
         device: torch.device | str,
         assemble,
+        all_reduce: bool = False,
     ):
         self.selector = MagnitudeThreshold(num_tasks, device)
+        self.all_reduce = all_reduce
         self.queries = [list(q) for q in queries]
         self.passes = 1 + len(self.queries)
         self.assemble = assemble
@@ -211,6 +216,8 @@ class ThresholdPrepass:
             self.selector.refine(base, finetuned)
 
     def end_pass(self, index: int) -> None:
+        if self.all_reduce:
+            self.selector.all_reduce()
         if index > 0:
             self.results.append(self.selector.thresholds())
         if index < len(self.queries):

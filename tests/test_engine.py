@@ -532,3 +532,21 @@ def test_apl_scores_file_through_the_engine(models):
     expected = mk.apl.merge(base, experts, scores, **params)
     for name, value in _load(tmp_path / "out").items():
         assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 100])
+def test_global_ties_threshold_equals_in_memory(models, chunk_bytes):
+    """threshold_scope: global (one model-wide threshold per model, from the statistics pass over
+    whole tensors or row chunks) equals mk.merge's."""
+    tmp_path, base, experts, paths = models
+    densities = [0.2, 0.3, 0.5]
+    cfg = _config(tmp_path, paths, "ties")
+    cfg["options"] = {"threshold_scope": "global"}
+    cfg["models"] = [
+        {"model": p, "parameters": {"density": d}} for p, d in zip(paths, densities, strict=True)
+    ]
+    extra = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, **extra)
+    expected = mk.merge(base, experts, method="ties", density=densities, threshold_scope="global")
+    for name, value in _load(tmp_path / "out").items():
+        assert torch.equal(value, expected[name]), name

@@ -40,7 +40,7 @@ from .. import __version__
 from ..config import MergeConfig, load_config, method_kwargs, parse_size
 from ..merge import batch_layers, default_memory_cap, is_excluded, takes_matrix_path
 from ..methods import METHODS
-from ..selection import MagnitudeThreshold
+from ..methods.ties import ties_prepass
 from .checkpoint import Checkpoint, CheckpointError
 from .writer import CheckpointWriter, plan_shards
 
@@ -426,22 +426,18 @@ def merge_checkpoints(
         if plan.spec.function.__name__ != "ties":
             raise ValueError(f"threshold_scope: global applies to ties, not {cfg.method!r}")
         t0 = time.perf_counter()
-        selector = MagnitudeThreshold(len(experts), dev)
-        names = [n for n in plan.order if n in plan.mergeable][rank::world]  # each rank counts its share
-        for n in names:
-            for rows in plan.pieces[n]:
-                b, fts = read_inputs(n, rows)
-                selector.count(b.to(dev), [x.to(dev) for x in fts])
-        if world > 1:
-            selector.all_reduce()
-        selector.set_density(kwargs.pop("density", 0.2))
-        for n in names:
-            for rows in plan.pieces[n]:
-                b, fts = read_inputs(n, rows)
-                selector.refine(b.to(dev), [x.to(dev) for x in fts])
-        if world > 1:
-            selector.all_reduce()
-        kwargs["thresholds"] = selector.thresholds()
+        mergeable = [n for n in plan.order if n in plan.mergeable]
+        numel = sum(base.tensors[n].numel for n in mergeable)
+        worker = ties_prepass(
+            len(experts), numel, {"density": kwargs.pop("density", 0.2)}, dev, all_reduce=world > 1
+        )
+        for index in range(worker.passes):
+            for n in mergeable[rank::world]:  # each rank counts its share
+                for rows in plan.pieces[n]:
+                    b, fts = read_inputs(n, rows)
+                    worker.update(index, b.to(dev), [x.to(dev) for x in fts], 0)
+            worker.end_pass(index)
+        kwargs.update(worker.params())
         seconds["stats"] = time.perf_counter() - t0
 
     # Statistics pass of needs_stats methods (AWD's Grams and coefficient solve), shared with mk.merge.

@@ -103,11 +103,13 @@ def ties(
     )
 
 
-def ties_prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
-    """The per-tensor threshold of a tensor merged in chunks (``None`` when the caller already holds
-    thresholds, e.g. a model-wide one)."""
+def ties_prepass(num_tasks: int, numel: int, params: dict, device: torch.device, *, all_reduce: bool = False):
+    """The threshold of a tensor merged in chunks, or (numel of the whole model, ``all_reduce`` under
+    torch.distributed) the model-wide one; ``None`` when the caller already holds thresholds."""
     if params.get("thresholds") is not None:
         return None
     densities = _ops.per_task(params.get("density", 0.2), num_tasks, "density")
     ranks = [rank_for_density(d, numel) for d in densities]
-    return ThresholdPrepass(num_tasks, [ranks], device, lambda found: {"thresholds": found[0]})
+    return ThresholdPrepass(
+        num_tasks, [ranks], device, lambda found: {"thresholds": found[0]}, all_reduce=all_reduce
+    )
