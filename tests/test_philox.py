@@ -95,6 +95,36 @@ def test_tensor_key_is_stable_and_documented():
     assert mk.tensor_key("a") % 2**64 == ref.name_key("a")
 
 
+def _row_keep_merge(base, fts, row_keep, seed, key, r0=0):
+    """fused_merge with per-row keep rates over rows r0.. of base (rows of base.shape[1] elements)."""
+    from mergekernels import _ops
+
+    cols = base.shape[1]
+    return _ops.fused_merge(
+        _ops.prepare(base[r0:], [x[r0:] for x in fts], "test"),
+        weights=[1.0] * len(fts),
+        sparsify="drop",
+        keep_source="row",
+        row_keep=row_keep,
+        row_len=cols,
+        seed=seed,
+        key=key,
+        element_offset=r0 * cols,
+    )
+
+
+def _row_keep_reference(base, fts, row_keep, seed, key):
+    """float64 reference: theta_0 + sum_e (tau_e / q kept where the Philox uniform < q), q per row."""
+    rows, cols = base.shape
+    tau = ref.tau32(base, fts)
+    expected = torch.zeros(rows * cols, dtype=torch.float64)
+    for e in range(len(fts)):
+        q = row_keep[e].repeat_interleave(cols)
+        keep = torch.from_numpy(ref.uniforms(seed, key, e, 0, rows * cols)) < q
+        expected += torch.where(keep, tau[e] / q, 0.0).double()
+    return (base.double().reshape(-1) + expected).float().reshape(rows, cols)
+
+
 def test_per_row_keep_rates_match_reference():
     """The APL mode: one keep probability per (expert, row), survivors divided by it."""
     from mergekernels import _ops
@@ -103,25 +133,9 @@ def test_per_row_keep_rates_match_reference():
     base, fts = make_inputs(k, (rows, cols), seed=12)
     g = torch.Generator().manual_seed(0)
     row_keep = (0.05 + 0.9 * torch.rand(k, rows, generator=g)).float()
-    prepared = _ops.prepare(base, fts, "test")
-    out = _ops.fused_merge(
-        prepared,
-        weights=[1.0] * k,
-        sparsify="drop",
-        keep_source="row",
-        row_keep=row_keep,
-        row_len=cols,
-        seed=21,
-        key="apl",
-    )
+    out = _row_keep_merge(base, fts, row_keep, 21, "apl")
+    torch.testing.assert_close(out, _row_keep_reference(base, fts, row_keep, 21, "apl"), rtol=2e-6, atol=1e-6)
     tau = ref.tau32(base, fts)
-    expected = torch.zeros(rows * cols, dtype=torch.float64)
-    for e in range(k):
-        q = row_keep[e].repeat_interleave(cols)
-        keep = torch.from_numpy(ref.uniforms(21, "apl", e, 0, rows * cols)) < q
-        expected += torch.where(keep, tau[e] / q, 0.0).double()
-    want = (base.double().reshape(-1) + expected).float().reshape(rows, cols)
-    torch.testing.assert_close(out, want, rtol=2e-6, atol=1e-6)
     # the same through the single-expert op, chunked by rows
     single = _ops.masked_drop(
         base[5:],
@@ -144,34 +158,12 @@ def test_per_row_keep_rates_match_reference():
 def test_per_row_keep_rates_across_blocks_and_chunks(rows, cols):
     """Rows that straddle the kernel's 1024-element blocks, rows longer than a block, many rows per
     block: the full tensor equals the reference, and a row chunk (element offset) equals its rows."""
-    from mergekernels import _ops
-
     k = 2
     base, fts = make_inputs(k, (rows, cols), seed=rows)
     row_keep = (0.05 + 0.9 * torch.rand(k, rows, generator=torch.Generator().manual_seed(1))).float()
-
-    def merged(r0: int) -> torch.Tensor:
-        prepared = _ops.prepare(base[r0:], [x[r0:] for x in fts], "test")
-        return _ops.fused_merge(
-            prepared,
-            weights=[1.0] * k,
-            sparsify="drop",
-            keep_source="row",
-            row_keep=row_keep,
-            row_len=cols,
-            seed=5,
-            key="rows",
-            element_offset=r0 * cols,
-        )
-
-    tau = ref.tau32(base, fts)
-    expected = torch.zeros(rows * cols, dtype=torch.float64)
-    for e in range(k):
-        q = row_keep[e].repeat_interleave(cols)
-        keep = torch.from_numpy(ref.uniforms(5, "rows", e, 0, rows * cols)) < q
-        expected += torch.where(keep, tau[e] / q, 0.0).double()
-    want = (base.double().reshape(-1) + expected).float().reshape(rows, cols)
-    full = merged(0)
-    torch.testing.assert_close(full, want, rtol=2e-6, atol=1e-6)
+    full = _row_keep_merge(base, fts, row_keep, 5, "rows")
+    torch.testing.assert_close(
+        full, _row_keep_reference(base, fts, row_keep, 5, "rows"), rtol=2e-6, atol=1e-6
+    )
     r0 = rows // 3 + 1
-    assert torch.equal(merged(r0), full[r0:])
+    assert torch.equal(_row_keep_merge(base, fts, row_keep, 5, "rows", r0), full[r0:])
