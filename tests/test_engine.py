@@ -2,9 +2,11 @@
 kill gives identical files, and every bad input gets an error naming the file and tensor."""
 
 import errno
+import hashlib
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -99,8 +101,10 @@ def _load(out: Path) -> dict:
     return sd
 
 
-def _files(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+def _files(out: Path) -> dict[str, str]:
+    """Every file of a directory (hidden ones too) with its sha256: a failed comparison names the
+    files that differ instead of printing megabytes."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
 
 
 @pytest.mark.parametrize(
@@ -217,10 +221,18 @@ def test_resume_after_a_kill_gives_identical_output(models, monkeypatch, kill_af
     with pytest.raises(_Killed):
         merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, shard_size=1500)
     assert not (tmp_path / "out").exists()  # nothing looks complete
+    # what a writer killed mid-file leaves: safetensors' own temporary and our half-written shard
+    partial = tmp_path / "out.partial"
+    (partial / ".tmpk1ll3d").write_bytes(b"half a shard")
+    (partial / "model-00002-of-00009.safetensors.tmp").write_bytes(b"half a shard")
     monkeypatch.setattr(writer_module.CheckpointWriter, "write_shard", real_write)
     monkeypatch.setattr(writer_module.CheckpointWriter, "finish", real_finish)
     report = merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, shard_size=1500, resume=True)
-    assert _files(tmp_path / "out") == _files(tmp_path / "clean")
+    assert _files(tmp_path / "out") == _files(tmp_path / "clean")  # the strays are gone too
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # shards too, not safetensors' 0600
     if kill_after != 0:
         assert report.resumed_shards > 0
 
@@ -415,20 +427,25 @@ def test_peak_memory_is_bounded_and_flat_in_the_tensor_count(tmp_path, method):
             }
             (root / who).mkdir(parents=True)
             save_file(sd, str(root / who / "model.safetensors"))
-        run = subprocess.run(
-            [sys.executable, "-c", _RSS_PROBE, str(root), method],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": str(Path(mk.__file__).parent.parent)},
-        )
-        start, peak = json.loads(run.stdout.strip().splitlines()[-1])
-        working[count] = peak - start
+        runs = []
+        for _ in range(2):
+            run = subprocess.run(
+                [sys.executable, "-c", _RSS_PROBE, str(root), method],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(Path(mk.__file__).parent.parent)},
+            )
+            start, peak = json.loads(run.stdout.strip().splitlines()[-1])
+            runs.append(peak - start)
+        working[count] = runs
     tensor = rows * cols * 2
-    assert working[24] <= (2 + 2) * tensor + 2 * 8 * mb + 64 * mb, working
-    # run-to-run noise of the peak is about +-4 MB (glibc arenas): allow two tensors of growth, which
-    # still catches any leak of more than ~1/9 of a tensor per tensor merged
-    assert working[24] - working[6] <= 2 * tensor, working
+    assert max(working[24]) <= (2 + 2) * tensor + 2 * 8 * mb + 64 * mb, working
+    # The peak of one run depends on thread timing (how many freed buffers glibc still holds when the
+    # next one is taken): one run in ~10 peaked 11 MB above its repeat. That noise only ever adds, so
+    # the smaller of two runs is compared; two tensors of growth still catch any leak of more than
+    # ~1/9 of a tensor per tensor merged.
+    assert min(working[24]) - min(working[6]) <= 2 * tensor, working
 
 
 def test_resume_after_sigkill_gives_identical_output(tmp_path):

@@ -4,7 +4,9 @@ Everything goes into ``OUT_DIR.partial`` first. Each shard is written to a ``.tm
 and renamed, so a shard file with its final name is always whole; the plan (``.plan.json``: the
 fingerprint of the inputs and config, and the shard layout) lets ``resume`` skip finished shards.
 The index JSON is written last, then the partial directory is renamed to ``OUT_DIR``: an
-``OUT_DIR`` exists only when the merge finished.
+``OUT_DIR`` exists only when the merge finished. A killed writer can leave temporary files behind
+(ours and safetensors' own ``.tmpXXXXXX``); they are removed on resume and before publishing, so the
+output holds exactly the planned files.
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _disk_error(path: Path, exc: OSError) -> OutputError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError(
@@ -92,6 +100,7 @@ class CheckpointWriter:
         self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
         self.shards = shards
         self.overwrite = overwrite
+        self._umask = _umask()
         plan = {"fingerprint": fingerprint, "shards": [[s.filename, list(s.names)] for s in shards]}
         if self.out_dir.exists() and not overwrite:
             raise OutputError(f"{self.out_dir}: already exists; pass --overwrite to replace it")
@@ -111,6 +120,7 @@ class CheckpointWriter:
                     f"{self.partial}: was started with other inputs, config or shard layout; "
                     "run without --resume to start over"
                 )
+            self._remove_strays({PLAN_FILE, *(s.filename for s in shards)})
         else:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
@@ -119,6 +129,16 @@ class CheckpointWriter:
                 self._atomic_write(plan_path, json.dumps(plan, indent=1).encode())
             except OSError as exc:
                 raise _disk_error(self.partial, exc) from exc
+
+    def _remove_strays(self, keep: set[str]) -> None:
+        """Delete what a killed run left in the partial directory besides the planned files
+        (half-written temporaries); the directory holds nothing else of ours."""
+        for entry in self.partial.iterdir():
+            if entry.name not in keep:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def done(self, shard: Shard) -> bool:
         """Whether the shard was finished by this run or an earlier one (its final name exists)."""
@@ -130,6 +150,9 @@ class CheckpointWriter:
         ordered = {name: tensors[name].contiguous() for name in shard.names}
         try:
             save_file(ordered, str(tmp), metadata={"format": "pt"})
+            # safetensors writes through a private temporary file (mode 0600); give the shard the
+            # permissions any other file created here gets
+            os.chmod(tmp, 0o666 & ~self._umask)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -154,6 +177,7 @@ class CheckpointWriter:
             for name, data in side_files.items():
                 self._atomic_write(self.partial / name, data)
             self._atomic_write(self.partial / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+            self._remove_strays({INDEX_FILE, PLAN_FILE, *side_files, *(s.filename for s in self.shards)})
             (self.partial / PLAN_FILE).unlink()
             _fsync_dir(self.partial)
         except OSError as exc:
