@@ -8,9 +8,10 @@ Usage::
 The script writes a base and ``--experts`` fine-tuned checkpoints (bf16, sharded safetensors with an
 index, HF layout; about 340 MB per model at the defaults) once into ``--dir``, then, in one run:
 
-- the I/O floor: reading every input tensor with safetensors and writing a model-sized output in
-  shards (what any merge tool must do at least), timed the same way, once as is and once with each
-  shard fsynced (what the engine must do before it names a shard finished);
+- the I/O floor: reading every byte of every input tensor once (safetensors' file map, one
+  reduction, no copy) and writing a model-sized output in shards (what any merge tool must do at
+  least), timed the same way, once as is and once with each shard fsynced (what the engine must do
+  before it names a shard finished);
 - for each method, ``mergekernels merge`` in a fresh subprocess: wall time, the ratio to the floor,
   end-to-end GB/s, and the subprocess's peak RSS (with the bound the engine promises:
   (K + 2) x the largest tensor + 2 shard buffers + 300 MB).

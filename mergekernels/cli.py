@@ -168,5 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> None:
+    """The ``mergekernels`` command (and ``python -m mergekernels``): run, then leave without the
+    interpreter's teardown of torch (~0.4 s of a 3 s merge here). Every output is closed and, for a
+    merge, fsynced and published before main returns; an exception takes the normal exit path."""
+    import os
+
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

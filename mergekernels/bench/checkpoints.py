@@ -148,7 +148,9 @@ def io_floor(
     models: list[Path], out: Path, shard_bytes: int = DEFAULT_SHARD_BYTES, *, durable: bool = False
 ) -> float:
     """Seconds to read every tensor of every input (one at a time, as a streaming merge holds them)
-    and write a model-sized output in shards: the least any merge tool does. ``durable=True`` also
+    and write a model-sized output in shards: the least any merge tool does. Each byte is read once,
+    with no copy (one reduction over the file map; a clone would add a copy and fresh pages, ~5x the
+    read time with a hot page cache), and the output is written from those maps. ``durable=True`` also
     fsyncs each shard, as the engine must before it names a shard finished (a tool that does not
     fsync leaves the disk writes to the kernel after it exits)."""
     from safetensors import safe_open
@@ -162,7 +164,9 @@ def io_floor(
         for f in sorted(set(index.values())):
             with safe_open(str(Path(m) / f), framework="pt") as h:
                 for k in h.keys():
-                    t = h.get_tensor(k).clone()  # get_tensor alone maps the file without reading it
+                    t = h.get_tensor(k)  # a view of the file map: nothing is read yet
+                    if t.numel():
+                        t.reshape(-1).view(torch.uint8).max()  # read every byte once
                     if i == 0:  # the output is one model's worth of tensors
                         shard[k] = t
                         size += t.numel() * t.element_size()

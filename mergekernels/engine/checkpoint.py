@@ -5,7 +5,8 @@ Accepted layouts: an HF-style directory with sharded ``*.safetensors`` and
 ``.safetensors`` file, and -- only when the caller passes ``allow_pickle=True`` -- pickle ``.bin``
 checkpoints (``pytorch_model.bin``, its index, or a bare file), loaded with
 ``torch.load(weights_only=True, mmap=True)``. Safetensors reads go through ``safe_open``: only the
-header is read up front, and tensors (or row ranges of them) are read when asked for.
+header is read up front, and tensors (or row ranges of them) are handed out as views of the file's
+private map when asked for: nothing is copied, and the pages are read when a kernel touches them.
 """
 
 from __future__ import annotations
