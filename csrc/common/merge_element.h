@@ -108,8 +108,16 @@ MK_HD float drop_with(const MergeConfig& c, int t, float tau, float q, uint32_t 
   return keep ? kept : 0.0f;
 }
 
+// The CUDA kernels read the thresholds through the device pointer (so does their host emulation,
+// csrc/cuda/emulation.h, so the tests run that path); the CPU kernels read the by-value copies.
+#if defined(__CUDA_ARCH__) || defined(MK_CUDA_EMULATION)
+#define MK_THRESHOLDS_BY_POINTER 1
+#else
+#define MK_THRESHOLDS_BY_POINTER 0
+#endif
+
 MK_HD float lower_threshold(const MergeConfig& c, int t) {
-#if defined(__CUDA_ARCH__)
+#if MK_THRESHOLDS_BY_POINTER
   return c.thresholds[t];
 #else
   return c.lower[t];
@@ -117,7 +125,7 @@ MK_HD float lower_threshold(const MergeConfig& c, int t) {
 }
 
 MK_HD float upper_threshold(const MergeConfig& c, int t) {
-#if defined(__CUDA_ARCH__)
+#if MK_THRESHOLDS_BY_POINTER
   return c.thresholds[c.num_experts + t];
 #else
   return c.upper[t];

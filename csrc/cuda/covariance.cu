@@ -87,15 +87,15 @@ void launch_covariance_moments(int k, int layers, int64_t m, int64_t n, DType in
                   static_cast<unsigned>((n + kCols - 1) / kCols));
   dispatch_dtype(in, [&](auto tag) {
     using in_t = decltype(tag);
-    moments_kernel<in_t><<<grid, kThreads, 0, stream>>>(layers, m, n, static_cast<const in_t*>(base), ft, centred,
-                                                        colmean, e_part, s_part);
+    MK_LAUNCH(grid, kThreads, 0, stream, moments_kernel<in_t>)(layers, m, n, static_cast<const in_t*>(base), ft,
+                                                              centred, colmean, e_part, s_part);
   });
 }
 
 void launch_covariance_assemble(int64_t layers, int64_t n, const float* gram_sum, const double* ridge,
                                 const double* prior_scale, double* system, double* prior, cudaStream_t stream) {
-  assemble_kernel<<<static_cast<unsigned>(layers * n), kThreads, 0, stream>>>(n, gram_sum, ridge, prior_scale,
-                                                                             system, prior);
+  MK_LAUNCH(static_cast<unsigned>(layers * n), kThreads, 0, stream, assemble_kernel)(n, gram_sum, ridge, prior_scale,
+                                                                                    system, prior);
 }
 
 }  // namespace mk::cuda

@@ -1,10 +1,20 @@
 // Device helpers shared by the CUDA kernel families.
 #pragma once
 
+#include "launch.h"
+
+#if defined(MK_CUDA_EMULATION)
+// The same sources as host C++ for the tests: csrc/cuda/emulation.h.
+#include "emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "launch.h"
+// The two forms the emulated build replaces: a kernel launch,
+// MK_LAUNCH(grid, block, smem, stream, kernel)(args...), and a dynamic shared memory array.
+#define MK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define MK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 namespace mk::cuda {
 
@@ -23,14 +33,16 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Grid for a grid-stride loop over `work` items: enough blocks to fill the device, no more.
+// Grid for a grid-stride loop over `work` items: enough blocks to fill the current device, no more.
+// The attribute is asked each time (the runtime caches it): devices of one process may differ.
 inline int grid_for(int64_t work, int blocks_per_sm = 8) {
-  static int sms = [] {
-    int device = 0, count = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return count > 0 ? count : 1;
-  }();
+#if defined(MK_CUDA_EMULATION)
+  if (const int64_t forced = ::mk::emu::settings().grid_override; forced > 0) return static_cast<int>(forced);
+#endif
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (sms < 1) sms = 1;
   const int64_t needed = (work + kThreads - 1) / kThreads;
   const int64_t cap = static_cast<int64_t>(sms) * blocks_per_sm;
   return static_cast<int>(needed < 1 ? 1 : (needed < cap ? needed : cap));

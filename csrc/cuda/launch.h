@@ -3,7 +3,11 @@
 // (argument checks, allocation, streams, registration) is csrc/cuda/bindings.cpp.
 #pragma once
 
+#if defined(MK_CUDA_EMULATION)
+#include "../emulation/runtime.h"  // cudaStream_t of the host emulation (tests only)
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 

@@ -101,8 +101,8 @@ void launch_fused_merge(const MergeConfig& c, DType in, DType out_dtype, const v
     using in_t = decltype(in_tag);
     dispatch_dtype(out_dtype, [&](auto out_tag) {
       using out_t = decltype(out_tag);
-      fused_merge_kernel<in_t, out_t><<<grid, kThreads, 0, stream>>>(c, static_cast<const in_t*>(base), ft,
-                                                                     static_cast<out_t*>(out), n);
+      MK_LAUNCH(grid, kThreads, 0, stream, fused_merge_kernel<in_t, out_t>)(c, static_cast<const in_t*>(base), ft,
+                                                                           static_cast<out_t*>(out), n);
     });
   });
 }
@@ -113,8 +113,8 @@ void launch_masked_drop(const MergeConfig& c, DType in, const void* base, const 
   const int grid = grid_for(quads(c.element_offset, n));
   dispatch_dtype(in, [&](auto tag) {
     using in_t = decltype(tag);
-    masked_drop_kernel<in_t><<<grid, kThreads, 0, stream>>>(c, static_cast<const in_t*>(base),
-                                                            static_cast<const in_t*>(ft), out, n);
+    MK_LAUNCH(grid, kThreads, 0, stream, masked_drop_kernel<in_t>)(c, static_cast<const in_t*>(base),
+                                                                  static_cast<const in_t*>(ft), out, n);
   });
 }
 
@@ -124,7 +124,7 @@ void launch_drop_l1(const MergeConfig& c, DType in, const void* base, const Inpu
   const int grid = grid_for(quads(c.element_offset, n), 4);
   dispatch_dtype(in, [&](auto tag) {
     using in_t = decltype(tag);
-    drop_l1_kernel<in_t><<<grid, kThreads, 0, stream>>>(c, static_cast<const in_t*>(base), ft, out, n);
+    MK_LAUNCH(grid, kThreads, 0, stream, drop_l1_kernel<in_t>)(c, static_cast<const in_t*>(base), ft, out, n);
   });
 }
 

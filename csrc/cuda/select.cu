@@ -33,8 +33,8 @@ void launch_magnitude_histogram(int k, DType in, const void* base, const InputPt
   const int grid = grid_for(n);
   dispatch_dtype(in, [&](auto tag) {
     using in_t = decltype(tag);
-    magnitude_histogram_kernel<in_t><<<grid, kThreads, 0, stream>>>(k, static_cast<const in_t*>(base), ft, n, level,
-                                                                    prefix, hist);
+    MK_LAUNCH(grid, kThreads, 0, stream, magnitude_histogram_kernel<in_t>)(k, static_cast<const in_t*>(base), ft, n,
+                                                                          level, prefix, hist);
   });
 }
 

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
                                                             int64_t n, bool histogram, double* gram,
                                                             uint32_t* absmax_bits, unsigned long long* nnz,
                                                             unsigned long long* signs, unsigned long long* hist) {
-  extern __shared__ float smem[];
+  MK_DYNAMIC_SHARED(float, smem);
   float* tile = smem;                                                         // [k, kTile]
   uint32_t* shist = reinterpret_cast<uint32_t*>(smem + k * kTile);            // [k, 256]
   __shared__ double scratch[kThreads / 32];
@@ -123,8 +123,8 @@ void launch_tv_stats(int k, DType in, const void* base, const InputPtrs& ft, int
     using in_t = decltype(tag);
     auto kernel = tv_stats_kernel<in_t>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    kernel<<<grid, kThreads, smem, stream>>>(k, static_cast<const in_t*>(base), ft, n, histogram, gram, absmax_bits,
-                                             nnz, signs, hist);
+    MK_LAUNCH(grid, kThreads, smem, stream, kernel)(k, static_cast<const in_t*>(base), ft, n, histogram, gram,
+                                                   absmax_bits, nnz, signs, hist);
   });
 }
 

@@ -1,0 +1,479 @@
+"""The CUDA kernels, run through the host emulation of the CUDA execution model (tests/cuda_emulation.py,
+csrc/cuda/emulation.h), against the CPU kernels.
+
+Both libraries are called with identical arguments (they share their op schemas). Merged values,
+masks, histograms and counts must be equal bit for bit. Float64 sums that the GPU accumulates in a
+different order (norms, Grams, energies) must agree within the rounding of a reordered sum on
+random inputs, and bit for bit on "dyadic" inputs, whose sums are exact in any order. Every test
+runs under a seeded random order of blocks and threads; grid sizing is varied through the
+emulated multiprocessor count and a forced grid size.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from .conftest import DTYPES, make_inputs
+from .cuda_emulation import load
+
+CPU = torch.ops.mergekernels
+U64 = 2.0**-53  # float64 unit roundoff
+
+# (multiprocessors, grid_override): blocks sized to the work, few blocks walking a grid-stride loop,
+# one block, and more blocks than there is work.
+GRIDS = {"fit": (132, 0), "capped": (1, 0), "one_block": (132, 1), "surplus": (132, 61)}
+SIZES = [1, 3, 4, 5, 255, 257, 4095, 4097]
+OFFSETS = [0, 3, 4098]  # element_offset values, two of them not multiples of 4
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return load()
+
+
+@pytest.fixture(autouse=True)
+def emulation_settings(request, emu):
+    """Default device, seeded random schedule (a different seed per test), no forced grid."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    emu.configure(132, "random", seed, 0)
+    yield
+    emu.configure(132, "random", 0, 0)
+
+
+def use_grid(emu, grid: str, seed: int = 0) -> None:
+    sms, forced = GRIDS[grid]
+    emu.configure(sms, "random", seed, forced)
+
+
+def dyadic_inputs(k, shape, dtype=torch.float32, seed=0):
+    """Values on a grid of 2^-6 with |x| < 2, exact in bf16/fp16/fp32: every float64 sum of their
+    differences and products is exact, whatever the order; many exact ties and zero deltas."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-88, 89, shape, generator=g).float() / 64
+    fts = [base + torch.randint(-16, 17, shape, generator=g).float() / 64 for _ in range(k)]
+    return base.to(dtype), [x.to(dtype) for x in fts]
+
+
+def inputs(kind, k, n, dtype, seed):
+    make = dyadic_inputs if kind == "dyadic" else make_inputs
+    return make(k, (n,), dtype, seed=seed)
+
+
+def assert_same(emulated, cpu, what=""):
+    assert emulated.dtype == cpu.dtype and emulated.shape == cpu.shape, what
+    if not torch.equal(emulated.view(-1).view(torch.uint8), cpu.contiguous().view(-1).view(torch.uint8)):
+        diff = (emulated.double() - cpu.double()).abs()
+        bad = int((emulated != cpu).sum())
+        raise AssertionError(f"{what}: {bad} of {cpu.numel()} differ (max |diff| {diff.max().item():.3g})")
+
+
+def assert_reordered_sum(emulated, cpu, terms, magnitude, what=""):
+    """|a - b| <= 2 n u sum|x_i|: the bound on two orders of summing n float64 terms."""
+    tol = 2 * max(terms, 1) * U64 * magnitude + 1e-300
+    err = (emulated - cpu).abs()
+    assert bool((err <= tol).all()), f"{what}: max error {err.max().item():.3g} over tolerance"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused merges
+def thresholds(base, fts, lower_rank, upper_rank=None):
+    """[2, K] float32: per task, the |tau| at a rank (an actual value, so ties with it are tested)."""
+    rows = []
+    for x in fts:
+        mags = (x.float() - base.float()).abs().flatten().sort().values
+        lo = mags[min(int(lower_rank * (mags.numel() - 1)), mags.numel() - 1)]
+        hi = mags[min(int(upper_rank * (mags.numel() - 1)), mags.numel() - 1)] if upper_rank else float("inf")
+        rows.append((float(lo), float(hi)))
+    return torch.tensor(rows, dtype=torch.float32).T.contiguous()
+
+
+def fused_args(base, fts, **kw):
+    """The fused_merge argument tuple, with the schema's defaults."""
+    k = len(fts)
+    return (
+        base,
+        list(fts),
+        kw.get("weights", [1.0] * k),
+        kw.get("scale", 1.0),
+        kw.get("reduce", 0),
+        kw.get("ties", False),
+        kw.get("weighted_election", False),
+        kw.get("sparsify", 0),
+        kw.get("thresholds"),
+        kw.get("keep_source", 0),
+        kw.get("keep", []),
+        kw.get("step", []),
+        kw.get("post", []),
+        kw.get("rescale_inverse", True),
+        kw.get("row_keep"),
+        kw.get("ranks", []),
+        kw.get("seed", 11),
+        kw.get("key", -123456789),
+        kw.get("element_offset", 0),
+        kw.get("row_len", 1),
+        kw.get("out_dtype"),
+    )
+
+
+def per_task(k, lo, hi):
+    return [lo + (hi - lo) * t / max(k - 1, 1) for t in range(k)]
+
+
+SUM, MEAN, WEIGHTED = 0, 1, 2
+TRIM, BAND, DROP = 1, 2, 3
+CONSTANT, ROW, RANK = 0, 1, 2
+
+
+def mode_kwargs(mode, base, fts, offset):
+    """Op arguments of one merge mode for these inputs (thresholds, ranks, row rates derived from them)."""
+    k, n = len(fts), base.numel()
+    w = per_task(k, 0.5, 2.0)
+    keep = per_task(k, 0.2, 0.9)
+    post = per_task(k, 1.3, 0.7)
+    if mode.startswith("ta_"):
+        reduce = {"ta_sum": SUM, "ta_mean": MEAN, "ta_weighted": WEIGHTED}[mode]
+        return dict(weights=w, scale=0.7, reduce=reduce)
+    if mode.startswith("ties_"):
+        _, reduce, election = mode.split("_")
+        return dict(
+            weights=w,
+            reduce={"sum": SUM, "mean": MEAN, "weighted": WEIGHTED}[reduce],
+            ties=True,
+            weighted_election=election == "welect",
+            sparsify=TRIM,
+            thresholds=thresholds(base, fts, 0.6),
+        )
+    if mode.startswith("dare_"):
+        rescale = mode.split("_")[1]
+        kw = dict(sparsify=DROP, keep=keep, rescale_inverse=rescale == "inverse", weights=w)
+        if rescale == "l1":
+            kw["post"] = post
+        if mode.endswith("_ties"):
+            kw.update(ties=True, reduce=WEIGHTED)
+        return kw
+    if mode.startswith("breadcrumbs"):
+        kw = dict(sparsify=BAND, thresholds=thresholds(base, fts, 0.3, 0.9), weights=w)
+        if mode.endswith("_ties"):
+            kw.update(ties=True, reduce=MEAN)
+        return kw
+    if mode.startswith("della"):
+        ranks = [CPU.row_ranks(base, x, n) for x in fts]
+        kw = dict(
+            sparsify=DROP, keep_source=RANK, keep=keep, step=[0.5 / n] * k, ranks=ranks, post=post, weights=w
+        )
+        if mode.endswith("_ties"):
+            kw.update(ties=True, reduce=SUM)
+        return kw
+    if mode.startswith("rows"):
+        row_len = 7
+        rows = (offset + n + row_len - 1) // row_len + 2
+        g = torch.Generator().manual_seed(n + offset)
+        row_keep = torch.rand(k, rows, generator=g) * 0.9 + 0.05
+        kw = dict(sparsify=DROP, keep_source=ROW, row_keep=row_keep, row_len=row_len, weights=w)
+        if mode.endswith("_ties"):
+            kw.update(ties=True, reduce=MEAN, weighted_election=True)
+        return kw
+    raise KeyError(mode)
+
+
+MODES = [
+    "ta_sum",
+    "ta_mean",
+    "ta_weighted",
+    *[f"ties_{r}_{e}" for r in ("sum", "mean", "weighted") for e in ("elect", "welect")],
+    "dare_inverse",
+    "dare_plain",
+    "dare_l1",
+    "dare_inverse_ties",
+    "dare_l1_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_ties",
+    "rows",
+    "rows_ties",
+]
+
+
+def check_merge(emu, mode, kind, k, dtype, sizes, offsets, out_dtype=None, seed=0):
+    for i, n in enumerate(sizes):
+        base, fts = inputs(kind, k, n, dtype, seed + i)
+        for offset in offsets:
+            args = fused_args(
+                base, fts, element_offset=offset, out_dtype=out_dtype, **mode_kwargs(mode, base, fts, offset)
+            )
+            assert_same(emu.fused_merge(*args), CPU.fused_merge(*args), f"{mode} n={n} offset={offset}")
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_merge_every_mode(emu, mode, dtype, k):
+    kind = "dyadic" if k == 2 else "randn"
+    check_merge(emu, mode, kind, k, dtype, SIZES, OFFSETS, seed=k)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["ta_weighted", "ties_mean_welect", "dare_l1_ties", "della"])
+def test_fused_merge_output_dtypes(emu, mode, in_dtype, out_dtype):
+    check_merge(emu, mode, "randn", 3, in_dtype, [5, 257, 4097], [3], out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("mode", ["ta_mean", "ties_weighted_welect", "dare_inverse_ties", "breadcrumbs", "rows"])
+def test_fused_merge_64_experts(emu, mode):
+    check_merge(emu, mode, "randn", 64, torch.bfloat16, [5, 257, 4097], [0, 3])
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+@pytest.mark.parametrize("mode", ["ties_sum_elect", "dare_l1", "della_ties", "rows_ties"])
+def test_fused_merge_grids(emu, mode, grid):
+    use_grid(emu, grid, seed=7)
+    check_merge(emu, mode, "randn", 3, torch.float16, [1, 255, 8191, 8193], [0, 4098])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masked drop and L1 norms of the drop
+def drop_args(base, x, expert, source, n, offset, rescale):
+    row_len = 5
+    rows = (offset + n + row_len - 1) // row_len
+    g = torch.Generator().manual_seed(n)
+    return (
+        base,
+        x,
+        expert,
+        DROP,
+        None,
+        {"constant": CONSTANT, "row": ROW, "rank": RANK}[source],
+        0.35,
+        0.4 / n,
+        1.25,
+        rescale,
+        torch.rand(1, rows, generator=g) if source == "row" else None,
+        CPU.row_ranks(base, x, n) if source == "rank" else None,
+        5,
+        77,
+        offset,
+        row_len,
+    )
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("source", ["constant", "row", "rank"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_drop(emu, dtype, source, rescale, grid):
+    use_grid(emu, grid, seed=3)
+    for n in SIZES:
+        base, (x,) = make_inputs(1, (n,), dtype, seed=n)
+        for offset in OFFSETS:
+            args = drop_args(base, x, 9, source, n, offset, rescale)
+            assert_same(emu.masked_drop(*args), CPU.masked_drop(*args), f"{source} n={n} offset={offset}")
+
+
+# 64 experts in 61 mostly idle blocks is slow to emulate; K = 7 covers the surplus grid.
+@pytest.mark.parametrize("k, grid", [(k, g) for k in (1, 2, 7, 64) for g in sorted(GRIDS) if (k, g) != (64, "surplus")])
+@pytest.mark.parametrize("kind", ["randn", "dyadic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_drop_l1(emu, dtype, kind, k, grid):
+    use_grid(emu, grid, seed=k)
+    for n in [1, 5, 257, 4097] if k < 64 else [5, 4097]:
+        base, fts = inputs(kind, k, n, dtype, seed=n)
+        for offset in (0, 3):
+            args = (base, fts, per_task(k, 0.1, 0.9), 3, 99, offset)
+            got, want = emu.drop_l1(*args), CPU.drop_l1(*args)
+            if kind == "dyadic":
+                assert_same(got, want, f"n={n} offset={offset}")
+            else:
+                assert_reordered_sum(got, want, n, want, f"n={n} offset={offset}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task-vector statistics and radix histograms
+@pytest.mark.parametrize("grid", ["fit", "capped", "surplus"])
+@pytest.mark.parametrize("histogram", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 7, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tv_stats(emu, dtype, k, histogram, grid):
+    use_grid(emu, grid, seed=k)
+    for kind in ("randn", "dyadic"):
+        for n in [1, 3, 257, 4095] if k < 64 else [3, 4097]:
+            base, fts = inputs(kind, k, n, dtype, seed=n + k)
+            got, want = emu.tv_stats(base, fts, histogram), CPU.tv_stats(base, fts, histogram)
+            what = f"{kind} n={n}"
+            for name, g, w in zip(["absmax", "nnz", "signs", "histogram"], got[1:], want[1:]):
+                assert_same(g, w, f"{name} {what}")
+            if kind == "dyadic":
+                assert_same(got[0], want[0], f"gram {what}")
+            else:
+                norms = want[0].diagonal().sqrt()
+                assert_reordered_sum(got[0], want[0], n, norms[:, None] * norms[None, :], f"gram {what}")
+
+
+@pytest.mark.parametrize("grid", ["fit", "capped", "one_block", "surplus"])
+@pytest.mark.parametrize("k", [1, 7, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_magnitude_histogram(emu, dtype, k, grid):
+    use_grid(emu, grid, seed=k)
+    for n in [1, 5, 4097] if k < 64 else [5, 257]:
+        base, fts = make_inputs(k, (n,), dtype, seed=n)
+        # Level 0 accumulates into counts already there.
+        start = torch.randint(0, 5, (k, 1 << 16), generator=torch.Generator().manual_seed(n))
+        h_emu, h_cpu = start.clone(), start.clone()
+        emu.magnitude_histogram_(h_emu, base, fts, 0, None)
+        CPU.magnitude_histogram_(h_cpu, base, fts, 0, None)
+        assert_same(h_emu, h_cpu, f"level 0 n={n}")
+        # Level 1 under the fullest level-0 bin of each task.
+        prefix = (h_cpu - start).argmax(dim=1)
+        l1_emu, l1_cpu = torch.zeros(k, 1 << 15, dtype=torch.long), torch.zeros(k, 1 << 15, dtype=torch.long)
+        emu.magnitude_histogram_(l1_emu, base, fts, 1, prefix)
+        CPU.magnitude_histogram_(l1_cpu, base, fts, 1, prefix)
+        assert_same(l1_emu, l1_cpu, f"level 1 n={n}")
+        assert int(l1_cpu.sum()) == int((h_cpu - start).max(dim=1).values.sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Covariance moments and system assembly
+@pytest.mark.parametrize("kind", ["randn", "dyadic"])
+@pytest.mark.parametrize("k", [1, 2, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_covariance_moments(emu, dtype, k, kind):
+    # Dyadic inputs with a power-of-two row count keep the column means, the centred values and
+    # every energy exact, so they must match bit for bit.
+    shapes = [(1, 1, 1), (2, 4, 5), (1, 32, 65), (3, 8, 31), (1, 4, 257)]
+    if kind == "randn":
+        shapes = [(1, 1, 1), (2, 3, 5), (1, 33, 65), (3, 9, 31), (1, 5, 257)]
+    for layers, m, n in shapes:
+        base, fts = inputs(kind, k, layers * m * n, dtype, seed=layers + m + n)
+        base, fts = base.view(layers, m, n), [x.view(layers, m, n) for x in fts]
+        got, want = emu.covariance_moments(base, fts), CPU.covariance_moments(base, fts)
+        what = f"{kind} shape={(layers, m, n)}"
+        if kind == "dyadic":
+            for name, g, w in zip(["centred", "colmean", "energy", "centred_energy"], got, want):
+                assert_same(g, w, f"{name} {what}")
+        else:
+            # Column means are float64 sums in another order, rounded to float32: one ulp apart at most.
+            torch.testing.assert_close(got[1], want[1], rtol=2**-23, atol=1e-12)
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=2 * 2**-23 * float(want[1].abs().max()) + 1e-12)
+            assert_reordered_sum(got[2], want[2], m * n, want[2], f"energy {what}")
+            assert_reordered_sum(got[3], want[3], m * n, want[3], f"centred energy {what}")
+
+
+@pytest.mark.parametrize("kind", ["randn", "dyadic"])
+def test_covariance_assemble(emu, kind):
+    g = torch.Generator().manual_seed(5)
+    for layers, n in [(1, 1), (2, 3), (1, 255), (3, 257), (1, 300)]:
+        x = torch.randn(layers, n + 2, n, generator=g)
+        if kind == "dyadic":
+            x = (x * 8).round() / 8
+        gram = (x.transpose(1, 2) @ x).float()
+        gram = (gram + gram.transpose(1, 2)) / 2  # exactly symmetric
+        ridge = torch.rand(layers, generator=g, dtype=torch.float64)
+        scale = torch.rand(layers, generator=g, dtype=torch.float64) + 0.5
+        (sys_e, prior_e), (sys_c, prior_c) = emu.covariance_assemble(gram, ridge, scale), CPU.covariance_assemble(
+            gram, ridge, scale
+        )
+        assert_same(sys_e, sys_c, f"system n={n}")
+        if kind == "dyadic":
+            assert_same(prior_e, prior_c, f"prior n={n}")
+        else:
+            magnitude = gram.double().abs().sum(2) / n / scale[:, None]
+            assert_reordered_sum(prior_e, prior_c, n, magnitude, f"prior n={n}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The emulation itself
+def test_every_schedule_gives_the_same_bits(emu):
+    base, fts = dyadic_inputs(5, (3001,), torch.bfloat16, seed=1)
+    args = fused_args(base, fts, **mode_kwargs("ties_mean_elect", base, fts, 0))
+    results = []
+    for schedule in ("forward", "reverse", "random"):
+        emu.configure(1, schedule, 5, 0)
+        results.append((emu.fused_merge(*args), emu.tv_stats(base, fts, True)))
+    for merged, stats in results[1:]:
+        assert_same(merged, results[0][0], "merge")
+        for a, b in zip(stats, results[0][1]):
+            assert_same(a, b, "stats")
+
+
+def test_grid_sizing_is_exercised(emu):
+    base, fts = make_inputs(2, (100_001,), seed=2)
+    args = fused_args(base, fts)
+    expected_blocks = {"fit": 98, "capped": 8, "one_block": 1, "surplus": 61}
+    for grid, blocks in expected_blocks.items():
+        use_grid(emu, grid)
+        emu.take_counters()
+        assert_same(emu.fused_merge(*args), CPU.fused_merge(*args), grid)
+        launches, launched_blocks, threads, *_ = emu.take_counters()
+        assert (launches, launched_blocks, threads) == (1, blocks, 256 * blocks), grid
+    # tv_stats: K(K+1)/2 Gram slots over 256 threads, barriers per tile and shuffles in the block sums.
+    use_grid(emu, "capped")
+    emu.tv_stats(base, fts, True)
+    launches, blocks, threads, barriers, shuffles = emu.take_counters()
+    assert (launches, blocks) == (1, 2) and barriers > 2 * threads and shuffles == threads * 10
+
+
+def test_races_show_and_barriers_prevent_them(emu):
+    expected = (torch.arange(128) + 1) % 128
+    emu.configure(132, "forward", 0, 0)
+    assert torch.equal(emu.selftest("neighbour_barrier")[:256], torch.cat([expected, expected]).int())
+    raced = emu.selftest("neighbour_race")[:256]
+    assert int((raced == -1).sum()) >= 200, "threads read their neighbour's shared slot before it was written"
+
+
+def test_warp_shuffles(emu):
+    out = emu.selftest("shuffles").view(128, 4)
+    v = torch.arange(128) + 1
+    warps = v.view(4, 32)
+    assert torch.equal(out[::32, 0], warps.sum(1).int())
+    assert torch.equal(out[:, 1], warps.sum(1).repeat_interleave(32).int())
+    assert torch.equal(out[:, 2], (warps[:, 5]).repeat_interleave(32).int())
+    assert torch.equal(out[:, 3], warps.cumsum(1).flatten().int())
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("exited_lane", "exited"),
+        ("deadlock", "deadlock"),
+        ("overrun", "dynamic shared memory written outside"),
+        ("too_much_shared", "too much dynamic shared memory"),
+        ("block_too_large", "invalid block"),
+        ("grid_y_too_large", "invalid grid"),
+    ],
+)
+def test_misuse_fails_the_launch(emu, case, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.selftest(case)
+    # The error was consumed: the next launch succeeds.
+    assert torch.equal(emu.selftest("opted_in_shared")[:128], torch.zeros(128, dtype=torch.int32))
+
+
+def test_half_and_bfloat16_conversions_match_cuda(emu):
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for bf16, dtype in ((False, torch.float16), (True, torch.bfloat16)):
+        # Widening: exact for all 65536 patterns; a NaN stays a NaN.
+        widened = emu.widen_bits(every, bf16)
+        reference = every.view(dtype).float()
+        is_nan = torch.isnan(reference)
+        assert torch.equal(widened[~is_nan].view(torch.int32), reference[~is_nan].view(torch.int32))
+        assert bool(torch.isnan(widened[is_nan]).all())
+        # Narrowing: every representable value, every midpoint between neighbours (ties to even)
+        # and one float ulp either side of it, the overflow and underflow edges, random bit patterns.
+        finite = widened[torch.isfinite(widened)].unique()
+        mids = (finite[:-1].double() + finite[1:].double()) / 2
+        mids = mids.float()
+        near = torch.cat([mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(torch.tensor(-float("inf")))])
+        g = torch.Generator().manual_seed(0)
+        random_bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+        edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.996, 65520.0, 2.0**-24,
+                              2.0**-25, 2.0**-25 * 1.0000001, 3.4028235e38, 1e-45])
+        values = torch.cat([finite, near, random_bits.view(torch.float32), edges, -edges])
+        got = emu.narrow_bits(values, bf16)
+        nan = torch.isnan(values)
+        want = values.to(dtype).view(torch.int16)
+        assert torch.equal(got[~nan], want[~nan]), "finite values round like CUDA's __float2*_rn"
+        assert bool((got[nan] == 0x7FFF).all()), "NaN becomes CUDA's canonical 0x7fff"
