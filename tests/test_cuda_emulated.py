@@ -223,7 +223,9 @@ def test_fused_merge_output_dtypes(emu, mode, in_dtype, out_dtype):
     check_merge(emu, mode, "randn", 3, in_dtype, [5, 257, 4097], [3], out_dtype=out_dtype)
 
 
-@pytest.mark.parametrize("mode", ["ta_mean", "ties_weighted_welect", "dare_inverse_ties", "breadcrumbs", "rows"])
+@pytest.mark.parametrize(
+    "mode", ["ta_mean", "ties_weighted_welect", "dare_inverse_ties", "breadcrumbs", "rows"]
+)
 def test_fused_merge_64_experts(emu, mode):
     check_merge(emu, mode, "randn", 64, torch.bfloat16, [5, 257, 4097], [0, 3])
 
@@ -275,7 +277,9 @@ def test_masked_drop(emu, dtype, source, rescale, grid):
 
 
 # 64 experts in 61 mostly idle blocks is slow to emulate; K = 7 covers the surplus grid.
-@pytest.mark.parametrize("k, grid", [(k, g) for k in (1, 2, 7, 64) for g in sorted(GRIDS) if (k, g) != (64, "surplus")])
+@pytest.mark.parametrize(
+    "k, grid", [(k, g) for k in (1, 2, 7, 64) for g in sorted(GRIDS) if (k, g) != (64, "surplus")]
+)
 @pytest.mark.parametrize("kind", ["randn", "dyadic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_drop_l1(emu, dtype, kind, k, grid):
@@ -304,7 +308,7 @@ def test_tv_stats(emu, dtype, k, histogram, grid):
             base, fts = inputs(kind, k, n, dtype, seed=n + k)
             got, want = emu.tv_stats(base, fts, histogram), CPU.tv_stats(base, fts, histogram)
             what = f"{kind} n={n}"
-            for name, g, w in zip(["absmax", "nnz", "signs", "histogram"], got[1:], want[1:]):
+            for name, g, w in zip(["absmax", "nnz", "signs", "histogram"], got[1:], want[1:], strict=True):
                 assert_same(g, w, f"{name} {what}")
             if kind == "dyadic":
                 assert_same(got[0], want[0], f"gram {what}")
@@ -352,12 +356,14 @@ def test_covariance_moments(emu, dtype, k, kind):
         got, want = emu.covariance_moments(base, fts), CPU.covariance_moments(base, fts)
         what = f"{kind} shape={(layers, m, n)}"
         if kind == "dyadic":
-            for name, g, w in zip(["centred", "colmean", "energy", "centred_energy"], got, want):
+            for name, g, w in zip(["centred", "colmean", "energy", "centred_energy"], got, want, strict=True):
                 assert_same(g, w, f"{name} {what}")
         else:
             # Column means are float64 sums in another order, rounded to float32: one ulp apart at most.
             torch.testing.assert_close(got[1], want[1], rtol=2**-23, atol=1e-12)
-            torch.testing.assert_close(got[0], want[0], rtol=0, atol=2 * 2**-23 * float(want[1].abs().max()) + 1e-12)
+            torch.testing.assert_close(
+                got[0], want[0], rtol=0, atol=2 * 2**-23 * float(want[1].abs().max()) + 1e-12
+            )
             assert_reordered_sum(got[2], want[2], m * n, want[2], f"energy {what}")
             assert_reordered_sum(got[3], want[3], m * n, want[3], f"centred energy {what}")
 
@@ -373,8 +379,9 @@ def test_covariance_assemble(emu, kind):
         gram = (gram + gram.transpose(1, 2)) / 2  # exactly symmetric
         ridge = torch.rand(layers, generator=g, dtype=torch.float64)
         scale = torch.rand(layers, generator=g, dtype=torch.float64) + 0.5
-        (sys_e, prior_e), (sys_c, prior_c) = emu.covariance_assemble(gram, ridge, scale), CPU.covariance_assemble(
-            gram, ridge, scale
+        (sys_e, prior_e), (sys_c, prior_c) = (
+            emu.covariance_assemble(gram, ridge, scale),
+            CPU.covariance_assemble(gram, ridge, scale),
         )
         assert_same(sys_e, sys_c, f"system n={n}")
         if kind == "dyadic":
@@ -395,7 +402,7 @@ def test_every_schedule_gives_the_same_bits(emu):
         results.append((emu.fused_merge(*args), emu.tv_stats(base, fts, True)))
     for merged, stats in results[1:]:
         assert_same(merged, results[0][0], "merge")
-        for a, b in zip(stats, results[0][1]):
+        for a, b in zip(stats, results[0][1], strict=True):
             assert_same(a, b, "stats")
 
 
@@ -466,11 +473,25 @@ def test_half_and_bfloat16_conversions_match_cuda(emu):
         finite = widened[torch.isfinite(widened)].unique()
         mids = (finite[:-1].double() + finite[1:].double()) / 2
         mids = mids.float()
-        near = torch.cat([mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(torch.tensor(-float("inf")))])
+        near = torch.cat(
+            [mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(torch.tensor(-float("inf")))]
+        )
         g = torch.Generator().manual_seed(0)
-        random_bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
-        edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.996, 65520.0, 2.0**-24,
-                              2.0**-25, 2.0**-25 * 1.0000001, 3.4028235e38, 1e-45])
+        random_bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g).to(torch.int32)
+        # Zeros, infinities, half's largest value and overflow edge, its subnormal and underflow
+        # edges, float's largest and smallest values.
+        edge_list = [
+            0.0,
+            -0.0,
+            float("inf"),
+            65504.0,
+            65519.996,
+            65520.0,
+            2.0**-24,
+            2.0**-25,
+            2.0**-25 * 1.0000001,
+        ]
+        edges = torch.tensor(edge_list + [3.4028235e38, 1e-45])
         values = torch.cat([finite, near, random_bits.view(torch.float32), edges, -edges])
         got = emu.narrow_bits(values, bf16)
         nan = torch.isnan(values)

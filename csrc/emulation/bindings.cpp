@@ -68,12 +68,15 @@ class Staging {
   void finish() {
     for (auto& o : outputs_) {
       const auto* bytes = o.buffer.data_ptr<uint8_t>();
-      const int64_t total = o.buffer.numel();
-      for (int64_t b = 0; b < kMarginBytes; ++b)
-        TORCH_CHECK(bytes[b] == kOutputMargin && bytes[total - 1 - b] == kOutputMargin,
-                    "emulated CUDA kernel wrote outside an output of shape ", o.original.sizes(), " and dtype ",
-                    o.original.scalar_type(), " (", b, " bytes from the ",
-                    bytes[b] != kOutputMargin ? "start" : "end", ")");
+      const int64_t size = o.buffer.numel() - 2 * kMarginBytes;
+      for (int64_t b = 0; b < kMarginBytes; ++b) {
+        TORCH_CHECK(bytes[kMarginBytes - 1 - b] == kOutputMargin, "emulated CUDA kernel wrote before the start of ",
+                    "an output (byte ", b + 1, " before it changed) of shape ", o.original.sizes(), " and dtype ",
+                    o.original.scalar_type());
+        TORCH_CHECK(bytes[kMarginBytes + size + b] == kOutputMargin, "emulated CUDA kernel wrote past the end of ",
+                    "an output (byte ", b + 1, " after it changed) of shape ", o.original.sizes(), " and dtype ",
+                    o.original.scalar_type());
+      }
       o.original.copy_(o.staged);
     }
     outputs_.clear();
