@@ -63,8 +63,10 @@ def load():
     if _loaded:
         return getattr(torch.ops, NAME)
     build = cache_dir()
-    library = build / f"{NAME}.so"
-    if not library.exists():
+    library, complete = build / f"{NAME}.so", build / "complete"
+    # `complete` is written after a whole build: a concurrent process (pytest-xdist) never loads a
+    # half-linked library; it takes torch's build lock instead, which waits for the running build.
+    if not complete.exists():
         from torch.utils.cpp_extension import load as build_extension
 
         build.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,7 @@ def load():
             is_python_module=False,
             verbose=bool(os.environ.get("MK_EMULATION_VERBOSE")),
         )
+        complete.touch()
     else:
         torch.ops.load_library(str(library))
     _loaded = True

@@ -1,11 +1,12 @@
-"""The CUDA kernels, run through the host emulation of the CUDA execution model (tests/cuda_emulation.py,
-csrc/cuda/emulation.h), against the CPU kernels.
+"""The CUDA kernels against the CPU kernels, on every kernel family and mode: through the host emulation
+of the CUDA execution model (tests/cuda_emulation.py, csrc/cuda/emulation.h) on every run, and on a
+real GPU as well when one is present (the ``cuda`` backend; skipped without one).
 
-Both libraries are called with identical arguments (they share their op schemas). Merged values,
+Both sides are called with identical arguments (the libraries share their op schemas). Merged values,
 masks, histograms and counts must be equal bit for bit. Float64 sums that the GPU accumulates in a
 different order (norms, Grams, energies) must agree within the rounding of a reordered sum on
-random inputs, and bit for bit on "dyadic" inputs, whose sums are exact in any order. Every test
-runs under a seeded random order of blocks and threads; grid sizing is varied through the
+random inputs, and bit for bit on "dyadic" inputs, whose sums are exact in any order. Emulated
+launches run under a seeded random order of blocks and threads; grid sizing is varied through the
 emulated multiprocessor count and a forced grid size.
 """
 
@@ -15,6 +16,8 @@ import zlib
 
 import pytest
 import torch
+
+import mergekernels as mk
 
 from .conftest import DTYPES, make_inputs
 from .cuda_emulation import load
@@ -29,23 +32,63 @@ SIZES = [1, 3, 4, 5, 255, 257, 4095, 4097]
 OFFSETS = [0, 3, 4098]  # element_offset values, two of them not multiples of 4
 
 
-@pytest.fixture(scope="module")
-def emu():
-    return load()
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
 
 
-@pytest.fixture(autouse=True)
-def emulation_settings(request, emu):
-    """Default device, seeded random schedule (a different seed per test), no forced grid."""
-    seed = zlib.crc32(request.node.nodeid.encode())
-    emu.configure(132, "random", seed, 0)
-    yield
-    emu.configure(132, "random", 0, 0)
+class CudaOps:
+    """torch.ops.mergekernels on the GPU, called with CPU tensors like the emulated library."""
+
+    def __getattr__(self, op):
+        kernel = getattr(CPU, op)
+
+        def call(*args):
+            moved = [_to(a, "cuda") for a in args]
+            out = kernel(*moved)
+            if op.endswith("_"):  # in place on its first argument
+                args[0].copy_(moved[0].cpu())
+            return _to(out, "cpu")
+
+        return call
 
 
-def use_grid(emu, grid: str, seed: int = 0) -> None:
+HAS_GPU = torch.cuda.is_available() and mk.has_cuda_kernels()
+
+
+@pytest.fixture(scope="module", params=["emulated", "cuda"] if HAS_GPU else ["emulated"])
+def backend(request):
+    return CudaOps() if request.param == "cuda" else load()
+
+
+@pytest.fixture
+def emu(request):
+    """The emulated library: default device, a seeded random schedule (a seed per test), no forced grid."""
+    ops = load()
+    ops.configure(132, "random", zlib.crc32(request.node.nodeid.encode()), 0)
+    yield ops
+    ops.configure(132, "random", 0, 0)
+
+
+@pytest.fixture
+def dev(request, backend):
+    """The CUDA kernels under test: emulated (configured as ``emu``) or on the GPU."""
+    if isinstance(backend, CudaOps):
+        return backend
+    return request.getfixturevalue("emu")
+
+
+def use_grid(dev, grid: str, seed: int = 0) -> None:
+    """Emulated grid sizing; on a real GPU the grid is the device's, so only "fit" runs there."""
+    if isinstance(dev, CudaOps):
+        if grid != "fit":
+            pytest.skip("grid sizes other than the device's are emulation settings")
+        return
     sms, forced = GRIDS[grid]
-    emu.configure(sms, "random", seed, forced)
+    dev.configure(sms, "random", seed, forced)
 
 
 def dyadic_inputs(k, shape, dtype=torch.float32, seed=0):
@@ -62,18 +105,21 @@ def inputs(kind, k, n, dtype, seed):
     return make(k, (n,), dtype, seed=seed)
 
 
-def assert_same(emulated, cpu, what=""):
-    assert emulated.dtype == cpu.dtype and emulated.shape == cpu.shape, what
-    if not torch.equal(emulated.view(-1).view(torch.uint8), cpu.contiguous().view(-1).view(torch.uint8)):
-        diff = (emulated.double() - cpu.double()).abs()
-        bad = int((emulated != cpu).sum())
+def assert_same(got, cpu, what=""):
+    """Equal bit for bit (NaNs and signed zeros included)."""
+    assert got.dtype == cpu.dtype and got.shape == cpu.shape, what
+    if not torch.equal(
+        got.contiguous().view(-1).view(torch.uint8), cpu.contiguous().view(-1).view(torch.uint8)
+    ):
+        diff = (got.double() - cpu.double()).abs()
+        bad = int((got != cpu).sum())
         raise AssertionError(f"{what}: {bad} of {cpu.numel()} differ (max |diff| {diff.max().item():.3g})")
 
 
-def assert_reordered_sum(emulated, cpu, terms, magnitude, what=""):
+def assert_reordered_sum(got, cpu, terms, magnitude, what=""):
     """|a - b| <= 2 n u sum|x_i|: the bound on two orders of summing n float64 terms."""
     tol = 2 * max(terms, 1) * U64 * magnitude + 1e-300
-    err = (emulated - cpu).abs()
+    err = (got - cpu).abs()
     assert bool((err <= tol).all()), f"{what}: max error {err.max().item():.3g} over tolerance"
 
 
@@ -198,43 +244,43 @@ MODES = [
 ]
 
 
-def check_merge(emu, mode, kind, k, dtype, sizes, offsets, out_dtype=None, seed=0):
+def check_merge(dev, mode, kind, k, dtype, sizes, offsets, out_dtype=None, seed=0):
     for i, n in enumerate(sizes):
         base, fts = inputs(kind, k, n, dtype, seed + i)
         for offset in offsets:
             args = fused_args(
                 base, fts, element_offset=offset, out_dtype=out_dtype, **mode_kwargs(mode, base, fts, offset)
             )
-            assert_same(emu.fused_merge(*args), CPU.fused_merge(*args), f"{mode} n={n} offset={offset}")
+            assert_same(dev.fused_merge(*args), CPU.fused_merge(*args), f"{mode} n={n} offset={offset}")
 
 
 @pytest.mark.parametrize("k", [1, 2, 7])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_merge_every_mode(emu, mode, dtype, k):
+def test_fused_merge_every_mode(dev, mode, dtype, k):
     kind = "dyadic" if k == 2 else "randn"
-    check_merge(emu, mode, kind, k, dtype, SIZES, OFFSETS, seed=k)
+    check_merge(dev, mode, kind, k, dtype, SIZES, OFFSETS, seed=k)
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["ta_weighted", "ties_mean_welect", "dare_l1_ties", "della"])
-def test_fused_merge_output_dtypes(emu, mode, in_dtype, out_dtype):
-    check_merge(emu, mode, "randn", 3, in_dtype, [5, 257, 4097], [3], out_dtype=out_dtype)
+def test_fused_merge_output_dtypes(dev, mode, in_dtype, out_dtype):
+    check_merge(dev, mode, "randn", 3, in_dtype, [5, 257, 4097], [3], out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize(
     "mode", ["ta_mean", "ties_weighted_welect", "dare_inverse_ties", "breadcrumbs", "rows"]
 )
-def test_fused_merge_64_experts(emu, mode):
-    check_merge(emu, mode, "randn", 64, torch.bfloat16, [5, 257, 4097], [0, 3])
+def test_fused_merge_64_experts(dev, mode):
+    check_merge(dev, mode, "randn", 64, torch.bfloat16, [5, 257, 4097], [0, 3])
 
 
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("mode", ["ties_sum_elect", "dare_l1", "della_ties", "rows_ties"])
-def test_fused_merge_grids(emu, mode, grid):
-    use_grid(emu, grid, seed=7)
-    check_merge(emu, mode, "randn", 3, torch.float16, [1, 255, 8191, 8193], [0, 4098])
+def test_fused_merge_grids(dev, mode, grid):
+    use_grid(dev, grid, seed=7)
+    check_merge(dev, mode, "randn", 3, torch.float16, [1, 255, 8191, 8193], [0, 4098])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,13 +313,13 @@ def drop_args(base, x, expert, source, n, offset, rescale):
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("source", ["constant", "row", "rank"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_masked_drop(emu, dtype, source, rescale, grid):
-    use_grid(emu, grid, seed=3)
+def test_masked_drop(dev, dtype, source, rescale, grid):
+    use_grid(dev, grid, seed=3)
     for n in SIZES:
         base, (x,) = make_inputs(1, (n,), dtype, seed=n)
         for offset in OFFSETS:
             args = drop_args(base, x, 9, source, n, offset, rescale)
-            assert_same(emu.masked_drop(*args), CPU.masked_drop(*args), f"{source} n={n} offset={offset}")
+            assert_same(dev.masked_drop(*args), CPU.masked_drop(*args), f"{source} n={n} offset={offset}")
 
 
 # 64 experts in 61 mostly idle blocks is slow to emulate; K = 7 covers the surplus grid.
@@ -282,13 +328,13 @@ def test_masked_drop(emu, dtype, source, rescale, grid):
 )
 @pytest.mark.parametrize("kind", ["randn", "dyadic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_drop_l1(emu, dtype, kind, k, grid):
-    use_grid(emu, grid, seed=k)
+def test_drop_l1(dev, dtype, kind, k, grid):
+    use_grid(dev, grid, seed=k)
     for n in [1, 5, 257, 4097] if k < 64 else [5, 4097]:
         base, fts = inputs(kind, k, n, dtype, seed=n)
         for offset in (0, 3):
             args = (base, fts, per_task(k, 0.1, 0.9), 3, 99, offset)
-            got, want = emu.drop_l1(*args), CPU.drop_l1(*args)
+            got, want = dev.drop_l1(*args), CPU.drop_l1(*args)
             if kind == "dyadic":
                 assert_same(got, want, f"n={n} offset={offset}")
             else:
@@ -301,12 +347,12 @@ def test_drop_l1(emu, dtype, kind, k, grid):
 @pytest.mark.parametrize("histogram", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 7, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tv_stats(emu, dtype, k, histogram, grid):
-    use_grid(emu, grid, seed=k)
+def test_tv_stats(dev, dtype, k, histogram, grid):
+    use_grid(dev, grid, seed=k)
     for kind in ("randn", "dyadic"):
         for n in [1, 3, 257, 4095] if k < 64 else [3, 4097]:
             base, fts = inputs(kind, k, n, dtype, seed=n + k)
-            got, want = emu.tv_stats(base, fts, histogram), CPU.tv_stats(base, fts, histogram)
+            got, want = dev.tv_stats(base, fts, histogram), CPU.tv_stats(base, fts, histogram)
             what = f"{kind} n={n}"
             for name, g, w in zip(["absmax", "nnz", "signs", "histogram"], got[1:], want[1:], strict=True):
                 assert_same(g, w, f"{name} {what}")
@@ -320,20 +366,20 @@ def test_tv_stats(emu, dtype, k, histogram, grid):
 @pytest.mark.parametrize("grid", ["fit", "capped", "one_block", "surplus"])
 @pytest.mark.parametrize("k", [1, 7, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_magnitude_histogram(emu, dtype, k, grid):
-    use_grid(emu, grid, seed=k)
+def test_magnitude_histogram(dev, dtype, k, grid):
+    use_grid(dev, grid, seed=k)
     for n in [1, 5, 4097] if k < 64 else [5, 257]:
         base, fts = make_inputs(k, (n,), dtype, seed=n)
         # Level 0 accumulates into counts already there.
         start = torch.randint(0, 5, (k, 1 << 16), generator=torch.Generator().manual_seed(n))
         h_emu, h_cpu = start.clone(), start.clone()
-        emu.magnitude_histogram_(h_emu, base, fts, 0, None)
+        dev.magnitude_histogram_(h_emu, base, fts, 0, None)
         CPU.magnitude_histogram_(h_cpu, base, fts, 0, None)
         assert_same(h_emu, h_cpu, f"level 0 n={n}")
         # Level 1 under the fullest level-0 bin of each task.
         prefix = (h_cpu - start).argmax(dim=1)
         l1_emu, l1_cpu = torch.zeros(k, 1 << 15, dtype=torch.long), torch.zeros(k, 1 << 15, dtype=torch.long)
-        emu.magnitude_histogram_(l1_emu, base, fts, 1, prefix)
+        dev.magnitude_histogram_(l1_emu, base, fts, 1, prefix)
         CPU.magnitude_histogram_(l1_cpu, base, fts, 1, prefix)
         assert_same(l1_emu, l1_cpu, f"level 1 n={n}")
         assert int(l1_cpu.sum()) == int((h_cpu - start).max(dim=1).values.sum())
@@ -344,7 +390,7 @@ def test_magnitude_histogram(emu, dtype, k, grid):
 @pytest.mark.parametrize("kind", ["randn", "dyadic"])
 @pytest.mark.parametrize("k", [1, 2, 7])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_covariance_moments(emu, dtype, k, kind):
+def test_covariance_moments(dev, dtype, k, kind):
     # Dyadic inputs with a power-of-two row count keep the column means, the centred values and
     # every energy exact, so they must match bit for bit.
     shapes = [(1, 1, 1), (2, 4, 5), (1, 32, 65), (3, 8, 31), (1, 4, 257)]
@@ -353,7 +399,7 @@ def test_covariance_moments(emu, dtype, k, kind):
     for layers, m, n in shapes:
         base, fts = inputs(kind, k, layers * m * n, dtype, seed=layers + m + n)
         base, fts = base.view(layers, m, n), [x.view(layers, m, n) for x in fts]
-        got, want = emu.covariance_moments(base, fts), CPU.covariance_moments(base, fts)
+        got, want = dev.covariance_moments(base, fts), CPU.covariance_moments(base, fts)
         what = f"{kind} shape={(layers, m, n)}"
         if kind == "dyadic":
             for name, g, w in zip(["centred", "colmean", "energy", "centred_energy"], got, want, strict=True):
@@ -369,7 +415,7 @@ def test_covariance_moments(emu, dtype, k, kind):
 
 
 @pytest.mark.parametrize("kind", ["randn", "dyadic"])
-def test_covariance_assemble(emu, kind):
+def test_covariance_assemble(dev, kind):
     g = torch.Generator().manual_seed(5)
     for layers, n in [(1, 1), (2, 3), (1, 255), (3, 257), (1, 300)]:
         x = torch.randn(layers, n + 2, n, generator=g)
@@ -380,7 +426,7 @@ def test_covariance_assemble(emu, kind):
         ridge = torch.rand(layers, generator=g, dtype=torch.float64)
         scale = torch.rand(layers, generator=g, dtype=torch.float64) + 0.5
         (sys_e, prior_e), (sys_c, prior_c) = (
-            emu.covariance_assemble(gram, ridge, scale),
+            dev.covariance_assemble(gram, ridge, scale),
             CPU.covariance_assemble(gram, ridge, scale),
         )
         assert_same(sys_e, sys_c, f"system n={n}")
