@@ -4,7 +4,7 @@
 // the CPU kernels). Nothing in the installed package includes it.
 //
 // What the kernels see: threadIdx / blockIdx / blockDim / gridDim, static and dynamic shared memory
-// (per block; dynamic memory is poisoned at every block start and guarded at its end),
+// (per block, poisoned at every block start; dynamic memory is also guarded at its end),
 // __syncthreads as a real barrier, warp shuffles with warp-synchronous semantics, the atomics and
 // intrinsics the kernels use, fp16/bf16 conversions bit-identical to CUDA's, and stubs of the
 // runtime API with a settable multiprocessor count. How launches, blocks and threads run is
@@ -28,8 +28,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// One block runs at a time, so a function-local static is exactly one block's copy.
-#define __shared__ static
+// One block runs at a time, so a function-local static is exactly one block's copy. They all sit in
+// one section, which the runtime poisons at every block start, as it does dynamic shared memory.
+#define __shared__ __attribute__((section("mk_emu_shared"))) static
 #define threadIdx (::mk::emu::thread_index())
 #define blockIdx (::mk::emu::block_index())
 #define blockDim (::mk::emu::block_dim())

@@ -144,6 +144,16 @@ struct Warp {
 };
 
 constexpr unsigned char kSharedPoison = 0xFF;  // NaN as float / double, huge as an integer
+
+// The static __shared__ variables of every emulated kernel (emulation.h puts them in this section;
+// the linker names its bounds). Weak: a build without any has no such section.
+extern "C" char __start_mk_emu_shared[] __attribute__((weak));
+extern "C" char __stop_mk_emu_shared[] __attribute__((weak));
+
+void poison_static_shared() {
+  if (__start_mk_emu_shared && __stop_mk_emu_shared)
+    std::memset(__start_mk_emu_shared, kSharedPoison, static_cast<size_t>(__stop_mk_emu_shared - __start_mk_emu_shared));
+}
 constexpr unsigned char kGuardByte = 0xA5;
 constexpr size_t kSharedGuard = 256;
 
@@ -347,6 +357,7 @@ void Grid::run_block(uint3 index) {
   arrived_ = 0;
   std::fill(smem_.begin(), smem_.end(), kGuardByte);
   std::memset(smem_.data() + kSharedGuard, kSharedPoison, smem_bytes_);
+  poison_static_shared();
   ++g_counters.blocks;
   g_counters.threads += threads;
 

@@ -1,7 +1,7 @@
-// Small CUDA-style kernels that check the emulation itself: that a race on shared memory shows,
-// that barriers and every shuffle form behave as on a GPU, and that misuse (a shuffle waiting for an
-// exited lane, a deadlock, shared memory written past its end, a launch over the limits) fails
-// the launch. torch.ops.mergekernels_emu.selftest(name) runs one and returns its int32 output.
+// Small CUDA-style kernels that check the emulation itself: that a race on shared memory shows, that
+// shared memory starts poisoned in every block, that barriers and every shuffle form behave as on a
+// GPU, and that misuse (a shuffle waiting for an exited lane, a deadlock, shared memory written past
+// its end, a launch over the limits) fails the launch. torch.ops.mergekernels_emu.selftest(name) runs one and returns its int32 output.
 #include <torch/library.h>
 
 #include <ATen/ops/full.h>
@@ -59,6 +59,14 @@ __global__ void overrun_kernel(int* out, int words) {
   out[threadIdx.x] = words;
 }
 
+// Reads static shared memory before any thread wrote it, then writes it: the next block must see the
+// poison again, not this block's values.
+__global__ void static_shared_kernel(int* out) {
+  __shared__ int s[kBlock];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+  s[threadIdx.x] = static_cast<int>(threadIdx.x);
+}
+
 // Writes its block index; kTag only makes distinct kernels (attributes are per kernel and persist).
 template <int kTag>
 __global__ void fill_kernel(int* out) {
@@ -75,6 +83,8 @@ at::Tensor run_selftest(c10::string_view name) {
     MK_LAUNCH(2, kBlock, words, nullptr, neighbour_kernel<false>)(o);
   } else if (name == "shuffles") {
     MK_LAUNCH(1, kBlock, 0, nullptr, shuffle_kernel)(o);
+  } else if (name == "static_shared") {
+    MK_LAUNCH(3, kBlock, 0, nullptr, static_shared_kernel)(o);
   } else if (name == "exited_lane") {
     MK_LAUNCH(1, 32, 0, nullptr, exited_lane_kernel)(o);
   } else if (name == "deadlock") {
