@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import devices
+
 try:
     from . import _C  # noqa: F401  (loading the extension registers the ops)
 except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt checkout
@@ -56,8 +58,30 @@ def _magnitude_histogram_fake(hist, base, finetuned, level, prefix):
 
 
 @torch.library.register_fake("mergekernels::fused_merge")
-def _fused_merge_fake(base, *args):
-    out_dtype = args[-1]  # the schema's last argument
+def _fused_merge_fake(
+    base,
+    finetuned,
+    weights,
+    scale,
+    reduce,
+    ties,
+    weighted_election,
+    sparsify,
+    thresholds,
+    keep_source,
+    keep,
+    step,
+    post,
+    rescale_inverse,
+    row_keep,
+    ranks,
+    seed,
+    key,
+    element_offset,
+    row_len,
+    out_dtype=None,
+):
+    # The schema's parameters by name, so keyword calls work as well as positional ones.
     return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
 
 
@@ -168,7 +192,7 @@ def validate(base: torch.Tensor, finetuned: Sequence[torch.Tensor], op: str) -> 
             raise ValueError(
                 f"{op}: finetuned[{t}] has shape {tuple(x.shape)} but base has {tuple(base.shape)}"
             )
-        if x.device != base.device:
+        if not devices.same(x.device, base.device):
             raise ValueError(f"{op}: finetuned[{t}] is on {x.device} but base is on {base.device}")
     return finetuned
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .devices import concrete
 from .methods import METHODS
 from .selection import MagnitudeThreshold
 
@@ -134,11 +135,7 @@ def merge(
 
     if threshold_scope == "global":
         names = [n for n in base if mergeable(n)]
-        target = (
-            torch.device(device)
-            if device is not None
-            else (base[names[0]].device if names else torch.device("cpu"))
-        )
+        target = concrete(device if device is not None else (base[names[0]].device if names else "cpu"))
         selector = MagnitudeThreshold(len(finetuned), target)
         for name in names:
             selector.count(*inputs(name))

@@ -8,19 +8,21 @@ not depend on chunking. The streaming form (:class:`MagnitudeThreshold`) accumul
 over any number of tensors, which gives a model-wide threshold (FusionBench's TIES) for the cost
 of two reads of the model.
 
-Per-tensor selection on small tensors (at most ``SMALL_SELECT`` elements) uses ``torch.kthvalue``
-(quickselect) on the float32 |tau| instead: the same exact value, without the fixed cost of
-zeroing and scanning 65,536 bins per task, which dominates below that size.
+Per-tensor selection on small CPU tensors (at most ``SMALL_SELECT`` elements) uses
+``torch.kthvalue`` (quickselect) on the float32 |tau| instead: the same exact value, without the
+fixed cost of zeroing and scanning 65,536 bins per task, which dominates below that size. On CUDA
+the radix select always runs: it is cheap there, and CUDA's ``kthvalue`` is refused under
+``torch.use_deterministic_algorithms(True)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from . import _ops
+from . import _ops, devices
 
 # Elements per task at or below which per-tensor selection uses quickselect (see module docstring).
 SMALL_SELECT = 1 << 16
@@ -66,7 +68,7 @@ class MagnitudeThreshold:
 
     def __init__(self, num_tasks: int, device: torch.device | str = "cpu"):
         self.num_tasks = num_tasks
-        self.device = torch.device(device)
+        self.device = devices.concrete(device)
         self.numel = 0
         self._hist0 = torch.zeros(num_tasks, _ops.LEVEL0_BINS, dtype=torch.int64, device=self.device)
         self._hist1: torch.Tensor | None = None
@@ -80,7 +82,7 @@ class MagnitudeThreshold:
             raise ValueError(
                 f"MagnitudeThreshold: expected {self.num_tasks} fine-tuned tensors, got {len(p.finetuned)}"
             )
-        if p.base.device != self.device:
+        if not devices.same(p.base.device, self.device):
             raise ValueError(
                 f"MagnitudeThreshold: tensors are on {p.base.device}, the selector on {self.device}"
             )
@@ -113,18 +115,21 @@ class MagnitudeThreshold:
             raise RuntimeError("MagnitudeThreshold.refine before set_rank/set_density")
         _ops.magnitude_histogram_(self._hist1, self._prepared(base, finetuned), 1, self._prefix)
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Sum the current pass's counts over the torch.distributed ranks, each of which counted its
-        own share of the tensors (call after each pass, before set_density / thresholds)."""
-        import torch.distributed as dist
+        own share of the tensors (call after each pass, before set_density / thresholds). ``reduce``
+        sums one tensor in place over the ranks (default ``torch.distributed.all_reduce``)."""
+        if reduce is None:
+            import torch.distributed as dist
 
+            reduce = dist.all_reduce
         if self._prefix is None:
-            dist.all_reduce(self._hist0)
+            reduce(self._hist0)
             numel = torch.tensor([self.numel], dtype=torch.int64, device=self._hist0.device)
-            dist.all_reduce(numel)
+            reduce(numel)
             self.numel = int(numel.item())
         else:
-            dist.all_reduce(self._hist1)
+            reduce(self._hist1)
 
     def thresholds(self) -> torch.Tensor:
         if self._hist1 is None:
@@ -158,7 +163,7 @@ def kth_largest_abs(
     for query in ranks:
         if len(query) != len(p.finetuned) or any(not 0 <= int(r) <= n for r in query):
             raise ValueError(f"ranks must be {len(p.finetuned)} values in [0, {n}], got {query}")
-    if 0 < n <= SMALL_SELECT:
+    if 0 < n <= SMALL_SELECT and p.base.device.type == "cpu":
         return _kth_largest_small(p, ranks)
     sel = MagnitudeThreshold(len(p.finetuned), p.base.device)
     sel.count(p.base, p.finetuned)
@@ -188,8 +193,9 @@ class ThresholdPrepass:
     thresholds equal :func:`kth_largest_abs` on the whole tensor (the radix select does not depend on
     chunking), so a tensor too large for K full copies is merged in row chunks with the same result.
     ``assemble`` turns the list of per-query thresholds into the method's keyword arguments. With
-    ``all_reduce``, each torch.distributed rank counts its share and the counts are summed over the
-    ranks at the end of every pass (a model-wide threshold).
+    ``all_reduce`` (a function summing a tensor in place over the torch.distributed ranks), each rank
+    counts its share and the counts are summed over the ranks at the end of every pass (a model-wide
+    threshold).
     """
 
     def __init__(
@@ -198,7 +204,7 @@ class ThresholdPrepass:
         queries: Sequence[Sequence[int]],
         device: torch.device | str,
         assemble,
-        all_reduce: bool = False,
+        all_reduce: Callable[[torch.Tensor], None] | None = None,
     ):
         self.selector = MagnitudeThreshold(num_tasks, device)
         self.all_reduce = all_reduce
@@ -216,8 +222,8 @@ class ThresholdPrepass:
             self.selector.refine(base, finetuned)
 
     def end_pass(self, index: int) -> None:
-        if self.all_reduce:
-            self.selector.all_reduce()
+        if self.all_reduce is not None:
+            self.selector.all_reduce(self.all_reduce)
         if index > 0:
             self.results.append(self.selector.thresholds())
         if index < len(self.queries):

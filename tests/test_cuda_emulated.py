@@ -309,6 +309,10 @@ def drop_args(base, x, expert, source, n, offset, rescale):
     )
 
 
+def drop_args_for(base, x):
+    return drop_args(base, x, 2, "constant", base.numel(), 0, True)
+
+
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("source", ["constant", "row", "rank"])
@@ -435,6 +439,75 @@ def test_covariance_assemble(dev, kind):
         else:
             magnitude = gram.double().abs().sum(2) / n / scale[:, None]
             assert_reordered_sum(prior_e, prior_c, n, magnitude, f"prior n={n}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch limits and run-to-run determinism
+@pytest.mark.parametrize("histogram", [False, True])
+def test_tv_stats_shared_memory_for_every_expert_count(dev, histogram):
+    """K = 1..64: the kernel's whole shared memory is planned on the host and opted in to beyond the
+    default 48 KiB (K = 24 with the histogram and K = 48 without sit exactly at the edge)."""
+    for k in range(1, 65):
+        base, fts = make_inputs(k, (3,), torch.bfloat16, seed=k)
+        got, want = dev.tv_stats(base, fts, histogram), CPU.tv_stats(base, fts, histogram)
+        for name, g, w in zip(["absmax", "nnz", "signs", "histogram"], got[1:], want[1:], strict=True):
+            assert_same(g, w, f"{name} k={k}")
+        norms = want[0].diagonal().sqrt()
+        assert_reordered_sum(got[0], want[0], 3, norms[:, None] * norms[None, :], f"gram k={k}")
+
+
+def test_tv_stats_beyond_the_device_shared_memory_is_a_clear_error(emu):
+    emu.configure(132, "random", 0, 0, 65535, 64 * 1024)
+    base, fts = make_inputs(64, (5,), seed=1)
+    with pytest.raises(ValueError, match=r"64 fine-tuned tensors with the histogram need 131136 bytes"):
+        emu.tv_stats(base, fts, True)
+    assert emu.tv_stats(base, fts[:31], True)[1].shape == (31,)  # 31 * 2 KiB + 64 B fits
+
+
+def test_covariance_moments_with_more_strips_than_grid_rows(emu):
+    """Column strips beyond the device's gridDim.y limit (65535 on a GPU; 3 here) loop in the kernel."""
+    emu.configure(132, "random", 0, 0, 3, 232448)
+    base, fts = make_inputs(2, (2, 5, 32 * 7 + 5), seed=3)
+    got, want = emu.covariance_moments(base, fts), CPU.covariance_moments(base, fts)
+    assert_same(got[1], want[1], "colmean")
+    assert_same(got[0], want[0], "centred")
+    for g, w in zip(got[2:], want[2:], strict=True):
+        assert_reordered_sum(g, w, 5 * 32 * 8, w, "energy")
+
+
+def test_float64_sums_do_not_depend_on_the_block_order(dev):
+    """drop_l1's L1 norms and tv_stats' Gram leave the blocks as partials summed in a fixed order: the
+    same bits under every block order (emulated), and on every run (GPU)."""
+    base, fts = make_inputs(5, (40_001,), torch.bfloat16, seed=8)
+    drop_args = (base, fts, per_task(5, 0.1, 0.9), 3, 99, 7)
+    runs = []
+    for schedule in ("forward", "reverse", "random", "random"):
+        if not isinstance(dev, CudaOps):
+            dev.configure(3, schedule, len(runs), 0)
+        runs.append((dev.drop_l1(*drop_args), dev.tv_stats(base, fts, False)[0]))
+    for l1, gram in runs[1:]:
+        assert_same(l1, runs[0][0], "drop_l1")
+        assert_same(gram, runs[0][1], "gram")
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
+def test_nan_outputs_are_canonical(dev, in_dtype, out_dtype):
+    """Inputs with NaN and Inf (allow_nonfinite): merged and dropped values hold the same NaN bits on
+    CPU and GPU (the canonical quiet NaN in every dtype)."""
+    base, fts = make_inputs(3, (1031,), torch.float32, seed=4)
+    base[::7] = float("nan")
+    fts[0][1::11] = float("inf")
+    fts[1][2::13] = -float("inf")
+    fts[2][3::17] = float("nan")
+    base, fts = base.to(in_dtype), [x.to(in_dtype) for x in fts]
+    for mode in ("ta_mean", "ties_weighted_welect", "dare_l1", "breadcrumbs"):
+        args = fused_args(base, fts, out_dtype=out_dtype, **mode_kwargs(mode, base, fts, 0))
+        got, want = dev.fused_merge(*args), CPU.fused_merge(*args)
+        assert bool(torch.isnan(want).any()), mode
+        assert_same(got, want, mode)
+    args = drop_args_for(base, fts[2])
+    assert_same(dev.masked_drop(*args), CPU.masked_drop(*args), "masked_drop")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""torch.distributed: two gloo ranks on CPU write the same files as one process."""
+"""torch.distributed: two gloo ranks on CPU write the same files as one process, and a rank that fails
+stops the other with its error."""
 
 import datetime
 import time
@@ -51,3 +52,55 @@ def test_two_gloo_ranks_equal_one_process(models):  # noqa: F811
                 pytest.fail("the two ranks did not finish within 120 s")
         assert _files(double) == _files(single)
         assert len([f for f in _files(single) if f.startswith("model-")]) > 2
+
+
+def _failing_rank(rank: int, world: int, store: str, config: dict, out: str, report: str) -> None:
+    """Rank 1 finds every tensor non-finite (as if its share of the files were corrupt); both ranks
+    write what they raised to `report`.<rank>."""
+    import torch.distributed as dist
+
+    from mergekernels.engine import run
+
+    if rank == 1:
+        run._finite = lambda x: False
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    try:
+        merge_checkpoints(config, out, device="cpu", quiet=True, shard_size=1500)
+        message = "finished"
+    except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
+        message = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+    with open(f"{report}.{rank}", "w") as f:
+        f.write(message)
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error(models):  # noqa: F811
+    """No rank waits for a failed one: every rank stops promptly, naming the failed rank and its error
+    (the collective timeout here is 300 s; the test allows 60)."""
+    tmp_path, _, _, paths = models
+    for method, params in (("task_arithmetic", {}), ("ties", {"density": 0.3})):
+        cfg = _config(tmp_path, paths, method, **params)
+        if method == "ties":
+            cfg.setdefault("options", {})["threshold_scope"] = "global"  # fails before an all-reduce
+        report = tmp_path / f"{method}.report"
+        args = (2, str(tmp_path / f"{method}.fail.store"), cfg, str(tmp_path / f"{method}-out"), str(report))
+        ranks = mp.start_processes(_failing_rank, args=args, nprocs=2, join=False)
+        deadline = time.monotonic() + 60
+        while not ranks.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail(f"{method}: the ranks were still running 60 s after rank 1 failed")
+        failed = (tmp_path / f"{method}.report.1").read_text()
+        stopped = (tmp_path / f"{method}.report.0").read_text()
+        assert failed.startswith("CheckpointError") and "NaN or Inf" in failed
+        assert stopped.startswith("RankFailed: rank 0 stopped: rank 1 failed: CheckpointError")
+        assert "NaN or Inf" in stopped
+        assert not (tmp_path / f"{method}-out").exists()

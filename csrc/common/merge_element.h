@@ -234,8 +234,14 @@ MK_HD float finish(const MergeConfig& c, const ElementAccumulator& a) {
   return c.reduce == kReduceMean ? mean : (c.reduce == kReduceWeighted ? weighted : sum);
 }
 
+// Every NaN a kernel writes is this one (sign clear, quiet, no payload): CPUs and GPUs make different
+// NaN bit patterns (x86 0xFFC00000 for an invalid operation, CUDA 0x7FFFFFFF; CUDA's fp16 / bf16
+// conversions 0x7FFF, the CPU's 0x7E00 / 0x7FC0), so canonical NaNs keep outputs equal bit for bit.
+constexpr uint32_t kCanonicalNaN = 0x7FC00000u;
+MK_HD float canonical_nan(float v) { return v != v ? bits_float(kCanonicalNaN) : v; }
+
 MK_HD float merged_output(const MergeConfig& c, float base, const ElementAccumulator& a) {
-  return fadd(base, fmul(c.scale, finish(c, a)));
+  return canonical_nan(fadd(base, fmul(c.scale, finish(c, a))));
 }
 
 }  // namespace mk

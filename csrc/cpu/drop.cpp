@@ -23,7 +23,7 @@ void drop_kernel(const MergeConfig& c, const in_t* base, const in_t* x, float* o
     const float* __restrict__ x_f = as_float(x + local0, x_buf, len);
     for (int64_t j = 0; j < len; ++j) {
       const float tau = fsub(x_f[j], base_f[j]);
-      out[local0 + j] = sparsify_as<kMode, kSource>(c, 0, lo + j, local0 + j, tau, words[w0 + j]);
+      out[local0 + j] = canonical_nan(sparsify_as<kMode, kSource>(c, 0, lo + j, local0 + j, tau, words[w0 + j]));
     }
   });
 }

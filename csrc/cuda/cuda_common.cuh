@@ -19,6 +19,8 @@
 namespace mk::cuda {
 
 constexpr int kThreads = 256;
+// Shared memory a block may use without opting in (static and dynamic together).
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -28,10 +30,15 @@ template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
+// NaN becomes the CPU's canonical 0x7E00 / 0x7FC0 (CUDA's conversions would write 0x7FFF).
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return x != x ? __ushort_as_half(0x7E00) : __float2half_rn(x);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return x != x ? __ushort_as_bfloat16(0x7FC0) : __float2bfloat16_rn(x);
+}
 
 // Grid for a grid-stride loop over `work` items: enough blocks to fill the current device, no more.
 // The attribute is asked each time (the runtime caches it): devices of one process may differ.

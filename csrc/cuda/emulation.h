@@ -189,6 +189,8 @@ struct __half {
 struct __nv_bfloat16 {
   uint16_t bits;
 };
+inline __half __ushort_as_half(unsigned short bits) { return __half{bits}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
 inline float __half2float(__half h) { return ::mk::emu::half_to_float(h.bits); }
 inline __half __float2half_rn(float x) { return __half{::mk::emu::half_from_float(x)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return ::mk::emu::bfloat16_to_float(b.bits); }
@@ -196,7 +198,12 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16{::mk::e
 
 // ---- Runtime API stubs -------------------------------------------------------------------------
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaDeviceAttr { cudaDevAttrMaxThreadsPerBlock = 1, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMaxGridDimY = 6,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 inline cudaError_t cudaGetDevice(int* device) {
@@ -211,12 +218,21 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /
     case cudaDevAttrMaxThreadsPerBlock:
       *value = ::mk::emu::kMaxThreadsPerBlock;
       return cudaSuccess;
+    case cudaDevAttrMaxGridDimY:
+      *value = static_cast<int>(::mk::emu::settings().max_grid_y);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(::mk::emu::settings().max_shared_optin);
+      return cudaSuccess;
   }
   return cudaErrorInvalidValue;
+}
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "invalid argument";
 }
 template <typename... P>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
-  ::mk::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
-  return cudaSuccess;
+  return ::mk::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value) ? cudaSuccess
+                                                                                          : cudaErrorInvalidValue;
 }

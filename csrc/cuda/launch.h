@@ -29,15 +29,28 @@ void launch_fused_merge(const MergeConfig& c, DType in, DType out_dtype, const v
 void launch_masked_drop(const MergeConfig& c, DType in, const void* base, const void* ft, float* out, int64_t n,
                         cudaStream_t stream);
 
-// out: [2, K] float64, zero-initialised; accumulates sum |tau| and sum |mask * tau|.
-void launch_drop_l1(const MergeConfig& c, DType in, const void* base, const InputPtrs& ft, double* out, int64_t n,
-                    cudaStream_t stream);
+// The grid of launch_drop_l1 for this call (0 when n == 0).
+int plan_drop_l1(const MergeConfig& c, int64_t n);
+// partials: [grid, 2, K] float64, every entry written: block b's sum |tau| and sum |mask * tau| per
+// task; the caller sums them over blocks in a fixed order.
+void launch_drop_l1(const MergeConfig& c, int grid, DType in, const void* base, const InputPtrs& ft,
+                    double* partials, int64_t n, cudaStream_t stream);
 
-// Outputs zero-initialised: gram [K, K] (upper triangle written), absmax_bits [K] (float bits),
-// nnz [K], signs [2], hist [K, 256] (only when histogram).
-void launch_tv_stats(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, bool histogram, double* gram,
-                     uint32_t* absmax_bits, unsigned long long* nnz, unsigned long long* signs,
-                     unsigned long long* hist, cudaStream_t stream);
+// Launch geometry of tv_stats: `grid` blocks, each with `shared_bytes` of shared memory (all of it
+// dynamic, so this is the kernel's whole use) and K(K+1)/2 Gram `pairs` split into `parts` element
+// subsets (pairs * parts slots).
+struct TvStatsPlan {
+  int grid, pairs, parts;
+  size_t shared_bytes;
+};
+TvStatsPlan plan_tv_stats(int k, int64_t n, bool histogram);
+// gram_partials: [grid, parts, pairs] float64, every entry written (the caller sums them in a fixed
+// order into the upper triangle, pairs in row-major order). Zero-initialised: absmax_bits [K] (float
+// bits), nnz [K], signs [2], hist [K, 256] (only when histogram). Throws std::length_error when the
+// device cannot give a block plan.shared_bytes.
+void launch_tv_stats(const TvStatsPlan& plan, int k, DType in, const void* base, const InputPtrs& ft, int64_t n,
+                     bool histogram, double* gram_partials, uint32_t* absmax_bits, unsigned long long* nnz,
+                     unsigned long long* signs, unsigned long long* hist, cudaStream_t stream);
 
 // hist: [K, bins] counts accumulated in place; prefix: [K] int64 on the device (level 1).
 void launch_magnitude_histogram(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, int level,

@@ -54,14 +54,17 @@ __global__ void masked_drop_kernel(const MergeConfig c, const in_t* __restrict__
       const int64_t g = 4 * q + l;
       if (g < offset || g >= offset + n) continue;
       const float tau = fsub(to_float(x[g - offset]), to_float(base[g - offset]));
-      out[g - offset] = sparsify(c, 0, g, g - offset, tau, words.w[l]);
+      out[g - offset] = canonical_nan(sparsify(c, 0, g, g - offset, tau, words.w[l]));
     }
   }
 }
 
+// Per block and task: sum |tau| and sum |mask * tau| into the block's row of `partials` ([grid, 2, K]),
+// which the host sums in a fixed order (float64 atomics would make the low bits depend on the block
+// order).
 template <typename in_t>
 __global__ void drop_l1_kernel(const MergeConfig c, const in_t* __restrict__ base, const InputPtrs ft,
-                               double* __restrict__ out, int64_t n) {
+                               double* __restrict__ partials, int64_t n) {
   __shared__ double scratch[kThreads / 32];
   const int64_t offset = c.element_offset;
   const int64_t q_first = offset >> 2, q_last = (offset + n - 1) >> 2;
@@ -83,8 +86,9 @@ __global__ void drop_l1_kernel(const MergeConfig c, const in_t* __restrict__ bas
     full = block_sum(full, scratch);
     kept = block_sum(kept, scratch);
     if (threadIdx.x == 0) {
-      atomicAdd(out + t, full);
-      atomicAdd(out + c.num_experts + t, kept);
+      double* row = partials + static_cast<int64_t>(blockIdx.x) * 2 * c.num_experts;
+      row[t] = full;
+      row[c.num_experts + t] = kept;
     }
   }
 }
@@ -118,13 +122,14 @@ void launch_masked_drop(const MergeConfig& c, DType in, const void* base, const 
   });
 }
 
-void launch_drop_l1(const MergeConfig& c, DType in, const void* base, const InputPtrs& ft, double* out, int64_t n,
-                    cudaStream_t stream) {
+int plan_drop_l1(const MergeConfig& c, int64_t n) { return n > 0 ? grid_for(quads(c.element_offset, n), 4) : 0; }
+
+void launch_drop_l1(const MergeConfig& c, int grid, DType in, const void* base, const InputPtrs& ft,
+                    double* partials, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  const int grid = grid_for(quads(c.element_offset, n), 4);
   dispatch_dtype(in, [&](auto tag) {
     using in_t = decltype(tag);
-    MK_LAUNCH(grid, kThreads, 0, stream, drop_l1_kernel<in_t>)(c, static_cast<const in_t*>(base), ft, out, n);
+    MK_LAUNCH(grid, kThreads, 0, stream, drop_l1_kernel<in_t>)(c, static_cast<const in_t*>(base), ft, partials, n);
   });
 }
 

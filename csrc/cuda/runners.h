@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/triu_indices.h>
 
 #include "../host_args.h"
 #include "launch.h"
@@ -52,23 +53,35 @@ void run_drop(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
   Device::check_launch();
 }
 
+// Float64 sums leave the kernels as per-block partials, summed here over blocks in a fixed order:
+// the same bits on every run (float64 atomics would depend on the block order).
 template <typename Device>
 void run_drop_l1(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
   const typename Device::Guard guard(in.base.device());
-  launch_drop_l1(c, dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in), out.data_ptr<double>(),
-                 in.numel(), Device::stream());
+  const int grid = plan_drop_l1(c, in.numel());
+  if (grid == 0) return;
+  at::Tensor partials = at::empty({grid, 2, in.num_experts()}, out.options());
+  launch_drop_l1(c, grid, dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in),
+                 partials.data_ptr<double>(), in.numel(), Device::stream());
   Device::check_launch();
+  out.copy_(partials.sum(0));
 }
 
 template <typename Device>
 void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
   const typename Device::Guard guard(in.base.device());
-  launch_tv_stats(in.num_experts(), dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in), in.numel(),
-                  histogram, out.gram.data_ptr<double>(), reinterpret_cast<uint32_t*>(out.absmax.data_ptr<float>()),
+  const int k = in.num_experts();
+  const TvStatsPlan plan = plan_tv_stats(k, in.numel(), histogram);
+  if (plan.grid == 0) return;
+  at::Tensor partials = at::empty({plan.grid, plan.parts, plan.pairs}, out.gram.options());
+  launch_tv_stats(plan, k, dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in), in.numel(), histogram,
+                  partials.data_ptr<double>(), reinterpret_cast<uint32_t*>(out.absmax.data_ptr<float>()),
                   reinterpret_cast<unsigned long long*>(out.nnz.data_ptr<int64_t>()),
                   reinterpret_cast<unsigned long long*>(out.signs.data_ptr<int64_t>()),
                   reinterpret_cast<unsigned long long*>(out.hist.data_ptr<int64_t>()), Device::stream());
   Device::check_launch();
+  const at::Tensor upper = at::triu_indices(k, k, 0, out.gram.options().dtype(at::kLong));
+  out.gram.index_put_({upper[0], upper[1]}, partials.sum(at::IntArrayRef{0, 1}));
 }
 
 template <typename Device>

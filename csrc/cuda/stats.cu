@@ -1,8 +1,15 @@
 // CUDA task-vector statistics in one pass. Each block stages the task vectors of a 256-element tile
 // in shared memory ([K, 256] floats); sign agreement and the exponent histogram are taken while
 // staging, then every thread accumulates its fixed share of the K(K+1)/2 Gram pairs (and, on the
-// diagonal pairs, max |tau| and the non-zero count) over the tile in float64 registers. Partials
-// leave the block once, through atomics, at the end of the grid-stride loop.
+// diagonal pairs, max |tau| and the non-zero count) over the tile in float64 registers. At the end
+// of the grid-stride loop each thread writes its Gram slots to the block's row of float64 partials,
+// which the host sums in a fixed order (float64 atomics would make the low bits depend on the block
+// order); the integer counts and maxima leave through atomics, which are exact in any order.
+//
+// All of the kernel's shared memory is dynamic, so the host knows its whole size (tv_stats_plan).
+#include <stdexcept>
+#include <string>
+
 #include "cuda_common.cuh"
 
 namespace mk::cuda {
@@ -11,7 +18,9 @@ namespace {
 constexpr int kTile = kThreads;
 // ceil(64 * 65 / 2 / 256): Gram slots per thread at K = kMaxExperts.
 constexpr int kSlotsPerThread = (kMaxExperts * (kMaxExperts + 1) / 2 + kThreads - 1) / kThreads;
+constexpr int kScratchDoubles = kThreads / 32;  // block_sum's per-warp partials, at the start of smem
 
+// Gram pair p of the row-major upper triangle (i <= j), the order of the partials' pair axis.
 __device__ __forceinline__ void pair_of(int p, int k, int& i, int& j) {
   i = 0;
   while (p >= k - i) {
@@ -23,13 +32,13 @@ __device__ __forceinline__ void pair_of(int p, int k, int& i, int& j) {
 
 template <typename in_t>
 __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* __restrict__ base, const InputPtrs ft,
-                                                            int64_t n, bool histogram, double* gram,
+                                                            int64_t n, bool histogram, double* gram_partials,
                                                             uint32_t* absmax_bits, unsigned long long* nnz,
                                                             unsigned long long* signs, unsigned long long* hist) {
-  MK_DYNAMIC_SHARED(float, smem);
-  float* tile = smem;                                                         // [k, kTile]
-  uint32_t* shist = reinterpret_cast<uint32_t*>(smem + k * kTile);            // [k, 256]
-  __shared__ double scratch[kThreads / 32];
+  MK_DYNAMIC_SHARED(double, smem);
+  double* scratch = smem;                                                        // [kScratchDoubles]
+  float* tile = reinterpret_cast<float*>(smem + kScratchDoubles);               // [k, kTile]
+  uint32_t* shist = reinterpret_cast<uint32_t*>(tile + k * kTile);              // [k, 256]
   if (histogram)
     for (int b = threadIdx.x; b < k * kExponentBins; b += blockDim.x) shist[b] = 0;
 
@@ -89,10 +98,11 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
     __syncthreads();
   }
 
+  double* block_partials = gram_partials + static_cast<int64_t>(blockIdx.x) * slots;  // [parts, pairs]
 #pragma unroll
   for (int r = 0; r < kSlotsPerThread; ++r) {
     if (slot_i[r] < 0) continue;
-    atomicAdd(gram + slot_i[r] * k + slot_j[r], dot[r]);
+    block_partials[threadIdx.x + r * kThreads] = dot[r];
     if (slot_i[r] == slot_j[r]) {
       atomicMax(absmax_bits + slot_i[r], amax[r]);  // non-negative floats order as uints
       atomicAdd(nnz + slot_i[r], nz[r]);
@@ -113,18 +123,42 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
 
 }  // namespace
 
-void launch_tv_stats(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, bool histogram, double* gram,
-                     uint32_t* absmax_bits, unsigned long long* nnz, unsigned long long* signs,
-                     unsigned long long* hist, cudaStream_t stream) {
+TvStatsPlan plan_tv_stats(int k, int64_t n, bool histogram) {
+  TvStatsPlan p{};
+  p.grid = n > 0 ? grid_for(n, 2) : 0;
+  p.pairs = k * (k + 1) / 2;
+  p.parts = p.pairs < kThreads ? kThreads / p.pairs : 1;
+  p.shared_bytes = sizeof(double) * kScratchDoubles + sizeof(float) * k * kTile +
+                   (histogram ? sizeof(uint32_t) * k * kExponentBins : 0);
+  return p;
+}
+
+void launch_tv_stats(const TvStatsPlan& plan, int k, DType in, const void* base, const InputPtrs& ft, int64_t n,
+                     bool histogram, double* gram_partials, uint32_t* absmax_bits, unsigned long long* nnz,
+                     unsigned long long* signs, unsigned long long* hist, cudaStream_t stream) {
   if (n <= 0) return;
-  const size_t smem = sizeof(float) * k * kTile + (histogram ? sizeof(uint32_t) * k * kExponentBins : 0);
-  const int grid = grid_for(n, 2);
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (plan.shared_bytes > static_cast<size_t>(optin))
+    throw std::length_error("tv_stats: " + std::to_string(k) + " fine-tuned tensors" +
+                            (histogram ? " with the histogram" : "") + " need " +
+                            std::to_string(plan.shared_bytes) + " bytes of shared memory per block; this device " +
+                            "allows " + std::to_string(optin) + " (pass fewer tensors per call)");
   dispatch_dtype(in, [&](auto tag) {
     using in_t = decltype(tag);
     auto kernel = tv_stats_kernel<in_t>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    MK_LAUNCH(grid, kThreads, smem, stream, kernel)(k, static_cast<const in_t*>(base), ft, n, histogram, gram,
-                                                   absmax_bits, nnz, signs, hist);
+    // Beyond the default 48 KiB a kernel must opt in to its dynamic size (all its shared memory).
+    if (plan.shared_bytes > kDefaultSharedBytes) {
+      const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      static_cast<int>(plan.shared_bytes));
+      if (status != cudaSuccess)
+        throw std::runtime_error("tv_stats: could not raise the shared-memory limit to " +
+                                 std::to_string(plan.shared_bytes) + " bytes: " + cudaGetErrorString(status));
+    }
+    MK_LAUNCH(plan.grid, kThreads, plan.shared_bytes, stream, kernel)(k, static_cast<const in_t*>(base), ft, n,
+                                                                      histogram, gram_partials, absmax_bits, nnz,
+                                                                      signs, hist);
   });
 }
 

@@ -159,14 +159,19 @@ Schedule parse_schedule(c10::string_view name) {
   return Schedule::kRandom;
 }
 
-void configure(int64_t multiprocessors, c10::string_view schedule, int64_t seed, int64_t grid_override) {
+void configure(int64_t multiprocessors, c10::string_view schedule, int64_t seed, int64_t grid_override,
+               int64_t max_grid_y, int64_t max_shared_optin) {
   TORCH_CHECK(multiprocessors >= 1, "multiprocessors must be >= 1, got ", multiprocessors);
   TORCH_CHECK(grid_override >= 0, "grid_override must be >= 0, got ", grid_override);
+  TORCH_CHECK(max_grid_y >= 1 && max_grid_y <= 65535, "max_grid_y must be in [1, 65535], got ", max_grid_y);
+  TORCH_CHECK(max_shared_optin >= 0, "max_shared_optin must be >= 0, got ", max_shared_optin);
   Settings& s = settings();
   s.multiprocessors = static_cast<int>(multiprocessors);
   s.schedule = parse_schedule(schedule);
   s.seed = static_cast<uint64_t>(seed);
   s.grid_override = grid_override;
+  s.max_grid_y = max_grid_y;
+  s.max_shared_optin = max_shared_optin;
 }
 
 // [launches, blocks, threads, barriers, shuffles] since the last call.
@@ -203,7 +208,10 @@ at::Tensor widen_bits(const at::Tensor& bits, bool bfloat16) {
 
 TORCH_LIBRARY(mergekernels_emu, m) {
   mk::define_ops(m);
-  m.def("configure(int multiprocessors, str schedule, int seed, int grid_override) -> ()", &mk::emu::configure);
+  m.def(
+      "configure(int multiprocessors, str schedule, int seed, int grid_override, int max_grid_y=65535, "
+      "int max_shared_optin=232448) -> ()",
+      &mk::emu::configure);
   m.def("take_counters() -> int[]", &mk::emu::take_counters);
   m.def("narrow_bits(Tensor x, bool bfloat16) -> Tensor", &mk::emu::narrow_bits);
   m.def("widen_bits(Tensor bits, bool bfloat16) -> Tensor", &mk::emu::widen_bits);

@@ -398,7 +398,8 @@ std::string check_configuration(const void* kernel, dim3 grid, dim3 block, size_
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (threads == 0 || threads > static_cast<uint64_t>(kMaxThreadsPerBlock) || block.z > 64)
     s << "invalid block (" << block.x << "," << block.y << "," << block.z << ")";
-  else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
+  else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > g_settings.max_grid_y ||
+           grid.z > g_settings.max_grid_y)
     s << "invalid grid (" << grid.x << "," << grid.y << "," << grid.z << ")";
   else if (static_cast<uint64_t>(grid.x) * grid.y * grid.z > (uint64_t{1} << 31))
     s << "the emulation runs at most 2^31 blocks per launch";
@@ -423,9 +424,11 @@ std::string take_last_error() {
   return e;
 }
 
-void set_max_dynamic_shared(const void* kernel, int bytes) {
+bool set_max_dynamic_shared(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
-  if (bytes >= 0 && static_cast<size_t>(bytes) <= kMaxDynamicShared) g_max_dynamic_shared[kernel] = bytes;
+  if (bytes < 0 || bytes > g_settings.max_shared_optin) return false;
+  g_max_dynamic_shared[kernel] = bytes;
+  return true;
 }
 
 const uint3& thread_index() { return grid().thread_index(); }

@@ -39,6 +39,10 @@ struct Settings {
   // > 0: mk::cuda::grid_for returns this many blocks, so grid-stride kernels also run with one block
   // or with more blocks than there is work.
   int64_t grid_override = 0;
+  // Device limits (sm_90's): the largest gridDim.y / z, and the dynamic shared memory a kernel may opt
+  // in to. Tests lower them to reach the limits with small inputs.
+  int64_t max_grid_y = 65535;
+  int64_t max_shared_optin = 227 * 1024;
 };
 Settings& settings();
 
@@ -51,13 +55,13 @@ Counters& counters();
 // The error of the launches since the last call ("" if none), cleared by the call: cudaGetLastError.
 std::string take_last_error();
 
-// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes).
-void set_max_dynamic_shared(const void* kernel, int bytes);
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); false when bytes
+// is over the device's opt-in limit (the attribute is then left as it was).
+bool set_max_dynamic_shared(const void* kernel, int bytes);
 
-// Device limits the launch checks against (sm_90).
 constexpr int kMaxThreadsPerBlock = 1024;
+// Shared memory a kernel may use without opting in (the emulation counts its dynamic part).
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
-constexpr size_t kMaxDynamicShared = 227 * 1024;
 
 // --- Device side: valid only inside a thread of a running launch. ---
 const uint3& thread_index();

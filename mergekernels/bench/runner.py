@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import devices
 from . import ceilings as ceil
 from .cases import (
     ACE_PARAMS,
@@ -92,14 +93,9 @@ def resolve_ops(ops: str | Sequence[str] | None) -> list[str]:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
+    if device is not None and torch.device(device).type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda: no CUDA device is available")
-    return dev
+    return devices.resolve("auto" if device is None else device)
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> str:
@@ -584,7 +580,7 @@ def run(
         _say(progress, f"measuring the ceilings on {environment['device']} ...")
         ceilings = ceil.measure_ceilings(dev, dtype_name, quick=quick)
     else:
-        if ceilings.device != str(dev):
+        if not devices.same(ceilings.device, dev):
             raise ValueError(f"ceilings were measured on {ceilings.device}, not on {dev}")
         ceilings = copy.deepcopy(ceilings)
     _say(

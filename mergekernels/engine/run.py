@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from .. import __version__
+from .. import __version__, devices
 from ..config import MergeConfig, load_config, method_kwargs, parse_size
 from ..merge import batch_layers, default_memory_cap, is_excluded, takes_matrix_path
 from ..methods import METHODS
 from ..methods.ties import ties_prepass
 from .checkpoint import Checkpoint, CheckpointError
+from .ranks import Ranks
+from .staging import PinnedStaging
 from .writer import CheckpointWriter, plan_shards
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
@@ -100,40 +102,6 @@ class MergeReport:
         return data
 
 
-def _device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if device == "cuda" and local_rank:
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
-def _distributed(device: str) -> tuple[int, int, bool]:
-    """(rank, world size, whether this call initialised the process group). Under ``torchrun`` (or
-    any launcher that sets WORLD_SIZE > 1) the group is initialised here: NCCL for GPU merges, gloo
-    otherwise."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        gpu = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if gpu else "gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def _fingerprint(cfg: MergeConfig, checkpoints: list[Checkpoint], shard_size: int) -> dict:
     files = []
     for ckpt in checkpoints:
@@ -158,6 +126,7 @@ class _Unit:
     inputs: tuple | None = None  # filled by the reader: (base, [experts]) per name
     params: dict | None = None  # filled by the reader: what a chunked tensor's pre-pass found
     nbytes: int = 0  # input bytes held while the unit is in flight (the prefetch budget)
+    staging: object | None = None  # its region of the pinned staging buffer (GPU merges)
 
 
 class _Plan:
@@ -378,8 +347,48 @@ def merge_checkpoints(
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.base_model is None:
         raise ValueError("merge_checkpoints: the config needs a base_model")
-    rank, world, owns_group = _distributed(device)
-    dev = _device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = Ranks.start(device)
+    try:
+        report = _merge_as_rank(
+            cfg,
+            out_dir,
+            ranks,
+            devices.resolve(device),
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
+            allow_pickle=allow_pickle,
+            shard_size=shard_size,
+            chunk_bytes=chunk_bytes,
+            t_start=t_start,
+            start_rss=start_rss,
+        )
+    except BaseException as exc:
+        # The other ranks stop at their next rendezvous or check, with this error in theirs.
+        ranks.fail(exc)
+        ranks.close()
+        raise
+    ranks.close()
+    return report
+
+
+def _merge_as_rank(
+    cfg: MergeConfig,
+    out_dir: str | os.PathLike,
+    ranks: Ranks,
+    dev: torch.device,
+    *,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    allow_pickle: bool,
+    shard_size: int | str | None,
+    chunk_bytes: int,
+    t_start: float,
+    start_rss: int,
+) -> MergeReport:
+    """This rank's share of merge_checkpoints (the whole merge on a single process)."""
+    rank, world = ranks.rank, ranks.world
     opts = {k: v for k, v in cfg.options.items() if v is not None}
     shard_bytes = parse_size(shard_size or opts.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size")
     memory_cap = (
@@ -397,7 +406,7 @@ def merge_checkpoints(
     writer = None
     if rank == 0:
         writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=overwrite, resume=resume)
-    _barrier(world)
+    ranks.sync()
     if rank != 0:
         writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=True, resume=resume, attach=True)
     pending = [s for s in shards if s.index % world == rank and not writer.done(s)]
@@ -429,7 +438,11 @@ def merge_checkpoints(
         mergeable = [n for n in plan.order if n in plan.mergeable]
         numel = sum(base.tensors[n].numel for n in mergeable)
         worker = ties_prepass(
-            len(experts), numel, {"density": kwargs.pop("density", 0.2)}, dev, all_reduce=world > 1
+            len(experts),
+            numel,
+            {"density": kwargs.pop("density", 0.2)},
+            dev,
+            all_reduce=ranks.all_reduce if world > 1 else None,
         )
         for index in range(worker.passes):
             for n in mergeable[rank::world]:  # each rank counts its share
@@ -481,6 +494,8 @@ def merge_checkpoints(
     write_q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
     budget = _Budget(plan.budget, stop)
+    # GPU merges copy inputs through one reused pinned buffer as large as the budget.
+    staging = PinnedStaging(plan.budget + 256 * (len(experts) + 1)) if dev.type == "cuda" else None
 
     def hand_over(item) -> bool:
         """Put on the read queue unless the merge is being stopped (then give up)."""
@@ -530,10 +545,12 @@ def merge_checkpoints(
                 if not budget.acquire(unit.nbytes):
                     return
                 unit.inputs = tuple(read_inputs(n, unit.rows) for n in unit.names)
-                if dev.type == "cuda":
-                    unit.inputs = tuple(
-                        (b.pin_memory(), [x.pin_memory() for x in fts]) for b, fts in unit.inputs
-                    )
+                if staging is not None:
+                    staged = staging.stage([t for b, fts in unit.inputs for t in (b, *fts)], stop)
+                    if staged is None:
+                        return
+                    copies, unit.staging = iter(staged[0]), staged[1]
+                    unit.inputs = tuple((next(copies), [next(copies) for _ in fts]) for _, fts in unit.inputs)
                 if not hand_over(unit):
                     return
             hand_over(None)
@@ -595,6 +612,7 @@ def merge_checkpoints(
                 break
             if isinstance(unit, _Failed):
                 raise unit.exc
+            ranks.check()  # another rank's failure stops this one too
             if "error" in written:
                 raise written["error"]
             inputs = [
@@ -602,6 +620,10 @@ def merge_checkpoints(
                 for b, fts in unit.inputs
             ]
             unit.inputs = None
+            if unit.staging is not None:  # reusable once these copies have finished
+                copied = torch.cuda.Event()
+                copied.record()
+                staging.give_back(unit.staging, copied)
             held = unit.nbytes
             in_bytes = sum(b.numel() * b.element_size() * (1 + len(fts)) for b, fts in inputs)
             try:
@@ -658,7 +680,7 @@ def merge_checkpoints(
     seconds["merge"] = time.perf_counter() - t_merge
 
     t_finish = time.perf_counter()
-    _barrier(world)  # every rank's shards are written
+    ranks.sync()  # every rank's shards are written
     if rank == 0:
         side = {}
         for name in SIDE_FILES:
@@ -668,11 +690,7 @@ def merge_checkpoints(
         side[MERGE_CONFIG_FILE] = yaml.safe_dump(cfg.source, sort_keys=False).encode()
         total_size = sum(plan.out_bytes(n) for n in plan.order)
         writer.finish(side, total_size)
-    _barrier(world)
-    if owns_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    ranks.sync()
     seconds["finish"] = time.perf_counter() - t_finish
     seconds["total"] = time.perf_counter() - t_start
     return MergeReport(

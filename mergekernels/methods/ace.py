@@ -19,13 +19,13 @@ from a float64 symmetric eigensolver on the smaller Gram of F.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .. import _ops
+from ..precision import float32_matmul
 
 GATES = {"auto": 0, "on": 1, "off": 2}
 ORIENTATIONS = ("stored", "transposed")
@@ -60,19 +60,6 @@ class AceInfo:
             "fallback": bool(self.fallback[i]),
             "refined": bool(self.refined[i]),
         }
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    if not enabled:
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _check(base: torch.Tensor, finetuned: Sequence[torch.Tensor], **params) -> None:
@@ -134,7 +121,7 @@ def ace_batched(
         raise ValueError(f"ace_batched: base must be [layers, rows, cols], got shape {tuple(base.shape)}")
     if orientation == "transposed":
         base, finetuned = base.mT, [x.mT for x in finetuned]
-    with _tf32(tf32 and base.is_cuda):
+    with float32_matmul(tf32 and base.is_cuda):
         merged, het, gamma, energies, fallback, refined = _ops.ace_merge(
             base,
             finetuned,

@@ -33,6 +33,7 @@ from fractions import Fraction
 
 import torch
 
+from ..precision import full_float32
 from .tsv import batched_inputs, finish, per_tensor, polar_factor, task_sum
 from .tsv import task_vectors as _task_vectors
 
@@ -59,6 +60,7 @@ def _iso_c_merged(total: torch.Tensor) -> torch.Tensor:
     return s.mean(dim=-1)[:, None, None] * (u @ vh)
 
 
+@full_float32
 def iso_c_batched(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
@@ -85,6 +87,7 @@ def iso_c_batched(
     return finish(base_c, _iso_c_merged(task_sum(base_c, finetuned, dtype)), alpha, want)
 
 
+@full_float32
 def iso_cts_batched(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],

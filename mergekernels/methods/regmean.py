@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from .. import _ops
+from ..precision import full_float32
 from .wudi import check_batched, mean_merge, pinv_solve
 
 
@@ -39,6 +40,7 @@ def _check_reduction(reduction: float) -> float:
     return reduction
 
 
+@full_float32
 def regmean_batched(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],

@@ -103,9 +103,10 @@ def ties(
     )
 
 
-def ties_prepass(num_tasks: int, numel: int, params: dict, device: torch.device, *, all_reduce: bool = False):
-    """The threshold of a tensor merged in chunks, or (numel of the whole model, ``all_reduce`` under
-    torch.distributed) the model-wide one; ``None`` when the caller already holds thresholds."""
+def ties_prepass(num_tasks: int, numel: int, params: dict, device: torch.device, *, all_reduce=None):
+    """The threshold of a tensor merged in chunks, or (numel of the whole model, with ``all_reduce``
+    summing counts over torch.distributed ranks) the model-wide one; ``None`` when the caller already
+    holds thresholds."""
     if params.get("thresholds") is not None:
         return None
     densities = _ops.per_task(params.get("density", 0.2), num_tasks, "density")

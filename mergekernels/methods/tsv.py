@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .. import _ops
+from ..precision import full_float32
 
 SVD_DTYPES = (torch.float32, torch.float64)
 
@@ -134,6 +135,7 @@ def tsv_rank(rows: int, cols: int, num_tasks: int) -> int:
     return max(1, min(rows, cols) // num_tasks)
 
 
+@full_float32
 def tsv_m_batched(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],

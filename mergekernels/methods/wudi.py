@@ -48,6 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
+from ..precision import full_float32
 
 SOLVERS = ("closed_form", "adam")
 # Random probe rows appended to every Cholesky solve to estimate the condition number.
@@ -207,6 +208,7 @@ def _adam(taus: torch.Tensor, lr: float, steps: int) -> torch.Tensor:
     return tau.detach()
 
 
+@full_float32
 def wudi_batched(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
