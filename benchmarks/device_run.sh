@@ -6,7 +6,7 @@
 #   bash benchmarks/device_run.sh           # <= 9 minutes: the full suite and every benchmark
 #
 # --quick: builds for this GPU's architecture only; runs the CUDA tests (the kernel test matrix of
-# tests/test_cuda_emulated.py on real CUDA, and tests/test_cuda.py); `mergekernels bench --quick
+# tests/test_cuda_emulated.py on real CUDA, tests/test_cuda.py, tests/test_gpu_paths.py); `mergekernels bench --quick
 # --device cuda`; and one `mergekernels merge --device cuda` on a generated Llama-shaped checkpoint,
 # compared byte for byte with the same merge on the CPU (benchmarks/device_merge_check.py).
 # Full: the same build, the whole test suite, compute-sanitizer (memcheck, racecheck) on a few CUDA
@@ -79,7 +79,7 @@ XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
 if [[ $MODE == quick ]]; then
   step cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_emulated.py \
-    -k "cuda" "${XDIST[@]}"
+    tests/test_gpu_paths.py -k "cuda" "${XDIST[@]}"
   step bench 50 "$PY" -m mergekernels bench --quick --device cuda --json "$LOGS/bench_quick_cuda.json" --no-progress
   step merge-check 60 "$PY" benchmarks/device_merge_check.py --dir /tmp/mk_device_models \
     --methods ties dare_ties --json "$LOGS/merge_check.json"
