@@ -6,9 +6,10 @@
 #   bash benchmarks/device_run.sh           # <= 9 minutes: the full suite and every benchmark
 #
 # --quick: builds for this GPU's architecture only; runs the CUDA tests (the kernel test matrix of
-# tests/test_cuda_emulated.py on real CUDA, tests/test_cuda.py, tests/test_gpu_paths.py); `mergekernels bench --quick
-# --device cuda`; and one `mergekernels merge --device cuda` on a generated Llama-shaped checkpoint,
-# compared byte for byte with the same merge on the CPU (benchmarks/device_merge_check.py).
+# tests/test_cuda_emulated.py on real CUDA, tests/test_cuda.py, tests/test_gpu_paths.py);
+# `mergekernels bench --quick --device cuda`; and one `mergekernels merge --device cuda` on a
+# generated Llama-shaped checkpoint, compared byte for byte with the same merge on the CPU
+# (benchmarks/device_merge_check.py).
 # Full: the same build, the whole test suite, compute-sanitizer (memcheck, racecheck) on a few CUDA
 # tests where the machine allows it, `mergekernels bench --device cuda`, the bandwidth benchmark at
 # 8 x 4096x11008 bf16, ACE on one Llama-7B block (4 experts, fp32), the WUDI loss and the merge check.
