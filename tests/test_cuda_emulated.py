@@ -368,7 +368,7 @@ def test_tv_stats(dev, dtype, k, histogram, grid):
 
 
 @pytest.mark.parametrize("grid", ["fit", "capped", "one_block", "surplus"])
-@pytest.mark.parametrize("k", [1, 7, 64])
+@pytest.mark.parametrize("k", [1, 2, 7, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_magnitude_histogram(dev, dtype, k, grid):
     use_grid(dev, grid, seed=k)
@@ -462,6 +462,15 @@ def test_tv_stats_beyond_the_device_shared_memory_is_a_clear_error(emu):
     with pytest.raises(ValueError, match=r"64 fine-tuned tensors with the histogram need 131136 bytes"):
         emu.tv_stats(base, fts, True)
     assert emu.tv_stats(base, fts[:31], True)[1].shape == (31,)  # 31 * 2 KiB + 64 B fits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_covariance_moments_64_experts(dev, dtype):
+    base, fts = dyadic_inputs(64, (2 * 4 * 37,), dtype, seed=6)
+    base, fts = base.view(2, 4, 37), [x.view(2, 4, 37) for x in fts]
+    got, want = dev.covariance_moments(base, fts), CPU.covariance_moments(base, fts)
+    for name, g, w in zip(["centred", "colmean", "energy", "centred_energy"], got, want, strict=True):
+        assert_same(g, w, name)
 
 
 def test_covariance_moments_with_more_strips_than_grid_rows(emu):
