@@ -104,3 +104,18 @@ def test_a_failing_rank_stops_every_rank_with_its_error(models):  # noqa: F811
         assert stopped.startswith("RankFailed: rank 0 stopped: rank 1 failed: CheckpointError")
         assert "NaN or Inf" in stopped
         assert not (tmp_path / f"{method}-out").exists()
+
+
+def test_a_lost_store_is_reported_as_a_failed_rank():
+    from mergekernels.engine.ranks import RankFailed, Ranks
+
+    class GoneStore:  # the process hosting the store has exited
+        def add(self, key, value):
+            raise RuntimeError("Connection reset by peer")
+
+    ranks = Ranks(rank=1, world=2, store=GoneStore(), prefix="run/")
+    with pytest.raises(RankFailed, match="rank 1 stopped: lost contact with the other ranks"):
+        ranks.sync()
+    ranks._last_check = -1e9
+    with pytest.raises(RankFailed, match="lost contact"):
+        ranks.check()

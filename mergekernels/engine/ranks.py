@@ -100,8 +100,18 @@ class Ranks:
         except Exception:  # noqa: BLE001 - the store itself is gone: nothing more to tell
             pass
 
+    def _count(self, key: str, increment: int) -> int:
+        """store.add, with a lost store (its host process gone) reported as a failed rank."""
+        try:
+            return self.store.add(self.prefix + key, increment)
+        except Exception as exc:  # noqa: BLE001 - the store's own errors name no rank
+            raise RankFailed(
+                f"rank {self.rank} stopped: lost contact with the other ranks ({exc}); another rank has "
+                "probably failed, see its output"
+            ) from exc
+
     def _raise_if_failed(self) -> None:
-        if self.store.add(self.prefix + "failures", 0) == 0:
+        if self._count("failures", 0) == 0:
             return
         key = self.prefix + "failure"
         try:
@@ -132,13 +142,13 @@ class Ranks:
 
             dist.barrier()
             return
-        key = f"{self.prefix}sync{self._points}"
+        key = f"sync{self._points}"
         self._points += 1
-        self.store.add(key, 1)
+        self._count(key, 1)
         delay = 0.001
         while True:
             self._raise_if_failed()
-            if self.store.add(key, 0) >= self.world:
+            if self._count(key, 0) >= self.world:
                 return
             time.sleep(delay)
             delay = min(2 * delay, POLL_SECONDS)
