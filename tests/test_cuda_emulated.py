@@ -564,6 +564,11 @@ def test_shared_memory_starts_poisoned_in_every_block(emu):
     assert torch.equal(out[: 3 * 128], torch.full((3 * 128,), -1, dtype=torch.int32))
 
 
+def test_static_and_dynamic_shared_memory_share_the_limit(emu):
+    out = emu.selftest("static_plus_dynamic_under_48k")
+    assert torch.equal(out[:256], torch.arange(256, dtype=torch.int32))
+
+
 def test_warp_shuffles(emu):
     out = emu.selftest("shuffles").view(128, 4)
     v = torch.arange(128) + 1
@@ -581,6 +586,7 @@ def test_warp_shuffles(emu):
         ("deadlock", "deadlock"),
         ("overrun", "dynamic shared memory written outside"),
         ("too_much_shared", "too much dynamic shared memory"),
+        ("static_plus_dynamic_over_48k", "at least 1024 bytes static"),
         ("block_too_large", "invalid block"),
         ("grid_y_too_large", "invalid grid"),
     ],

@@ -28,9 +28,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// One block runs at a time, so a function-local static is exactly one block's copy. They all sit in
-// one section, which the runtime poisons at every block start, as it does dynamic shared memory.
-#define __shared__ __attribute__((section("mk_emu_shared"))) static
+// One block runs at a time, so a function-local static is exactly one block's copy. The runtime finds
+// them in the library's symbol table and poisons them at every block start, as it does dynamic shared
+// memory (a section attribute would be simpler, but g++ ignores it on statics of function templates).
+#define __shared__ static
 #define threadIdx (::mk::emu::thread_index())
 #define blockIdx (::mk::emu::block_index())
 #define blockDim (::mk::emu::block_dim())

@@ -2,6 +2,8 @@
 // switch at every barrier and warp shuffle (see runtime.h for the guarantees).
 #include "runtime.h"
 
+#include <dlfcn.h>
+#include <elf.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -9,6 +11,9 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <fstream>
+#include <iterator>
+#include <string>
 #include <mutex>
 #include <numeric>
 #include <sstream>
@@ -144,18 +149,65 @@ struct Warp {
 };
 
 constexpr unsigned char kSharedPoison = 0xFF;  // NaN as float / double, huge as an integer
-
-// The static __shared__ variables of every emulated kernel (emulation.h puts them in this section;
-// the linker names its bounds). Weak: a build without any has no such section.
-extern "C" char __start_mk_emu_shared[] __attribute__((weak));
-extern "C" char __stop_mk_emu_shared[] __attribute__((weak));
-
-void poison_static_shared() {
-  if (__start_mk_emu_shared && __stop_mk_emu_shared)
-    std::memset(__start_mk_emu_shared, kSharedPoison, static_cast<size_t>(__stop_mk_emu_shared - __start_mk_emu_shared));
-}
 constexpr unsigned char kGuardByte = 0xA5;
 constexpr size_t kSharedGuard = 256;
+
+// The static __shared__ variables of the emulated kernels: the function-local statics of functions
+// named *_kernel in namespace mk, read once from this library's ELF symbol table (g++ would ignore a
+// section attribute on the statics of function templates, so a linker section cannot collect them).
+struct SharedRange {
+  unsigned char* begin;
+  size_t size;
+};
+
+std::vector<SharedRange> find_static_shared() {
+  std::vector<SharedRange> out;
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(&find_static_shared), &info) || !info.dli_fname) return out;
+  std::ifstream file(info.dli_fname, std::ios::binary);
+  const std::vector<char> data((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const auto fits = [&](uint64_t offset, uint64_t bytes) { return offset <= data.size() && bytes <= data.size() - offset; };
+  if (!fits(0, sizeof(Elf64_Ehdr))) return out;
+  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(data.data());
+  if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0 || eh->e_ident[EI_CLASS] != ELFCLASS64 ||
+      !fits(eh->e_shoff, uint64_t{eh->e_shnum} * sizeof(Elf64_Shdr)))
+    return out;
+  const auto* sections = reinterpret_cast<const Elf64_Shdr*>(data.data() + eh->e_shoff);
+  for (int i = 0; i < eh->e_shnum; ++i) {
+    const Elf64_Shdr& table = sections[i];
+    if (table.sh_type != SHT_SYMTAB || table.sh_link >= eh->e_shnum || !fits(table.sh_offset, table.sh_size)) continue;
+    const Elf64_Shdr& strings = sections[table.sh_link];
+    if (!fits(strings.sh_offset, strings.sh_size)) continue;
+    const auto* symbols = reinterpret_cast<const Elf64_Sym*>(data.data() + table.sh_offset);
+    for (size_t k = 0; k < table.sh_size / sizeof(Elf64_Sym); ++k) {
+      const Elf64_Sym& sym = symbols[k];
+      if (ELF64_ST_TYPE(sym.st_info) != STT_OBJECT || sym.st_size == 0 || sym.st_name >= strings.sh_size) continue;
+      const std::string name(data.data() + strings.sh_offset + sym.st_name);
+      // _ZZ<function>E<variable>: a function-local static; the function's name ends in _kernel.
+      if (name.rfind("_ZZN2mk", 0) != 0 || name.find("_kernel") == std::string::npos) continue;
+      out.push_back({static_cast<unsigned char*>(info.dli_fbase) + sym.st_value, sym.st_size});
+    }
+  }
+  return out;
+}
+
+const std::vector<SharedRange>& static_shared() {
+  static const std::vector<SharedRange> ranges = find_static_shared();
+  return ranges;
+}
+
+void poison_static_shared() {
+  for (const SharedRange& r : static_shared()) std::memset(r.begin, kSharedPoison, r.size);
+}
+
+// Bytes of static shared memory the block just run wrote (no longer the poison): a lower bound on
+// its kernel's static shared memory, which the launch limit counts with the dynamic part.
+size_t static_shared_written() {
+  size_t written = 0;
+  for (const SharedRange& r : static_shared())
+    for (size_t b = 0; b < r.size; ++b) written += r.begin[b] != kSharedPoison;
+  return written;
+}
 
 uint64_t splitmix64(uint64_t& state) {
   uint64_t z = (state += 0x9E3779B97F4A7C15ull);
@@ -166,8 +218,15 @@ uint64_t splitmix64(uint64_t& state) {
 
 class Grid {
  public:
-  Grid(dim3 grid, dim3 block, size_t smem, void (*thread_main)(void*), void* closure, uint64_t seed)
-      : grid_(grid), block_(block), smem_bytes_(smem), thread_main_(thread_main), closure_(closure), rng_(seed) {}
+  Grid(dim3 grid, dim3 block, size_t smem, size_t shared_limit, void (*thread_main)(void*), void* closure,
+       uint64_t seed)
+      : grid_(grid),
+        block_(block),
+        smem_bytes_(smem),
+        shared_limit_(shared_limit),
+        thread_main_(thread_main),
+        closure_(closure),
+        rng_(seed) {}
 
   // Runs every block; returns the first error ("" if none).
   std::string run();
@@ -195,6 +254,7 @@ class Grid {
 
   dim3 grid_, block_;
   size_t smem_bytes_;
+  size_t shared_limit_;  // static + dynamic bytes a block may use
   void (*thread_main_)(void*);
   void* closure_;
   uint64_t rng_;
@@ -379,6 +439,11 @@ void Grid::run_block(uint3 index) {
       fail("dynamic shared memory written outside its " + std::to_string(smem_bytes_) + " bytes");
       break;
     }
+  const size_t static_bytes = static_shared_written();
+  if (static_bytes + smem_bytes_ > shared_limit_)
+    fail("too much shared memory: at least " + std::to_string(static_bytes) + " bytes static + " +
+         std::to_string(smem_bytes_) + " dynamic, over the kernel's limit of " + std::to_string(shared_limit_) +
+         " (static and dynamic together; opt in with cudaFuncAttributeMaxDynamicSharedMemorySize)");
 }
 
 std::string Grid::run() {
@@ -393,7 +458,7 @@ std::string Grid::run() {
   return error_;
 }
 
-std::string check_configuration(const void* kernel, dim3 grid, dim3 block, size_t smem) {
+std::string check_configuration(const void* kernel, dim3 grid, dim3 block, size_t smem, size_t* shared_limit) {
   std::ostringstream s;
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (threads == 0 || threads > static_cast<uint64_t>(kMaxThreadsPerBlock) || block.z > 64)
@@ -404,8 +469,12 @@ std::string check_configuration(const void* kernel, dim3 grid, dim3 block, size_
   else if (static_cast<uint64_t>(grid.x) * grid.y * grid.z > (uint64_t{1} << 31))
     s << "the emulation runs at most 2^31 blocks per launch";
   if (!s.str().empty()) return "invalid launch configuration: " + s.str();
+  // Without an opt-in a block has 48 KiB, static and dynamic together; with one, its dynamic part may
+  // reach the attribute and the whole the device's opt-in limit.
   const auto it = g_max_dynamic_shared.find(kernel);
-  const size_t limit = it == g_max_dynamic_shared.end() ? kDefaultDynamicShared : static_cast<size_t>(it->second);
+  const bool opted_in = it != g_max_dynamic_shared.end();
+  const size_t limit = opted_in ? static_cast<size_t>(it->second) : kDefaultDynamicShared;
+  *shared_limit = opted_in ? static_cast<size_t>(g_settings.max_shared_optin) : kDefaultDynamicShared;
   if (smem > limit)
     return "too much dynamic shared memory: " + std::to_string(smem) + " bytes requested, the kernel's limit is " +
            std::to_string(limit) + " (cudaFuncAttributeMaxDynamicSharedMemorySize)";
@@ -447,9 +516,10 @@ void run_grid(const void* kernel, dim3 grid_dim, dim3 block_dim, size_t smem, vo
               void* closure) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   ++g_counters.launches;
-  std::string error = check_configuration(kernel, grid_dim, block_dim, smem);
+  size_t shared_limit = 0;
+  std::string error = check_configuration(kernel, grid_dim, block_dim, smem, &shared_limit);
   if (error.empty()) {
-    Grid g(grid_dim, block_dim, smem, thread_main, closure,
+    Grid g(grid_dim, block_dim, smem, shared_limit, thread_main, closure,
            g_settings.seed ^ (0x5DEECE66Dull * static_cast<uint64_t>(g_counters.launches)));
     g_grid = &g;
     error = g.run();

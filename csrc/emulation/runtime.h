@@ -8,8 +8,9 @@
 // before it was written changes the result. Barriers and shuffles are real: a block barrier waits
 // for every live thread of the block, a shuffle for every lane named in its mask. Errors that would
 // be undefined behaviour or a launch failure on a GPU (a deadlocked barrier, a shuffle naming an
-// exited lane, a launch configuration over the device limits, dynamic shared memory over the
-// kernel's limit or written past its end) fail the launch; take_last_error() reports them.
+// exited lane, a launch configuration over the device limits, shared memory over the kernel's
+// limit (the dynamic size plus the static bytes the block wrote) or dynamic shared memory written
+// past its end) fail the launch; take_last_error() reports them.
 #pragma once
 
 #include <cstddef>
@@ -60,7 +61,8 @@ std::string take_last_error();
 bool set_max_dynamic_shared(const void* kernel, int bytes);
 
 constexpr int kMaxThreadsPerBlock = 1024;
-// Shared memory a kernel may use without opting in (the emulation counts its dynamic part).
+// Shared memory a block may use without opting in, static and dynamic together (the emulation
+// counts the dynamic size and the static bytes the block writes).
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 
 // --- Device side: valid only inside a thread of a running launch. ---

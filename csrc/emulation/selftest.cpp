@@ -67,6 +67,15 @@ __global__ void static_shared_kernel(int* out) {
   s[threadIdx.x] = static_cast<int>(threadIdx.x);
 }
 
+// 1 KiB of static shared memory next to the dynamic memory it is launched with.
+__global__ void static_and_dynamic_kernel(int* out) {
+  __shared__ int s[256];
+  MK_DYNAMIC_SHARED(int, d);
+  s[threadIdx.x] = 0x01010101;  // no byte equal to the poison, so every byte counts as written
+  d[threadIdx.x] = s[threadIdx.x] - 0x01010101 + static_cast<int>(threadIdx.x);
+  out[threadIdx.x] = d[threadIdx.x];
+}
+
 // Writes its block index; kTag only makes distinct kernels (attributes are per kernel and persist).
 template <int kTag>
 __global__ void fill_kernel(int* out) {
@@ -85,6 +94,10 @@ at::Tensor run_selftest(c10::string_view name) {
     MK_LAUNCH(1, kBlock, 0, nullptr, shuffle_kernel)(o);
   } else if (name == "static_shared") {
     MK_LAUNCH(3, kBlock, 0, nullptr, static_shared_kernel)(o);
+  } else if (name == "static_plus_dynamic_over_48k") {
+    MK_LAUNCH(1, 256, 48 * 1024 - 512, nullptr, static_and_dynamic_kernel)(o);
+  } else if (name == "static_plus_dynamic_under_48k") {
+    MK_LAUNCH(1, 256, 47 * 1024, nullptr, static_and_dynamic_kernel)(o);
   } else if (name == "exited_lane") {
     MK_LAUNCH(1, 32, 0, nullptr, exited_lane_kernel)(o);
   } else if (name == "deadlock") {
