@@ -4,6 +4,7 @@ reduction to DARE + task arithmetic at infinite temperatures, scores on disk, an
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -361,13 +362,18 @@ def test_plan_weights_and_levels(scores):
     torch.testing.assert_close(joined.mean(1), torch.ones(3, dtype=torch.float64))
     keep, row_len = p.keep("layers.1.fc1.weight", (16, 16))
     assert keep.shape == (3, 16) and row_len == 16
-    expected = (1.0 - 0.9) * p.layer_mult[:, 2:3] * p.row_mult["layers.1.fc1.weight"]
-    torch.testing.assert_close(keep, expected.clamp(max=1.0), rtol=0, atol=0)
+    c = torch.tensor(p.keep_scale, dtype=torch.float64)[:, None]
+    k_min = torch.tensor(p.k_min, dtype=torch.float64)[:, None]
+    expected = (1.0 - 0.9) * p.layer_mult[:, 2:3] * p.row_mult["layers.1.fc1.weight"] * c
+    torch.testing.assert_close(keep, torch.maximum(expected.clamp(max=1.0), k_min), rtol=0, atol=0)
     bias_keep, bias_len = p.keep("layers.1.fc1.bias", (16,))
     assert torch.equal(bias_keep, keep) and bias_len == 1
     norm_keep, _ = p.keep("norm.weight", (16,))  # no units: the layer multiplier only
     torch.testing.assert_close(
-        norm_keep[:, 0], ((1.0 - 0.9) * p.layer_mult[:, 5]).clamp(max=1.0), rtol=0, atol=0
+        norm_keep[:, 0],
+        torch.maximum(((1.0 - 0.9) * p.layer_mult[:, 5] * c[:, 0]).clamp(max=1.0), k_min[:, 0]),
+        rtol=0,
+        atol=0,
     )
     free, _ = p.keep("not.scored", (4, 4))  # unscored: plain 1 - p
     assert torch.equal(free, torch.full((3, 1), 1.0 - 0.9, dtype=torch.float64))
@@ -439,6 +445,7 @@ def test_merge_matches_float64_reference(setup, scores, combine, ties_merge):
         "seed": 4,
         "combine": combine,
         "k_min": 0.01,
+        "rescale_warning": 1000.0,  # k_min = 0.01 at p = 0.7 rescales by up to 100: intended here
     }
     params["ties_merge"] = ties_merge
     out = mk.apl.merge(base, fts, scores, **params)
@@ -676,3 +683,114 @@ def test_scores_path_through_the_registry(tmp_path, setup, scores):
     assert _sd_equal(
         mk.merge(base, fts, "apl", scores=str(path), seed=1), mk.apl.merge(base, fts, scores, seed=1)
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The keep-rate allocation: each task's keep rates average exactly 1 - p over its elements.
+def _model_scores(hidden_rows, layer_scores=None, model_scores=None):
+    """Scores of a two-layer model: l0.weight [rows0, 30] with l0.bias, l1.weight [rows1, 7], l1.norm
+    [7] (no units); `hidden_rows` is [T, rows0 + rows1] unit scores."""
+    hidden = torch.as_tensor(hidden_rows, dtype=torch.float64)
+    T, total = hidden.shape
+    rows0 = total // 2 if total > 1 else 1
+    tensors = {"l0.weight": 0, "l0.bias": 0, "l1.weight": 1, "l1.norm": 1}
+    owners = {"l0.weight": "l0.weight", "l0.bias": "l0.weight", "l1.weight": "l1.weight"}
+    units = {"l0.weight": hidden[:, :rows0], "l1.weight": hidden[:, rows0:]}
+    units = {k: v for k, v in units.items() if v.shape[1] > 0}
+    owners = {k: v for k, v in owners.items() if v in units}
+    sizes = {"l0.weight": rows0 * 30, "l0.bias": rows0, "l1.weight": (total - rows0) * 7, "l1.norm": 7}
+    return APLScores(
+        [f"t{t}" for t in range(T)],
+        ("model", "layer", "hidden"),
+        ["l0.", "l1."],
+        tensors,
+        owners,
+        model=torch.as_tensor(model_scores if model_scores is not None else [1.0] * T, dtype=torch.float64),
+        layer=torch.as_tensor(
+            layer_scores if layer_scores is not None else [[1.0, 1.0]] * T, dtype=torch.float64
+        ),
+        hidden=units,
+        numel={k: v for k, v in sizes.items() if k in tensors and (k in owners or k == "l1.norm")},
+    )
+
+
+def _mean_keep(plan, scores):
+    """Element-weighted mean keep rate per task over the scored tensors."""
+    kept, total = 0.0, 0
+    for name, numel in scores.numel.items():
+        owner = scores.row_tensor.get(name)
+        if owner == name:
+            rows = scores.hidden[name].shape[1]
+            keep, row_len = plan.keep(name, (rows, numel // rows))
+            kept = kept + (keep * row_len).sum(1)
+        else:
+            keep, _ = plan.keep(name, (numel,))
+            kept = kept + (keep.sum(1) if keep.shape[1] == numel else keep[:, 0] * numel)
+        total += numel
+    return kept / total
+
+
+ADVERSARIAL = {
+    "one huge score": [[1e30] + [1.0] * 9, [1.0] * 9 + [1e30]],
+    "all zero": [[0.0] * 10, [0.0] * 10],
+    "ties": [[2.0] * 5 + [1.0] * 5, [3.0] * 10],
+    "heavy tail": [[10.0**i for i in range(10)], [float(i % 3) for i in range(10)]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("tau1", [0.05, 1.0])
+@pytest.mark.parametrize("k_min", [None, 0.0])
+def test_keep_rates_average_exactly_one_minus_p(case, tau1, k_min):
+    scores = _model_scores(ADVERSARIAL[case], layer_scores=[[5.0, 0.1], [0.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # k_min = 0 may rescale without bound
+        plan = mk.apl.plan(scores, drop=[0.9, 0.6], tau1=tau1, k_min=k_min)
+    mean = _mean_keep(plan, scores)
+    torch.testing.assert_close(mean, torch.tensor([0.1, 0.4], dtype=torch.float64), rtol=0, atol=1e-9)
+    for name in scores.numel:
+        shape = (
+            (scores.hidden[name].shape[1], scores.numel[name] // scores.hidden[name].shape[1])
+            if (scores.row_tensor.get(name) == name)
+            else (scores.numel[name],)
+        )
+        keep, _ = plan.keep(name, shape)
+        floor = torch.tensor(plan.k_min, dtype=torch.float64)[:, None]
+        assert bool((keep <= 1.0).all()) and bool((keep >= floor).all())
+
+
+def test_a_single_row_keeps_exactly_one_minus_p():
+    scores = _one_tensor_scores([[7.0], [0.0]])
+    plan = mk.apl.plan(scores, drop=0.8)
+    keep, _ = plan.keep("w.weight", (1, 9))
+    assert torch.equal(keep, torch.full((2, 1), 1.0 - 0.8, dtype=torch.float64))
+
+
+def test_largest_rescale_is_bounded_and_reported():
+    peaked = _model_scores([[1e6] + [1e-3] * 19, [1.0] * 20])
+    plan = mk.apl.plan(peaked, drop=0.9, tau1=0.01)
+    assert plan.max_rescale[0] <= 4 / 0.1 * (1 + 1e-12)  # k_min defaults to (1 - p) / 4
+    assert plan.max_rescale[1] == pytest.approx(10.0)  # equal scores: DARE's 1 / (1 - p)
+    with pytest.warns(RuntimeWarning, match=r"task 't0' rescales its rarest kept entries by"):
+        loose = mk.apl.plan(peaked, drop=0.9, tau1=0.01, k_min=0.0)
+    assert loose.max_rescale[0] > 100
+    with pytest.raises(ValueError, match="k_min = 0.5 is above the mean keep rate"):
+        mk.apl.plan(peaked, drop=0.9, k_min=0.5)
+
+
+def test_nan_or_infinite_scores_are_refused():
+    for bad in (math.nan, math.inf):
+        scores = _model_scores([[1.0, bad, 2.0, 3.0], [1.0] * 4])
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            mk.apl.plan(scores, drop=0.9)
+
+
+def test_allocate_solves_the_budget_exactly():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rates = torch.rand(500, generator=g, dtype=torch.float64) ** 8 * 3
+        weights = torch.randint(1, 100, (500,), generator=g).double()
+        c = mk.apl.allocate(0.2, rates, weights, 0.02)
+        kept = (c * rates).clamp(0.02, 1.0)
+        assert abs(float((kept * weights).sum() / weights.sum()) - 0.2) < 1e-12
+    assert mk.apl.allocate(0.3, torch.full((5,), 0.3, dtype=torch.float64), torch.ones(5), 0.0) == 1.0

@@ -59,13 +59,19 @@ removing Delta on P lowered the loss) count as 0. Among siblings G -- the tasks 
 layers of one task, the units of one layer of one task -- s_hat = s / mean_G(s); a group whose scores
 are all 0 gets s_hat = 1 (uniform, no NaN) and multipliers exactly 1. Multipliers
 m_P = |G| softmax_G(s_hat / tau1) (mean 1 over every group; tau1 = inf gives exactly 1). The keep
-rate of unit h of layer l of task t is k = clip((1 - p_t) m_{t,l} m_{t,l,h}, k_min, 1), computed in
-float64 and rounded once to float32 for the kernel; a scored tensor without units uses
-(1 - p_t) m_{t,l}; a tensor without scores (not in the model, excluded from scoring) uses plain
-1 - p_t. A level absent from the scores contributes multipliers 1. Merge weights
-w_t = T softmax_t(s_hat_model / tau2) (exactly 1 for tau2 = inf or without model scores) and
-lambda_t = scale * w_t. With tau1 = tau2 = inf APL is DARE + task arithmetic bit for bit (same
-kernel, seed, key and keep probabilities).
+rate of unit h of layer l of task t is k = clip(c_t (1 - p_t) m_{t,l} m_{t,l,h}, k_min, 1), computed
+in float64 and rounded once to float32 for the kernel; a scored tensor without units uses
+c_t (1 - p_t) m_{t,l}; a tensor without scores (not in the model, excluded from scoring) uses plain
+1 - p_t. The spec's rule is c_t = 1, but with heavy-tailed importance the multipliers are so peaked
+that clipping at 1 throws most of the keep budget away (mean keep rates of 0.001-0.01 instead of 0.1
+on a real text encoder) and the 1 / k rescale of the rare survivors explodes. So c_t is chosen by
+water-filling (:func:`allocate`): the rates average exactly 1 - p_t over the task's scored elements
+after clipping, and the floor k_min defaults to (1 - p_t) / 4, which bounds every rescale by
+4 / (1 - p_t); the plan reports each task's largest rescale and warns beyond ``rescale_warning`` x
+DARE's. Multipliers of exactly 1 give c_t = 1 exactly. A level absent from the scores contributes
+multipliers 1. Merge weights w_t = T softmax_t(s_hat_model / tau2) (exactly 1 for tau2 = inf or
+without model scores) and lambda_t = scale * w_t. With tau1 = tau2 = inf APL is DARE + task
+arithmetic bit for bit (same kernel, seed, key and keep probabilities).
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ import fnmatch
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -95,6 +102,11 @@ FORMAT_VERSION = 1
 
 # Elements of one chunk of rows in the importance reductions and the magnitude selection.
 CHUNK_ELEMENTS = 1 << 22
+# Default k_min, as a fraction of the task's mean keep rate 1 - p: no unit keeps less than a quarter
+# of the average, so no survivor is rescaled more than 4 x DARE's 1 / (1 - p).
+DEFAULT_K_MIN_FRACTION = 0.25
+# plan() warns when a task's largest rescale exceeds this multiple of DARE's 1 / (1 - p).
+RESCALE_WARNING = 10.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +127,8 @@ class APLScores:
         hidden: row-owning tensor name -> [T, rows] scores of its units (empty without the level).
         info: how the scores were computed (``method``: ``"gradient"`` or ``"exact"``, ``grad_at``,
             ``layer``, ``backward``, ``batches`` per task).
+        numel: scored tensor name -> its number of elements (weights the keep-rate allocation; empty
+            in files written before it was recorded: then every unit weighs the same).
     """
 
     tasks: list[str]
@@ -126,6 +140,7 @@ class APLScores:
     layer: torch.Tensor | None = None
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
     _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -148,6 +163,7 @@ class APLScores:
             "tensor_layer": self.tensor_layer,
             "row_tensor": self.row_tensor,
             "info": self.info,
+            "numel": self.numel,
         }
         save_file(
             tensors,
@@ -183,6 +199,7 @@ class APLScores:
             layer=tensors.get("layer"),
             hidden={k[len("hidden/") :]: v for k, v in tensors.items() if k.startswith("hidden/")},
             info=meta["info"],
+            numel={k: int(v) for k, v in meta.get("numel", {}).items()},
         )
 
 
@@ -522,6 +539,7 @@ def importance(
         layer_names=st.layer_names,
         tensor_layer=st.tensor_layer,
         row_tensor=st.row_tensor,
+        numel={n: st.params[n].numel() for n in st.names},
         model=model_sum.abs() if "model" in levels else None,
         layer=layer_sum.abs() if "layer" in levels else None,
         hidden={n: x.abs() for n, x in hidden.items()} if "hidden" in levels else {},
@@ -617,6 +635,7 @@ def exact_importance(
         layer_names=st.layer_names,
         tensor_layer=st.tensor_layer,
         row_tensor=st.row_tensor,
+        numel={n: st.params[n].numel() for n in st.names},
         model=model_i if "model" in levels else None,
         layer=layer_i if "layer" in levels else None,
         hidden=hidden if "hidden" in levels else {},
@@ -663,6 +682,54 @@ def keep_rates(drop: float, layer_multiplier, row_multiplier, k_min: float = 0.0
     return _clip_keep(base_keep, torch.as_tensor(layer_multiplier), torch.as_tensor(row_multiplier), k_min)
 
 
+def allocate(target: float, rates: torch.Tensor, weights: torch.Tensor, k_min: float) -> float:
+    """Water-filling: the scale c >= 0 with sum_i w_i clip(c r_i, k_min, 1) = target * sum_i w_i.
+
+    ``rates`` are the unclipped keep rates r_i = (1 - p) m_layer m_row of one task's units and
+    ``weights`` their element counts. Clipping at 1 and at k_min moves keep budget; scaling the
+    unclipped rates by c hands it back to the units that are not clipped, in proportion to their
+    rates, so the mean keep rate is exactly ``target``. f(c) = sum_i w_i clip(c r_i, k_min, 1) is
+    piecewise linear and nondecreasing: a bisection over its breakpoints finds the segment that
+    reaches the target, and c is solved on it.
+    Rates that are all equal to the target give c = 1 exactly (no clipping to undo). Needs
+    0 <= k_min <= target <= 1; if even c = inf cannot reach the target (rates of 0), returns the c
+    at which every positive rate is 1."""
+    r = rates.to(torch.float64).reshape(-1)
+    w = weights.to(torch.float64).reshape(-1)
+    if r.numel() == 0 or bool((r == target).all()):
+        return 1.0
+    goal = target * float(w.sum())
+
+    def kept(c: float) -> float:
+        return float((w * (c * r).clamp(min=k_min, max=1.0)).sum())
+
+    # Breakpoints: at c = k_min / r an entry leaves the floor, at c = 1 / r it reaches 1.
+    positive = r[r > 0]
+    if positive.numel() == 0:
+        return 1.0
+    events = torch.unique(torch.cat([k_min / positive, 1.0 / positive]))
+    if kept(float(events[-1])) < goal:
+        return float(events[-1])
+    lo, hi = -1, events.numel() - 1  # kept(events[hi]) >= goal; kept(events[lo]) < goal (lo = -1: c = 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if kept(float(events[mid])) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    left, right = (0.0 if lo < 0 else float(events[lo])), float(events[hi])
+    # Inside (left, right] no entry changes state: f(c) = const + slope * c, summed directly (a
+    # running sum of the events' changes would cancel catastrophically across magnitudes).
+    probe = r * (0.5 * (left + right))
+    floor, top = probe < k_min, probe > 1.0
+    free = ~(floor | top)
+    const = float(w[floor].sum()) * k_min + float(w[top].sum())
+    slope = float((w[free] * r[free]).sum())
+    if slope <= 0.0:
+        return right
+    return min(max((goal - const) / slope, left), right)
+
+
 @dataclass
 class APLPlan:
     """What an APL merge needs besides the tensors: per-task drop rates, merge weights, layer and unit
@@ -675,11 +742,13 @@ class APLPlan:
     seed: int
     combine: str
     within: str
-    k_min: float
+    k_min: list[float]  # per task
     ties_merge: str
     scores: APLScores | None
     layer_mult: torch.Tensor | None  # [T, L]
     row_mult: dict[str, torch.Tensor]  # row owner -> [T, rows]
+    keep_scale: list[float] = field(default_factory=list)  # c_t of the water-filling (allocate)
+    max_rescale: list[float] = field(default_factory=list)  # largest 1 / k per task (within="random")
 
     @property
     def num_tasks(self) -> int:
@@ -701,13 +770,15 @@ class APLPlan:
         numel = math.prod(shape)
         offset = element_offset or 0
         base_keep = torch.tensor([1.0 - d for d in self.drop], dtype=torch.float64)[:, None]
+        k_min = torch.tensor(self.k_min, dtype=torch.float64)[:, None]
         s = self.scores
         if s is None or name not in s.tensor_layer:
-            return base_keep.clamp(min=self.k_min, max=1.0), max(1, offset + numel)
+            return torch.maximum(base_keep, k_min).clamp(max=1.0), max(1, offset + numel)
+        scale = torch.tensor(self.keep_scale or [1.0] * self.num_tasks, dtype=torch.float64)[:, None]
         m_layer = self.layer_mult[:, s.tensor_layer[name]][:, None] if self.layer_mult is not None else 1.0
         owner = s.row_tensor.get(name)
         if owner is None or owner not in self.row_mult:
-            return _clip_keep(base_keep, m_layer, 1.0, self.k_min), max(1, offset + numel)
+            return _clip_keep(base_keep, m_layer, 1.0, k_min, scale), max(1, offset + numel)
         m_row = self.row_mult[owner]
         rows = m_row.shape[1]
         if owner != name:  # an attached bias: one entry per unit
@@ -722,7 +793,7 @@ class APLPlan:
                 f"apl: tensor {name!r} has {what} {list(shape)} but its scores have {rows} "
                 f"{'units' if owner != name else 'rows'}"
             )
-        return _clip_keep(base_keep, m_layer, m_row, self.k_min), max(1, row_len)
+        return _clip_keep(base_keep, m_layer, m_row, k_min, scale), max(1, row_len)
 
     def merge_tensor(
         self,
@@ -777,11 +848,14 @@ class APLPlan:
         return _magnitude_merge(p, keep, reduce_args, out_dtype)
 
 
-def _clip_keep(base_keep: torch.Tensor, m_layer, m_row, k_min: float) -> torch.Tensor:
-    """clip(base_keep * m_layer * m_row, k_min, 1), float64; base_keep is 1 - p_t ([T, 1])."""
+def _clip_keep(base_keep: torch.Tensor, m_layer, m_row, k_min, scale=1.0) -> torch.Tensor:
+    """clip(base_keep * m_layer * m_row * scale, k_min, 1), float64; base_keep is 1 - p_t ([T, 1]),
+    k_min and scale floats or [T, 1] (multiplied in that order: factors of exactly 1 change nothing)."""
     keep = base_keep * (m_layer if isinstance(m_layer, float) else m_layer.to(torch.float64))
     keep = keep * (m_row if isinstance(m_row, float) else m_row.to(torch.float64))
-    return keep.clamp(min=k_min, max=1.0)
+    keep = keep * scale
+    k_min = torch.as_tensor(k_min, dtype=torch.float64)
+    return torch.maximum(keep.clamp(max=1.0), k_min).clamp(max=1.0)
 
 
 def _magnitude_merge(p: _ops.Prepared, keep: torch.Tensor, reduce_args: dict, out_dtype) -> torch.Tensor:
@@ -832,11 +906,14 @@ def plan(
     seed: int = 0,
     combine: str = "task_arithmetic",
     within: str = "random",
-    k_min: float = 0.0,
+    k_min: float | None = None,
     ties_merge: str = "sum",
     fallback: str | None = None,
+    rescale_warning: float = RESCALE_WARNING,
 ) -> APLPlan:
-    """Merge weights and keep-rate multipliers from the scores (parameters as in :func:`merge`).
+    """Merge weights, keep-rate multipliers and their allocation from the scores (parameters as in
+    :func:`merge`). The plan reports each task's largest rescale 1 / k (``max_rescale``) and warns when
+    one exceeds ``rescale_warning`` times DARE's 1 / (1 - p).
 
     ``scores=None`` is refused unless ``fallback="dare"``: then every multiplier and weight is 1
     (DARE + task arithmetic; ``num_tasks`` gives the number of models)."""
@@ -846,9 +923,13 @@ def plan(
     if combine == "ties":
         _choice(ties_merge, MERGE_MODES, "ties_merge")
     tau1, tau2 = _check_tau(tau1, "tau1"), _check_tau(tau2, "tau2")
-    k_min = float(k_min)
-    if not 0.0 <= k_min <= 1.0:
-        raise ValueError(f"k_min must be in [0, 1], got {k_min}")
+    if k_min is not None:
+        k_min = float(k_min)
+        if not 0.0 <= k_min <= 1.0:
+            raise ValueError(f"k_min must be in [0, 1], got {k_min}")
+    rescale_warning = float(rescale_warning)
+    if not rescale_warning >= 1.0:
+        raise ValueError(f"rescale_warning must be >= 1, got {rescale_warning}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if scores is None:
@@ -877,6 +958,13 @@ def plan(
     for t, d in enumerate(drops):
         if not 0.0 <= d < 1.0:
             raise ValueError(f"apl: drop must be in [0, 1), got {d} for task {tasks[t]!r}")
+    k_mins = [DEFAULT_K_MIN_FRACTION * (1.0 - d) if k_min is None else k_min for d in drops]
+    for t, (d, k) in enumerate(zip(drops, k_mins, strict=True)):
+        if k > 1.0 - d:
+            raise ValueError(
+                f"apl: k_min = {k} is above the mean keep rate 1 - drop = {1.0 - d} of task {tasks[t]!r}; "
+                "no allocation can keep that mean"
+            )
     weights = [1.0] * T
     layer_mult, row_mult = None, {}
     if scores is not None:
@@ -886,6 +974,24 @@ def plan(
             layer_mult = multipliers(scores.layer, tau1)
         if scores.hidden:
             row_mult = _row_multipliers(scores, tau1)
+    scale_c, max_rescale = [1.0] * T, [1.0 / (1.0 - d) for d in drops]
+    if scores is not None and scores.tensor_layer:
+        units, sizes = _units(scores, layer_mult, row_mult, T)
+        for t in range(T):
+            rates = (1.0 - drops[t]) * units[t]
+            scale_c[t] = allocate(1.0 - drops[t], rates, sizes, k_mins[t])
+            lowest = float(_clip_keep(rates * scale_c[t], 1.0, 1.0, k_mins[t]).min())
+            max_rescale[t] = 1.0 / lowest if lowest > 0 else math.inf
+    if within == "random":
+        for t in range(T):
+            if max_rescale[t] > rescale_warning / (1.0 - drops[t]):
+                warnings.warn(
+                    f"apl: task {tasks[t]!r} rescales its rarest kept entries by {max_rescale[t]:.3g}, more "
+                    f"than {rescale_warning:g} x DARE's 1 / (1 - p) = {1.0 / (1.0 - drops[t]):.3g} "
+                    f"(raise k_min to bound it; k_min = {k_mins[t]:.3g})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return APLPlan(
         tasks=tasks,
         drop=drops,
@@ -894,12 +1000,40 @@ def plan(
         seed=seed,
         combine=combine,
         within=within,
-        k_min=k_min,
+        k_min=k_mins,
         ties_merge=ties_merge,
         scores=scores,
         layer_mult=layer_mult,
         row_mult=row_mult,
+        keep_scale=scale_c,
+        max_rescale=max_rescale,
     )
+
+
+def _units(
+    scores: APLScores, layer_mult, row_mult: dict, num_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The multipliers m_layer * m_row of every unit of every scored tensor ([T, N] float64) and the
+    units' element counts ([N]): a row of a row-owning tensor weighs its row length, an attached
+    bias entry 1, a tensor without units is one unit of all its elements. Scores without element
+    counts (older files) weigh every unit 1."""
+    mults, sizes = [], []
+    for name, layer in scores.tensor_layer.items():
+        m_layer = (
+            layer_mult[:, layer] if layer_mult is not None else torch.ones(num_tasks, dtype=torch.float64)
+        )
+        owner = scores.row_tensor.get(name)
+        numel = scores.numel.get(name)
+        if owner is not None and owner in row_mult:
+            m_row = row_mult[owner]
+            rows = m_row.shape[1]
+            row_len = 1.0 if owner != name or numel is None else numel / rows
+            mults.append(m_layer[:, None] * m_row)
+            sizes.append(torch.full((rows,), row_len, dtype=torch.float64))
+        else:
+            mults.append(m_layer[:, None])
+            sizes.append(torch.tensor([float(numel) if numel is not None else 1.0], dtype=torch.float64))
+    return torch.cat(mults, dim=1), torch.cat(sizes)
 
 
 def _row_multipliers(scores: APLScores, tau1: float) -> dict[str, torch.Tensor]:
@@ -979,9 +1113,10 @@ def apl(
     seed: int = 0,
     combine: str = "task_arithmetic",
     within: str = "random",
-    k_min: float = 0.0,
+    k_min: float | None = None,
     ties_merge: str = "sum",
     fallback: str | None = None,
+    rescale_warning: float = RESCALE_WARNING,
     element_offset: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -1001,6 +1136,7 @@ def apl(
         "k_min": k_min,
         "ties_merge": ties_merge,
         "fallback": fallback,
+        "rescale_warning": rescale_warning,
     }
     return merge_tensor(
         key, base, finetuned, scores, element_offset=element_offset, out_dtype=out_dtype, **params
@@ -1019,9 +1155,10 @@ def merge(
     seed: int = 0,
     combine: str = "task_arithmetic",
     within: str = "random",
-    k_min: float = 0.0,
+    k_min: float | None = None,
     ties_merge: str = "sum",
     fallback: str | None = None,
+    rescale_warning: float = RESCALE_WARNING,
     exclude: Sequence[str] = (),
     device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -1045,7 +1182,12 @@ def merge(
         within: ``"random"`` (default: Bernoulli keep with probability k, survivors divided by k) or
             ``"magnitude"`` (keep the round(k * n) entries of largest |Delta| of each row of n entries,
             round half up, no rescale; 1-D tensors are one row at their mean keep rate).
-        k_min: lower clip of the keep rates (default 0).
+        k_min: lower clip of the keep rates (default ``None``: (1 - p) / 4 per task, so no kept entry
+            is rescaled more than 4 / (1 - p)); at most 1 - p. What the clips at k_min and 1 take
+            from or give to the mean keep rate is handed back by water-filling (:func:`allocate`):
+            each task's keep rates average exactly 1 - p over its elements.
+        rescale_warning: warn when a task's largest rescale 1 / k exceeds this multiple of DARE's
+            1 / (1 - p) (default 10).
         fallback: ``None`` (default) or ``"dare"``: without scores, merge by DARE + task arithmetic
             (``combine="ties"``: DARE-TIES) with the same drop and seed.
         exclude: glob patterns of tensor names kept at the base's value.
@@ -1095,6 +1237,7 @@ def merge(
             k_min=k_min,
             ties_merge=ties_merge,
             fallback=fallback,
+            rescale_warning=rescale_warning,
         )
     for i, sd in enumerate(finetuned):
         missing = [n for n in base if n not in sd]
@@ -1123,6 +1266,7 @@ def merge(
 __all__ = [
     "LEVELS",
     "APLPlan",
+    "allocate",
     "APLScores",
     "Scores",
     "apl",
