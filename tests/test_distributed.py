@@ -12,7 +12,7 @@ from mergekernels.engine import merge_checkpoints
 from .test_engine import _config, _files, models  # noqa: F401  (fixture)
 
 
-def _rank(rank: int, world: int, store: str, config: dict, out: str) -> None:
+def _join(rank: int, world: int, store: str, timeout_s: int) -> None:
     import torch.distributed as dist
 
     dist.init_process_group(
@@ -20,8 +20,24 @@ def _rank(rank: int, world: int, store: str, config: dict, out: str) -> None:
         init_method=f"file://{store}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=60),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def _wait(ranks, seconds: int, what: str) -> None:
+    """Join the rank processes (raising if one failed); kill them and fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{what}: the ranks did not finish within {seconds} s")
+
+
+def _rank(rank: int, world: int, store: str, config: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    _join(rank, world, store, 60)
     try:
         merge_checkpoints(config, out, device="cpu", quiet=True, shard_size=1500)
     finally:
@@ -44,12 +60,7 @@ def test_two_gloo_ranks_equal_one_process(models):  # noqa: F811
         ranks = mp.start_processes(
             _rank, args=(2, str(tmp_path / f"{method}.store"), cfg, str(double)), nprocs=2, join=False
         )
-        deadline = time.monotonic() + 120
-        while not ranks.join(timeout=1):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                for process in ranks.processes:
-                    process.kill()
-                pytest.fail("the two ranks did not finish within 120 s")
+        _wait(ranks, 120, method)
         assert _files(double) == _files(single)
         assert len([f for f in _files(single) if f.startswith("model-")]) > 2
 
@@ -63,13 +74,7 @@ def _failing_rank(rank: int, world: int, store: str, config: dict, out: str, rep
 
     if rank == 1:
         run._finite = lambda x: False
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
+    _join(rank, world, store, 300)
     try:
         merge_checkpoints(config, out, device="cpu", quiet=True, shard_size=1500)
         message = "finished"
@@ -91,13 +96,11 @@ def test_a_failing_rank_stops_every_rank_with_its_error(models):  # noqa: F811
             cfg.setdefault("options", {})["threshold_scope"] = "global"  # fails before an all-reduce
         report = tmp_path / f"{method}.report"
         args = (2, str(tmp_path / f"{method}.fail.store"), cfg, str(tmp_path / f"{method}-out"), str(report))
-        ranks = mp.start_processes(_failing_rank, args=args, nprocs=2, join=False)
-        deadline = time.monotonic() + 60
-        while not ranks.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in ranks.processes:
-                    process.kill()
-                pytest.fail(f"{method}: the ranks were still running 60 s after rank 1 failed")
+        _wait(
+            mp.start_processes(_failing_rank, args=args, nprocs=2, join=False),
+            60,
+            f"{method} after rank 1 failed",
+        )
         failed = (tmp_path / f"{method}.report.1").read_text()
         stopped = (tmp_path / f"{method}.report.0").read_text()
         assert failed.startswith("CheckpointError") and "NaN or Inf" in failed
