@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .devices import concrete
 from .methods import METHODS
 from .selection import MagnitudeThreshold
 
@@ -135,7 +134,8 @@ def merge(
 
     if threshold_scope == "global":
         names = [n for n in base if mergeable(n)]
-        target = concrete(device if device is not None else (base[names[0]].device if names else "cpu"))
+        # The selector makes its device concrete (cuda -> cuda:N), as the tensors moved there report.
+        target = device if device is not None else (base[names[0]].device if names else "cpu")
         selector = MagnitudeThreshold(len(finetuned), target)
         for name in names:
             selector.count(*inputs(name))

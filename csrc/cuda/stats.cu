@@ -6,7 +6,7 @@
 // which the host sums in a fixed order (float64 atomics would make the low bits depend on the block
 // order); the integer counts and maxima leave through atomics, which are exact in any order.
 //
-// All of the kernel's shared memory is dynamic, so the host knows its whole size (tv_stats_plan).
+// All of the kernel's shared memory is dynamic, so the host knows its whole size (plan_tv_stats).
 #include <stdexcept>
 #include <string>
 

@@ -773,7 +773,7 @@ class APLPlan:
         k_min = torch.tensor(self.k_min, dtype=torch.float64)[:, None]
         s = self.scores
         if s is None or name not in s.tensor_layer:
-            return torch.maximum(base_keep, k_min).clamp(max=1.0), max(1, offset + numel)
+            return _clip_keep(base_keep, 1.0, 1.0, k_min), max(1, offset + numel)
         scale = torch.tensor(self.keep_scale or [1.0] * self.num_tasks, dtype=torch.float64)[:, None]
         m_layer = self.layer_mult[:, s.tensor_layer[name]][:, None] if self.layer_mult is not None else 1.0
         owner = s.row_tensor.get(name)
@@ -854,8 +854,7 @@ def _clip_keep(base_keep: torch.Tensor, m_layer, m_row, k_min, scale=1.0) -> tor
     keep = base_keep * (m_layer if isinstance(m_layer, float) else m_layer.to(torch.float64))
     keep = keep * (m_row if isinstance(m_row, float) else m_row.to(torch.float64))
     keep = keep * scale
-    k_min = torch.as_tensor(k_min, dtype=torch.float64)
-    return torch.maximum(keep.clamp(max=1.0), k_min).clamp(max=1.0)
+    return torch.maximum(keep, torch.as_tensor(k_min, dtype=torch.float64)).clamp(max=1.0)  # k_min <= 1
 
 
 def _magnitude_merge(p: _ops.Prepared, keep: torch.Tensor, reduce_args: dict, out_dtype) -> torch.Tensor:
