@@ -1,5 +1,6 @@
 # Newcomer entry points (see README):
 #   make demo   -- create/refresh the cached virtual environment, build, run the demo
+#   make demo-text -- the same, then the text testbed (all-MiniLM-L6-v2, seven text experts)
 #   make test   -- create/refresh the cached virtual environment, build (CPU + CUDA sources), run the tests
 #
 # The virtual environment lives outside the clone, keyed by the hash of requirements/base.txt and the
@@ -14,7 +15,7 @@ VPY         := $(VENV)/bin/python
 # Parallel compile jobs for torch's ninja build.
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: venv build demo test lint bench clean
+.PHONY: venv build demo demo-text test lint bench clean
 
 # No prerequisite on $(REQ): its hash is in the directory name, and a fresh clone's mtimes would
 # otherwise trigger a reinstall.
@@ -35,6 +36,9 @@ build: venv
 
 demo: build
 	$(VPY) -m mergekernels demo
+
+demo-text: build
+	$(VPY) -m mergekernels demo --text
 
 test: build
 	$(VPY) -m ruff check mergekernels tests benchmarks

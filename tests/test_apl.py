@@ -379,6 +379,26 @@ def test_plan_weights_and_levels(scores):
     assert torch.equal(free, torch.full((3, 1), 1.0 - 0.9, dtype=torch.float64))
 
 
+def test_levels_choose_what_shapes_the_merge(setup, scores):
+    """A level left out of ``levels`` contributes multipliers (or weights) of exactly 1."""
+    _, base, fts, _ = setup
+    model_only = mk.apl.plan(scores, levels="model", tau2=0.5)
+    assert model_only.weights == mk.apl.plan(scores, tau2=0.5).weights
+    assert model_only.layer_mult is None and model_only.row_mult == {}
+    assert model_only.keep_scale == [1.0, 1.0, 1.0]
+    # without the model level the weights are 1; the keep rates are those of the full plan
+    rows_only = mk.apl.plan(scores, levels=("layer", "hidden"), tau2=0.5)
+    assert rows_only.weights == [1.0, 1.0, 1.0]
+    full = mk.apl.plan(scores, tau2=0.5)
+    keep, _ = rows_only.keep("layers.1.fc1.weight", (16, 16))
+    assert torch.equal(keep, full.keep("layers.1.fc1.weight", (16, 16))[0])
+    # model level only, equal weights: DARE + task arithmetic bit for bit, whatever tau1
+    out = mk.apl.merge(base, fts, scores, levels=["model"], tau1=0.1, tau2=INF, drop=0.7, seed=3)
+    assert _sd_equal(out, mk.merge(base, fts, "dare_linear", drop=0.7, seed=3))
+    with pytest.raises(ValueError, match="unknown level 'rows'"):
+        mk.apl.plan(scores, levels=("rows",))
+
+
 # ----------------------------------------------------------------------------------------------
 # Merging.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import mergekernels as mk
+from mergekernels import cachedir
 from mergekernels import testbed as tb
 
 SCORED_SCALE = 0.25
@@ -122,8 +123,8 @@ def test_layout_configs_and_state_dicts(scored):
         assert torch.equal(expert["head.bias"], base["head.bias"])
         assert not torch.equal(expert["body.fc2.weight"], base["body.fc2.weight"]), task
     # the umask, not mkdtemp's 0700 or save_file's 0600, sets the permissions
-    assert scored.directory.stat().st_mode & 0o777 == 0o777 & ~tb._umask()
-    assert (scored.base_dir / tb.MODEL_FILE).stat().st_mode & 0o777 == 0o666 & ~tb._umask()
+    assert scored.directory.stat().st_mode & 0o777 == 0o777 & ~cachedir.umask()
+    assert (scored.base_dir / tb.MODEL_FILE).stat().st_mode & 0o777 == 0o666 & ~cachedir.umask()
     manifest = json.loads((scored.directory / tb.MANIFEST_FILE).read_text())
     assert manifest["recipe"] == tb.RECIPE and manifest["steps_scale"] == SCORED_SCALE
     assert set(manifest["files"]) == set(tb._expected_files())
