@@ -343,16 +343,18 @@ def build_testbed(
 # ----------------------------------------------------------------------------------------------
 # Using a testbed.
 @dataclass
-class Testbed:
-    """A built digits testbed (see the module docstring); everything runs on the CPU in float32.
+class TestbedBase:
+    """What every testbed (digits, text) has: its directories, tasks and scores normalised by the
+    experts. Subclasses provide ``accuracies(state_dict, split, tasks)`` and
+    ``expert_accuracy(task, split)``, ``describe()`` and the model-specific parts the demo uses.
 
     Attributes:
         directory: the testbed's directory.
         base_dir: ``directory/base``, an HF-style model directory.
         expert_dirs: task -> ``directory/expert-<task>``, in :attr:`tasks` order.
-        tasks: the task names, in the fixed order of :data:`TASKS`.
-        built: whether :func:`build_testbed` built it (True) or loaded it from the cache (False).
-        seconds: how long :func:`build_testbed` took.
+        tasks: the task names, in the testbed's fixed order.
+        built: whether ``build_testbed`` built it (True) or loaded it from the cache (False).
+        seconds: how long ``build_testbed`` took.
     """
 
     directory: Path
@@ -361,28 +363,58 @@ class Testbed:
     tasks: list[str]
     built: bool = False
     seconds: float = 0.0
-    merge_exclude: tuple[str, ...] = ("head.*",)  # the frozen head is never merged
-    scale_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # the demo's coefficient grid
-    name: str = "digits"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def describe(self) -> str:
-        return f"digits testbed ({len(self.tasks)} tasks: {', '.join(self.tasks)})"
-
-    # -- models --
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The base (pre-trained) model's state dict, float32."""
         return load_file(self.base_dir / MODEL_FILE)
-
-    def expert_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        """The experts' state dicts, in :attr:`tasks` order."""
-        return [load_file(self.expert_dirs[task] / MODEL_FILE) for task in self.tasks]
 
     def expert_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         """The state dict of the expert for ``task``."""
         self._check_task(task)
         return load_file(self.expert_dirs[task] / MODEL_FILE)
 
+    def expert_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """The experts' state dicts, in :attr:`tasks` order."""
+        return [self.expert_state_dict(task) for task in self.tasks]
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(self.tasks)}")
+
+    def normalised_accuracies(
+        self, state_dict: Mapping[str, torch.Tensor], split: str = "test"
+    ) -> dict[str, float]:
+        """{task: accuracy of ``state_dict`` / accuracy of the task's expert} on ``split``."""
+        out = {}
+        for task, acc in self.accuracies(state_dict, split).items():
+            reference = self.expert_accuracy(task, split)
+            if reference == 0:
+                raise RuntimeError(
+                    f"testbed: the {task!r} expert scores 0 on {split!r}; nothing to normalise by"
+                )
+            out[task] = acc / reference
+        return out
+
+    def normalised_accuracy(self, state_dict: Mapping[str, torch.Tensor], split: str = "test") -> float:
+        """Mean over tasks of (accuracy of ``state_dict`` on task t) / (expert t's accuracy on
+        task t), on ``split`` (default ``"test"``)."""
+        values = self.normalised_accuracies(state_dict, split)
+        return sum(values.values()) / len(values)
+
+
+@dataclass
+class Testbed(TestbedBase):
+    """A built digits testbed (see the module docstring); everything runs on the CPU in float32.
+    Attributes as :class:`TestbedBase`."""
+
+    merge_exclude: tuple[str, ...] = ("head.*",)  # the frozen head is never merged
+    scale_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # the demo's coefficient grid
+
+    def describe(self) -> str:
+        return f"digits testbed ({len(self.tasks)} tasks: {', '.join(self.tasks)})"
+
+    # -- models --
     def model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """A :class:`DigitsMLP` in eval mode holding (a float32 copy of) ``state_dict``.
 
@@ -401,10 +433,6 @@ class Testbed:
         if "data" not in self._cache:
             self._cache["data"] = load_file(self.directory / DATA_FILE)
         return self._cache["data"]
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(self.tasks)}")
 
     def _check_split(self, split: str) -> None:
         if split not in SPLITS:
@@ -482,26 +510,6 @@ class Testbed:
         if key not in self._cache:
             self._cache[key] = self.accuracy(self.expert_state_dict(task), task, split)
         return self._cache[key]
-
-    def normalised_accuracies(
-        self, state_dict: Mapping[str, torch.Tensor], split: str = "test"
-    ) -> dict[str, float]:
-        """{task: accuracy of ``state_dict`` / accuracy of the task's expert} on ``split``."""
-        out = {}
-        for task, acc in self.accuracies(state_dict, split).items():
-            reference = self.expert_accuracy(task, split)
-            if reference == 0:
-                raise RuntimeError(
-                    f"testbed: the {task!r} expert scores 0 on {split!r}; nothing to normalise by"
-                )
-            out[task] = acc / reference
-        return out
-
-    def normalised_accuracy(self, state_dict: Mapping[str, torch.Tensor], split: str = "test") -> float:
-        """Mean over tasks of (accuracy of ``state_dict`` on task t) / (expert t's accuracy on
-        task t), on ``split`` (default ``"test"``)."""
-        values = self.normalised_accuracies(state_dict, split)
-        return sum(values.values()) / len(values)
 
     # -- RegMean --
     def grams(self, reduction_ready: bool = True) -> dict[str, list[torch.Tensor]] | dict[str, dict]:

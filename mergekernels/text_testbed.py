@@ -31,14 +31,14 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import cachedir, textdata
-from .testbed import _deterministic
+from .testbed import TestbedBase, _deterministic
 
 RECIPE = "text-v1"
 MAX_TOKENS = 48
@@ -335,22 +335,14 @@ def build_testbed(
 # ----------------------------------------------------------------------------------------------
 # Using a testbed.
 @dataclass
-class TextTestbed:
-    """A built text testbed (see the module docstring); everything runs on the CPU in float32.
-    Same interface as :class:`mergekernels.testbed.Testbed`, which the demo relies on."""
+class TextTestbed(TestbedBase):
+    """A built text testbed (see the module docstring), float32. Attributes as
+    :class:`mergekernels.testbed.TestbedBase`, plus where the scores are computed."""
 
-    directory: Path
-    base_dir: Path
-    expert_dirs: dict[str, Path]
-    tasks: list[str]
-    built: bool = False
-    seconds: float = 0.0
     merge_exclude: tuple[str, ...] = ()  # the heads are not in the checkpoints
     device: str = "cpu"  # where the scores are computed (merges and the build run on the CPU)
     # The demo's coefficient grid: up to 3, since the spectral methods peak above 1.5 here.
     scale_grid: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
-    name: str = "text"
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> str:
         spec = self._spec()
@@ -358,16 +350,6 @@ class TextTestbed:
         return f"all-MiniLM-L6-v2, {len(self.tasks)} text tasks: " + ", ".join(parts)
 
     # -- models --
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        return load_file(self.base_dir / MODEL_FILE)
-
-    def expert_state_dict(self, task: str) -> dict[str, torch.Tensor]:
-        self._check_task(task)
-        return load_file(self.expert_dirs[task] / MODEL_FILE)
-
-    def expert_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        return [self.expert_state_dict(task) for task in self.tasks]
-
     def model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """A BertModel (eval mode) holding ``state_dict``; its parameter names are the checkpoints'."""
         if "config" not in self._cache:
@@ -385,10 +367,6 @@ class TextTestbed:
         if "spec" not in self._cache:
             self._cache["spec"] = json.loads((self.directory / TASKS_FILE).read_text())["tasks"]
         return self._cache["spec"]
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(self.tasks)}")
 
     def batches(
         self, task: str, split: str, batch_size: int = EVAL_BATCH, limit: int | None = None
@@ -438,19 +416,6 @@ class TextTestbed:
         if key not in self._cache:
             self._cache[key] = self.accuracies(self.expert_state_dict(task), split, [task])[task]
         return self._cache[key]
-
-    def normalised_accuracies(self, state_dict: Mapping[str, torch.Tensor], split: str = "test") -> dict:
-        out = {}
-        for task, acc in self.accuracies(state_dict, split).items():
-            reference = self.expert_accuracy(task, split)
-            if reference == 0:
-                raise RuntimeError(f"text testbed: the {task!r} expert scores 0 on {split!r}")
-            out[task] = acc / reference
-        return out
-
-    def normalised_accuracy(self, state_dict: Mapping[str, torch.Tensor], split: str = "test") -> float:
-        values = self.normalised_accuracies(state_dict, split)
-        return sum(values.values()) / len(values)
 
     # -- RegMean --
     def grams(self) -> dict[str, list[torch.Tensor]]:
