@@ -218,13 +218,32 @@ def _expected_files(tasks: Sequence[str]) -> list[str]:
     return files
 
 
-def _manifest_fields(epochs_scale: float) -> dict:
-    return {"recipe": RECIPE, "epochs_scale": epochs_scale, "tasks": list(textdata.TASKS)}
+def _manifest_fields(epochs_scale: float, examples_limit: int | None) -> dict:
+    """What a build depends on besides the package files: a cache built otherwise is rebuilt."""
+    settings = {
+        "max_tokens": MAX_TOKENS,
+        "probe": [PROBE_STEPS, PROBE_LR],
+        "finetune": [EPOCHS, FINETUNE_LR, BATCH_SIZE],
+        "seeds": [SEED, textdata.SEED],
+        "split": textdata.SPLIT_FRACTIONS,
+        "per_class_cap": textdata.PER_CLASS_CAP,
+    }
+    return {
+        "recipe": RECIPE,
+        "settings": settings,
+        "epochs_scale": epochs_scale,
+        "examples_limit": examples_limit,
+        "tasks": list(textdata.TASKS),
+    }
 
 
-def read_manifest(directory: str | Path, epochs_scale: float = 1.0) -> dict | None:
-    """The manifest of a complete, intact text testbed in ``directory`` (else None)."""
-    return cachedir.read_manifest(directory, _manifest_fields(epochs_scale), _expected_files(textdata.TASKS))
+def read_manifest(
+    directory: str | Path, epochs_scale: float = 1.0, examples_limit: int | None = None
+) -> dict | None:
+    """The manifest of a complete, intact text testbed in ``directory`` built with these settings
+    (else None)."""
+    fields = _manifest_fields(epochs_scale, examples_limit)
+    return cachedir.read_manifest(directory, fields, _expected_files(textdata.TASKS))
 
 
 def _write_testbed(
@@ -273,7 +292,8 @@ def _write_testbed(
         (directory / name).mkdir()
         save_file(weights, directory / name / MODEL_FILE)
         (directory / name / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
-    cachedir.write_manifest(directory, _manifest_fields(epochs_scale), _expected_files(tasks))
+    fields = _manifest_fields(epochs_scale, limit)
+    cachedir.write_manifest(directory, fields, _expected_files(tasks))
 
 
 def default_directory() -> Path:
@@ -318,7 +338,7 @@ def build_testbed(
     _, built = cachedir.build(
         directory,
         lambda scratch: _write_testbed(scratch, epochs_scale, data_dir, examples_limit, log),
-        lambda d: read_manifest(d, epochs_scale),
+        lambda d: read_manifest(d, epochs_scale, examples_limit),
         force,
     )
     return TextTestbed(

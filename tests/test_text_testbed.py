@@ -181,8 +181,9 @@ def test_tiny_build_is_cached_and_verified(tiny):
 
     again = text_testbed.build_testbed(tiny.directory, epochs_scale=0.5, examples_limit=32)
     assert not again.built and tiny.built
-    assert text_testbed.read_manifest(tiny.directory, 0.5) is not None
-    assert text_testbed.read_manifest(tiny.directory, 1.0) is None
+    assert text_testbed.read_manifest(tiny.directory, 0.5, 32) is not None
+    assert text_testbed.read_manifest(tiny.directory, 1.0, 32) is None
+    assert text_testbed.read_manifest(tiny.directory, 0.5, None) is None  # limited is not full
     config = (tiny.base_dir / "config.json").read_text()
     assert '"BertModel"' in config and '"hidden_size": 384' in config
     base = tiny.base_state_dict()
