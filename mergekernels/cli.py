@@ -14,6 +14,9 @@ def _demo(args: argparse.Namespace) -> int:
             num_experts=args.experts, layers=args.layers, device=args.device, repeats=args.repeats
         )
     else:
+        if args.text_data and not args.text:
+            print("mergekernels demo: error: --text-data needs --text (the text testbed)", file=sys.stderr)
+            return 2
         try:
             demo.run(methods=args.methods, text=args.text, text_data=args.text_data)
         except RuntimeError as exc:  # the text extra missing, Debian packages unavailable

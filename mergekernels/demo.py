@@ -284,7 +284,7 @@ def run(
                 data_files[name] = _data_file(tb, name, work)
             value, val = None, None
             if knob is not None:
-                value, val = _pick_coefficient(tb, method, params, knob, grid, work, data_files[name])
+                value, val = _pick_coefficient(tb, base, method, params, knob, grid, work, data_files[name])
             call = dict(params) if knob is None else {**params, knob: value}
             merged, seconds, report = _engine_merge(tb, method, call, work, data_files[name])
             picked = f"{knob} {value}" if knob else ""
@@ -298,7 +298,9 @@ def run(
     return rows
 
 
-def _pick_coefficient(tb, method: str, params: dict, knob: str, grid, work, data_file) -> tuple[float, float]:
+def _pick_coefficient(
+    tb, base: dict, method: str, params: dict, knob: str, grid, work, data_file
+) -> tuple[float, float]:
     """The grid value of ``knob`` with the best validation score, and that score.
 
     Every demo method's coefficient scales the merged task vector at the end (theta_0 + c * tau_merged;
@@ -307,7 +309,6 @@ def _pick_coefficient(tb, method: str, params: dict, knob: str, grid, work, data
     one merge per method instead of one per grid value. The reported model is merged again by the
     engine at the picked value."""
     ones, _, _ = _engine_merge(tb, method, {**params, knob: 1.0}, work, data_file)
-    base = tb.base_state_dict()
     best = None
     for value in grid:
         candidate = {
@@ -337,8 +338,10 @@ def _row(method: str, picked: str, tb, merged, seconds, diagnostics, val=None) -
 
 
 # Methods that use no data beyond the checkpoints (ACE's claim is against these).
-DATA_FREE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della")
-DATA_FREE += ("tsv_m", "iso_c", "iso_cts", "wudi", "awd")
+DATA_FREE = (
+    *("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della"),
+    *("tsv_m", "iso_c", "iso_cts", "wudi", "awd"),
+)
 
 
 def claims(rows: list[dict]) -> list[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import cachedir, textdata
-from .testbed import TestbedBase, _deterministic
+from .testbed import CONFIG_FILE, MODEL_FILE, TestbedBase, _deterministic, _state_dict
 
 RECIPE = "text-v1"
 MAX_TOKENS = 48
@@ -51,8 +52,6 @@ EVAL_BATCH = 32  # small batches of similar lengths run fastest on a CPU (measur
 SEED = 7
 CALIBRATION_EXAMPLES = 256  # per task, from the train split: APL's importance and RegMean's Grams
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TASKS_FILE = "tasks.json"
 HEADS_FILE = "heads.safetensors"
 SPLITS = ("train", "val", "test")
@@ -135,19 +134,18 @@ class Batches:
     """One task's split, tokenised into batches of similar lengths (little padding)."""
 
     batches: list[dict[str, torch.Tensor]]  # input_ids, attention_mask, labels
-    order: torch.Tensor  # example index of each row, batch after batch
 
     @property
     def labels(self) -> torch.Tensor:
         return torch.cat([b["labels"] for b in self.batches])
 
 
-def tokenize(tokenizer, rows: Sequence[Sequence], batch_size: int, by_length: bool = True) -> Batches:
-    """Batches of ``rows`` ([text, label]); sorted by token count when ``by_length``."""
+def tokenize(tokenizer, rows: Sequence[Sequence], batch_size: int) -> Batches:
+    """Batches of ``rows`` ([text, label]), sorted by token count."""
     texts = [r[0] for r in rows]
     labels = torch.tensor([int(r[1]) for r in rows], dtype=torch.int64)
     ids = tokenizer(texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i)) if by_length else list(range(len(ids)))
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -158,7 +156,7 @@ def tokenize(tokenizer, rows: Sequence[Sequence], batch_size: int, by_length: bo
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
         batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels[chunk]})
-    return Batches(batches, torch.tensor(order, dtype=torch.int64))
+    return Batches(batches)
 
 
 def load_tokenizer():
@@ -207,10 +205,6 @@ def _finetune(model: torch.nn.Module, head: torch.nn.Linear, data: Batches, step
     head.requires_grad_(False)
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to(torch.float32).clone().contiguous() for k, v in model.state_dict().items()}
-
-
 def _expected_files(tasks: Sequence[str]) -> list[str]:
     files = [TASKS_FILE, HEADS_FILE, f"base/{MODEL_FILE}", f"base/{CONFIG_FILE}"]
     for task in tasks:
@@ -226,7 +220,7 @@ def _manifest_fields(epochs_scale: float, examples_limit: int | None) -> dict:
         "finetune": [EPOCHS, FINETUNE_LR, BATCH_SIZE],
         "seeds": [SEED, textdata.SEED],
         "split": textdata.SPLIT_FRACTIONS,
-        "per_class_cap": textdata.PER_CLASS_CAP,
+        "examples_per_task": textdata.EXAMPLES_PER_TASK,
     }
     return {
         "recipe": RECIPE,
@@ -257,8 +251,6 @@ def _write_testbed(
         unpacked, versions = Path(data_dir), {"(given directory)": str(data_dir)}
     tasks = textdata.build_tasks(unpacked)
     if data_dir is None:
-        import shutil
-
         shutil.rmtree(unpacked)
     if limit is not None:  # tests: a few examples per split
         for spec in tasks.values():
@@ -312,7 +304,7 @@ def build_testbed(
     device: str | None = None,
 ) -> TextTestbed:
     """Load the text testbed from ``directory`` (default :func:`default_directory`), building it
-    first if needed (about 10 minutes on 2 CPU cores; see the module docstring).
+    first if needed (about 5 minutes on 2 CPU cores; see the module docstring).
 
     Args:
         directory: where the testbed lives.

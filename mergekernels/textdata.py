@@ -16,9 +16,9 @@ task               input text                                             label
 ``man_section``    the description on a man page's NAME line              2 / 3 / 7 / 4 and 5 together
 =================  =====================================================  ===========================
 
-Every task is drawn with fixed seeds, balanced across classes as far as the data allows (at most
-:data:`PER_CLASS_CAP` per class), and split per class into train / validation / test in the
-proportions :data:`SPLIT_FRACTIONS`. A sentence that two classes share is dropped from both.
+Every task is drawn with fixed seeds, balanced across classes as far as the data allows (each class
+at most its equal share of :data:`EXAMPLES_PER_TASK`), and split per class into train / validation /
+test in the proportions :data:`SPLIT_FRACTIONS`. A sentence that two classes share is dropped from both.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ PACKAGES: dict[str, str] = {
 
 TASKS: tuple[str, ...] = ("wn_noun", "wn_verb", "wn_lemma", "wn_pos", "language", "fortune", "man_section")
 SPLIT_FRACTIONS = {"train": 0.625, "val": 0.125, "test": 0.25}
-PER_CLASS_CAP = 1600  # over all splits; divided by the number of classes below
-EXAMPLES_PER_TASK = 1600
+EXAMPLES_PER_TASK = 1600  # at most, over all splits; each class gets at most its equal share
 SEED = 13
 
 # WordNet's lexicographer files, by number (WordNet 3.0's lexnames, a fixed documented list).
@@ -66,16 +65,17 @@ LEXNAMES = (
     "adj.ppl"
 ).split()
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+# language -> (its word list in usr/share/dict, the package that ships it)
 LANGUAGES = {
-    "english": "american-english",
-    "german": "ngerman",
-    "french": "french",
-    "spanish": "spanish",
-    "italian": "italian",
-    "portuguese": "portuguese",
-    "dutch": "dutch",
-    "swedish": "swedish",
-    "danish": "danish",
+    "english": ("american-english", "wamerican"),
+    "german": ("ngerman", "wngerman"),
+    "french": ("french", "wfrench"),
+    "spanish": ("spanish", "wspanish"),
+    "italian": ("italian", "witalian"),
+    "portuguese": ("portuguese", "wportuguese"),
+    "dutch": ("dutch", "wdutch"),
+    "swedish": ("swedish", "wswedish"),
+    "danish": ("danish", "wdanish"),
 }
 FORTUNE_FILES = ("computers", "politics", "science", "songs-poems", "work", "art", "law", "education")
 MAN_SECTIONS = {"2": "system call", "3": "library function", "4": "file or format", "5": "file or format",
@@ -180,10 +180,10 @@ def _largest(labels: list[str], n: int) -> set[str]:
 def _language_task(root: Path, rng: random.Random) -> list[tuple[str, str]]:
     """Three words of one language's dictionary; a word in two dictionaries is not used."""
     lists = {}
-    for language, name in LANGUAGES.items():
+    for language, (name, package) in LANGUAGES.items():
         path = root / "usr/share/dict" / name
         if not path.is_file():
-            raise DataUnavailable(f"text testbed: {path} missing (package w{language[:0]}* word list)")
+            raise DataUnavailable(f"text testbed: {path} missing (package {package})")
         words = {w for w in _read_text(path).split() if len(w) >= 4 and w.isalpha() and w.islower()}
         lists[language] = words
     seen: dict[str, int] = defaultdict(int)
@@ -261,7 +261,7 @@ def _split(task: str, examples: list[tuple[str, str]], rng: random.Random) -> di
     classes = sorted(by_class)
     if len(classes) < 2:
         raise DataUnavailable(f"text testbed: task {task!r} has fewer than two classes in the data")
-    cap = PER_CLASS_CAP // len(classes)
+    cap = EXAMPLES_PER_TASK // len(classes)
     splits: dict[str, list] = {split: [] for split in SPLIT_FRACTIONS}
     for index, label in enumerate(classes):
         texts = by_class[label]

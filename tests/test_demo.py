@@ -71,3 +71,10 @@ def test_digits_demo_runs_through_the_engine(tmp_path, capsys, monkeypatch):
     base, experts = cheap.base_state_dict(), cheap.expert_state_dicts()
     merged = mk.merge(base, experts, "task_arithmetic", scale=value, exclude=["head.*"])
     assert cheap.normalised_accuracy(merged, "test") == pytest.approx(row["test"], abs=1e-12)
+
+
+def test_text_data_without_text_is_refused(capsys):
+    from mergekernels.cli import main
+
+    assert main(["demo", "--text-data", "somewhere"]) == 2
+    assert "--text-data needs --text" in capsys.readouterr().err

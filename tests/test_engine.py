@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import mergekernels as mk
+from mergekernels.cachedir import umask
 from mergekernels.cli import main as cli_main
 from mergekernels.engine import CheckpointError, OutputError, merge_checkpoints
 from mergekernels.engine import writer as writer_module
@@ -230,7 +231,7 @@ def test_resume_after_a_kill_gives_identical_output(models, monkeypatch, kill_af
     report = merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, shard_size=1500, resume=True)
     assert _files(tmp_path / "out") == _files(tmp_path / "clean")  # the strays are gone too
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
-    assert set(modes.values()) == {0o666 & ~writer_module._umask()}, modes  # shards too, not 0600
+    assert set(modes.values()) == {0o666 & ~umask()}, modes  # shards too, not 0600
     if kill_after != 0:
         assert report.resumed_shards > 0
 

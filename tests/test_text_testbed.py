@@ -57,7 +57,7 @@ def _wordnet(root: Path) -> None:
 def _dictionaries(root: Path) -> None:
     folder = root / "usr/share/dict"
     folder.mkdir(parents=True)
-    for index, name in enumerate(textdata.LANGUAGES.values()):
+    for index, (name, _) in enumerate(textdata.LANGUAGES.values()):
         rng = random.Random(index)
         words = {"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8)) for _ in range(700)}
         words |= {"common", "Capital", "no's", "ab"}  # shared, capitalised, apostrophe, short: unused
@@ -134,13 +134,13 @@ def test_splits_are_disjoint_stratified_and_deterministic(tree):
             total = sum(counts.values())
             assert counts["test"] == round(total * textdata.SPLIT_FRACTIONS["test"]), (task, counts)
             assert counts["val"] == round(total * textdata.SPLIT_FRACTIONS["val"]), (task, counts)
-            assert total <= textdata.PER_CLASS_CAP // len(spec["classes"])
+            assert total <= textdata.EXAMPLES_PER_TASK // len(spec["classes"])
 
 
 def test_missing_package_files_are_named(tree, tmp_path):
     shutil.copytree(tree, tmp_path / "t")
     (tmp_path / "t/usr/share/dict/french").unlink()
-    with pytest.raises(textdata.DataUnavailable, match="usr/share/dict/french missing"):
+    with pytest.raises(textdata.DataUnavailable, match=r"usr/share/dict/french missing \(package wfrench\)"):
         textdata.build_tasks(tmp_path / "t")
 
 

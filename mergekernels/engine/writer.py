@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..cachedir import umask
+
 PLAN_FILE = ".plan.json"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -68,12 +70,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _disk_error(path: Path, exc: OSError) -> OutputError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError(
@@ -100,7 +96,7 @@ class CheckpointWriter:
         self.partial = self.out_dir.with_name(self.out_dir.name + ".partial")
         self.shards = shards
         self.overwrite = overwrite
-        self._umask = _umask()
+        self._umask = umask()
         plan = {"fingerprint": fingerprint, "shards": [[s.filename, list(s.names)] for s in shards]}
         if self.out_dir.exists() and not overwrite:
             raise OutputError(f"{self.out_dir}: already exists; pass --overwrite to replace it")
