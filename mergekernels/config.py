@@ -73,10 +73,12 @@ a fine-tuned model is an error or taken from the base, default "error"), ``allow
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,8 @@ from .methods.breadcrumbs import breadcrumbs
 from .methods.della import della
 from .methods.ties import MERGE_MODES, ties
 from .methods.wudi import SOLVERS
+from .parameters import UNSET, Setting, evaluate, is_scalar
+from .parameters import parse as parse_setting
 
 
 @dataclass
@@ -103,21 +107,59 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    """One input of a slice: a model, the layers it gives ([start, stop); None: all of them, the
+    ``models`` form) and its parameter settings as written (see :mod:`mergekernels.parameters`)."""
+
+    path: str
+    written: str
+    layer_range: tuple[int, int] | None
+    settings: dict[str, Setting]
+    where: str
+
+
+@dataclass
+class SliceConfig:
+    """One output slice: its sources, its own parameter settings and its base model's path."""
+
+    sources: list[SliceSource]
+    settings: dict[str, Setting]
+    base_model: str | None
+    where: str
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """What one output tensor's merge takes: which of its slice's sources is the base, which are the
+    fine-tuned inputs (in order), and the method's keyword arguments."""
+
+    base: int
+    experts: tuple[int, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
 class MergeConfig:
     """A validated merge configuration; see the module docstring for the format.
 
     Attributes:
         method: a key of :data:`mergekernels.methods.METHODS`.
         base_model: the base model's path (for mergekit's ``linear`` without a base: the first model's).
-        models: the fine-tuned models in file order, without entries equal to the base.
+        models: the fine-tuned models in file order, without entries equal to the base (with
+            slices: every model a slice reads, other than the base, in order of appearance).
         params: global method parameters in our names (mergekit configurations: every mergekit
-            default written out).
+            default written out); empty when the parameters vary per tensor (``uniform`` false).
         dtype: compute dtype (``dtype``), None if not given.
         out_dtype: output dtype: ``out_dtype``, else ``dtype`` (as mergekit), else None (the base's).
         exclude: glob patterns of tensors kept at the base's value (default none).
         options: engine options, every one present (defaults in :data:`OPTION_DEFAULTS`).
         source: the parsed YAML as given, to be saved beside the output.
         dialect: ``"mergekit"`` or ``"mergekernels"``: whose parameter names the file uses.
+        slices: the output slices; the ``models`` form is one slice of every layer of each model
+            (the base appended when it is not listed, as mergekit does).
+        layered: whether the file gave ``slices`` (the output's layers follow them).
+        uniform: whether every tensor takes the same parameters (no gradients, filters or slices):
+            then ``models`` and ``params`` describe the whole merge.
     """
 
     method: str
@@ -130,6 +172,46 @@ class MergeConfig:
     options: dict[str, Any]
     source: dict
     dialect: str
+    slices: list[SliceConfig] = field(default_factory=list)
+    layered: bool = False
+    uniform: bool = True
+    settings: dict[str, Setting] = field(default_factory=dict)
+    where: str = field(default="merge config", compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def tensor_params(self, slice_index: int, out_name: str, in_names: list[str], t: float) -> TensorParams:
+        """The merge of one output tensor: its parameters resolved (gradients at position t, filters
+        on the tensor's name) and translated to the method's keyword arguments.
+
+        Args:
+            slice_index: the output slice the tensor belongs to (0 in the ``models`` form).
+            out_name: the output tensor's name (filters of global and slice parameters match it).
+            in_names: the tensor's name in each of the slice's sources (filters of per-model
+                values match these, as in mergekit).
+            t: the tensor's gradient position (see :mod:`mergekernels.parameters`).
+
+        Raises:
+            ValueError: naming the file and the tensor, for a combination of values the method
+                refuses (e.g. breadcrumbs' density + gamma > 1 at some layer).
+        """
+        sl = self.slices[slice_index]
+        shared = _evaluate_levels([sl.settings, self.settings], out_name, t)
+        per_source = []
+        for source, name in zip(sl.sources, in_names, strict=True):
+            values = _evaluate_levels([source.settings], name, t)
+            if name != out_name:  # slice and global filters match each input's own name
+                own = _evaluate_levels([sl.settings, self.settings], name, t)
+                values.update({k: v for k, v in own.items() if k not in values and shared.get(k) != v})
+            per_source.append(values)
+        key = (slice_index, _freeze(shared), tuple(_freeze(v) for v in per_source))
+        if key not in self._cache:
+            fail = _Fail(f"{self.where}: tensor {out_name!r}")
+            entries = [
+                _RawEntry(i, src.written, src.path, values, src.where)
+                for i, (src, values) in enumerate(zip(sl.sources, per_source, strict=True))
+            ]
+            self._cache[key] = _tensor_params(self, sl, shared, entries, fail)
+        return self._cache[key]
 
 
 DIALECTS = ("mergekit", "mergekernels")
@@ -140,16 +222,19 @@ TOP_LEVEL_KEYS = (
     "parameters",
     "dtype",
     "out_dtype",
+    "slices",
     "tokenizer_source",
     "exclude",
     "options",
     "dialect",
 )
 MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+# mergekit methods that do not merge task vectors, so need no base model.
+BASELESS_METHODS = ("linear", "passthrough")
 # mergekit keys for features we do not have, with the reason given in the error.
 _UNSUPPORTED_KEYS = {
-    "slices": "layer-range merges (`slices` / `layer_range`) are not supported; "
-    "list whole models under `models`",
     "modules": "per-module merges (`modules`) are not supported",
     "tokenizer": "the `tokenizer` block is not supported: the base model's tokenizer files are copied "
     "(the only accepted setting is `tokenizer_source: base`)",
@@ -164,7 +249,6 @@ MERGEKIT_UNSUPPORTED = (
     "multislerp",
     "nearswap",
     "nuslerp",
-    "passthrough",
     "sce",
     "slerp",
 )
@@ -214,6 +298,8 @@ _NOT_CONFIGURABLE = {
     "l1_norms",  # computed by the engine's pre-pass
     "coefficients",  # awd: computed by its statistics pass
 }
+# Parameters naming files (regmean's Grams, APL's scores), relative to the configuration's directory.
+_PATH_PARAMS = ("grams", "scores")
 # Defaults that the signatures spell None: what None means per model.
 _NONE_MEANS = {"weights": 1.0}
 
@@ -346,6 +432,9 @@ MERGEKIT_METHODS = {
     "della_linear": _MergekitMethod(normalize=False, rescale=True, sparsify="magprune"),
 }
 
+# Every mergekit method we run: the task-vector family above and passthrough.
+MERGEKIT_NAMES = (*MERGEKIT_METHODS, "passthrough")
+
 
 @dataclass
 class _RawEntry:
@@ -353,10 +442,42 @@ class _RawEntry:
     written: str
     path: str
     params: dict[str, Any]
+    label: str = ""
 
     @property
     def where(self) -> str:
-        return f"models[{self.index}] ({self.written!r})"
+        return self.label or f"models[{self.index}] ({self.written!r})"
+
+
+def _freeze(values: dict) -> tuple:
+    return tuple(sorted((k, (type(v).__name__, v)) for k, v in values.items()))
+
+
+def _evaluate_levels(levels: list[dict[str, Setting]], tensor_name: str, t: float) -> dict[str, Any]:
+    """Each parameter's value at the highest level where it applies to this tensor."""
+    out: dict[str, Any] = {}
+    for settings in levels:
+        for key, setting in settings.items():
+            if key not in out:
+                value = evaluate(setting, tensor_name, t)
+                if value is not UNSET:
+                    out[key] = value
+    return out
+
+
+def _tensor_params(
+    cfg: MergeConfig, sl: SliceConfig, shared: dict, entries: list[_RawEntry], fail: _Fail
+) -> TensorParams:
+    """Translates one tensor's resolved values into the method's arguments (see tensor_params)."""
+    translate = _mergekit if cfg.dialect == "mergekit" else _ours
+    base, models, params = translate(cfg.method, shared, entries, sl.base_model or cfg.base_model, fail)
+    base_index = next((e.index for e in entries if e.path == base), None)
+    if base_index is None:  # checked at load time; here for safety
+        fail(f"{sl.where}: the base model {base!r} is not among its sources")
+    experts = tuple(e.index for e in entries if e.path != base)
+    _check_combinations(cfg.method, models, params, fail)
+    kwargs = {**METHODS[cfg.method].implied, **_kwargs(cfg.method, params, models, cfg.options)}
+    return TensorParams(base_index, experts, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,33 +758,66 @@ def _drop_base(entries: list[_RawEntry], base: str | None) -> list[_RawEntry]:
     return [e for e in entries if base is None or e.path != base]
 
 
+def _mergekit_rule(method: str, key: str, model: str | None, fail: _Fail) -> _Rule:
+    """The rule of mergekit parameter `key` of `method`, set globally (model None) or for a model
+    (named by `model`); an error for a key the method does not take there."""
+    if method == "passthrough":
+        if key != "scale":
+            fail(f"{model + ': ' if model else ''}unknown parameter {key!r} for passthrough; valid: scale")
+        return _NUMBER
+    mk = MERGEKIT_METHODS[method]
+    model_defaults, global_defaults = mk.model_params(), mk.global_params()
+    if model is None:
+        if key not in _MERGEKIT_RULES or (key not in model_defaults and key not in global_defaults):
+            fail(
+                f"unknown parameter {key!r} for {method}; "
+                f"valid: {', '.join([*model_defaults, *global_defaults])}"
+            )
+    else:
+        if key in global_defaults:
+            fail(
+                f"{model}: {key!r} is a global parameter of {method}; set it under the top-level "
+                f"`parameters` (per-model parameters: {', '.join(model_defaults)})"
+            )
+        if key not in model_defaults:
+            fail(
+                f"{model}: unknown parameter {key!r} for {method}; "
+                f"valid per model: {', '.join(model_defaults)}"
+            )
+    return _MERGEKIT_RULES[key]
+
+
+def _mergekit_passthrough(
+    raw: dict, entries: list[_RawEntry], fail: _Fail
+) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
+    """mergekit's passthrough: the one input of each tensor, times its optional ``scale``."""
+    if len(entries) != 1:
+        fail(
+            f"passthrough takes exactly one model per slice, got {len(entries)} "
+            f"({', '.join(e.written for e in entries)}); a base_model counts as one in the `models` form"
+        )
+    scale = entries[0].params.get("scale", raw.get("scale"))
+    return entries[0].path, [], {"scale": None if scale is None else _coerce(scale, _NUMBER, "scale", fail)}
+
+
 def _mergekit(
     method: str, raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
 ) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
     """Translates a mergekit configuration into our method's parameters (see the module docstring)."""
+    if method == "passthrough":
+        return _mergekit_passthrough(raw, entries, fail)
     mk = MERGEKIT_METHODS[method]
     model_defaults, global_defaults = mk.model_params(), mk.global_params()
-    valid = ", ".join([*model_defaults, *global_defaults])
     glob: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in _MERGEKIT_RULES or (key not in model_defaults and key not in global_defaults):
-            fail(f"unknown parameter {key!r} for {method}; valid: {valid}")
-        glob[key] = _coerce(value, _MERGEKIT_RULES[key], f"parameters.{key}", fail)
+        rule = _mergekit_rule(method, key, None, fail)
+        glob[key] = _coerce(value, rule, f"parameters.{key}", fail)
     per: list[dict[str, Any]] = []
     for entry in entries:
         values = {}
         for key, value in entry.params.items():
-            if key in global_defaults:
-                fail(
-                    f"{entry.where}: {key!r} is a global parameter of {method}; set it under the top-level "
-                    f"`parameters` (per-model parameters: {', '.join(model_defaults)})"
-                )
-            if key not in model_defaults:
-                fail(
-                    f"{entry.where}: unknown parameter {key!r} for {method}; valid per model: "
-                    f"{', '.join(model_defaults)}"
-                )
-            values[key] = _coerce(value, _MERGEKIT_RULES[key], f"{entry.where} parameters.{key}", fail)
+            rule = _mergekit_rule(method, key, entry.where, fail)
+            values[key] = _coerce(value, rule, f"{entry.where} parameters.{key}", fail)
         per.append(values)
     setting = {**global_defaults, **{k: v for k, v in glob.items() if k in global_defaults}}
 
@@ -787,46 +941,53 @@ def _mergekit_linear(
     return base, models, params
 
 
-def _ours(
-    method: str, raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
-) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
+def _full_schema(method: str, raw: Mapping, fail: _Fail) -> dict[str, _OurParam]:
+    """Our method's configurable parameters; awd's also include those of the method it hands the
+    disentangled vectors to (``then``), names it shares with awd's own taking a ``then_`` prefix."""
     schema = _our_schema(method)
     if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(METHODS[method].function).parameters.values()):
-        # awd: also the parameters of the method it hands the disentangled vectors to (``then``);
-        # names it shares with awd's own take a ``then_`` prefix
         then = raw.get("then", inspect.signature(METHODS[method].function).parameters["then"].default)
         if not isinstance(then, str) or then not in METHODS:
             fail(f"parameters.then must name a method; valid: {', '.join(sorted(METHODS))}")
         for name, param in _our_schema(then).items():
             schema[f"then_{name}" if name in schema else name] = param
-    valid = ", ".join(schema) or "(none)"
-    per_model = ", ".join(n for n, p in schema.items() if p.per_model) or "none"
+    return schema
 
-    def reject_special(key: str, where: str) -> None:
-        if key == "seed":
-            fail(f"{where}seed is an engine option: set it as options.seed")
-        if key == "out_dtype":
-            fail(f"{where}out_dtype is a top-level key, not a parameter")
 
+def _our_rule(method: str, schema: dict[str, _OurParam], key: str, model: str | None, fail: _Fail) -> _Rule:
+    """The rule of our parameter `key`, set globally (model None) or for a model (named by `model`)."""
+    where = f"{model}: " if model else "parameters: "
+    if key == "seed":
+        fail(f"{where}seed is an engine option: set it as options.seed")
+    if key == "out_dtype":
+        fail(f"{where}out_dtype is a top-level key, not a parameter")
+    if key not in schema:
+        if model is None:
+            fail(f"unknown parameter {key!r} for {method}; valid: {', '.join(schema) or '(none)'}")
+        per_model = ", ".join(n for n, p in schema.items() if p.per_model) or "none"
+        fail(f"{model}: unknown parameter {key!r} for {method}; valid per model: {per_model}")
+    if model is not None and not schema[key].per_model:
+        per_model = ", ".join(n for n, p in schema.items() if p.per_model) or "none"
+        fail(
+            f"{model}: {key!r} of {method} cannot be set per model; set it under the top-level "
+            f"`parameters` (per-model parameters of {method}: {per_model})"
+        )
+    return schema[key].rule
+
+
+def _ours(
+    method: str, raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
+) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
+    schema = _full_schema(method, raw, fail)
     params = {}
     for key, value in raw.items():
-        reject_special(key, "parameters: ")
-        if key not in schema:
-            fail(f"unknown parameter {key!r} for {method}; valid: {valid}")
-        params[key] = _coerce(value, schema[key].rule, f"parameters.{key}", fail)
+        params[key] = _coerce(value, _our_rule(method, schema, key, None, fail), f"parameters.{key}", fail)
     models = []
     for entry in _drop_base(entries, base):
         values = {}
         for key, value in entry.params.items():
-            reject_special(key, f"{entry.where}: ")
-            if key not in schema:
-                fail(f"{entry.where}: unknown parameter {key!r} for {method}; valid per model: {per_model}")
-            if not schema[key].per_model:
-                fail(
-                    f"{entry.where}: {key!r} of {method} cannot be set per model; set it under the top-level "
-                    f"`parameters` (per-model parameters of {method}: {per_model})"
-                )
-            values[key] = _coerce(value, schema[key].rule, f"{entry.where} parameters.{key}", fail)
+            rule = _our_rule(method, schema, key, entry.where, fail)
+            values[key] = _coerce(value, rule, f"{entry.where} parameters.{key}", fail)
         models.append(ModelEntry(entry.path, values))
     return base, models, params
 
@@ -878,8 +1039,8 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
             fail(f"unknown top-level key {key!r}; valid: {', '.join(TOP_LEVEL_KEYS)}")
 
     method = data.get("merge_method")
-    ours = sorted(set(METHODS) - set(MERGEKIT_METHODS))
-    shared = ", ".join(MERGEKIT_METHODS)
+    ours = sorted(set(METHODS) - set(MERGEKIT_NAMES))
+    shared = ", ".join(MERGEKIT_NAMES)
     if method is None:
         fail(f"`merge_method` is missing; valid: {shared} (mergekit) and {', '.join(ours)} (mergekernels)")
     if method in MERGEKIT_UNSUPPORTED:
@@ -891,10 +1052,10 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
         )
     dialect = data.get("dialect")
     if dialect is None:
-        dialect = "mergekit" if method in MERGEKIT_METHODS else "mergekernels"
+        dialect = "mergekit" if method in MERGEKIT_NAMES else "mergekernels"
     if dialect not in DIALECTS:
         fail(f"unknown dialect {dialect!r}; valid: {', '.join(DIALECTS)}")
-    if dialect == "mergekit" and method not in MERGEKIT_METHODS:
+    if dialect == "mergekit" and method not in MERGEKIT_NAMES:
         fail(f"{method!r} is not a mergekit method; use dialect: mergekernels, or one of: {shared}")
 
     tokenizer = data.get("tokenizer_source")
@@ -907,9 +1068,11 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
     if base_written is not None and (not isinstance(base_written, str) or not base_written):
         fail(f"base_model must be a path string, got {base_written!r}")
     base = _resolve(base_written, root) if base_written is not None else None
-    if base is None and not (dialect == "mergekit" and method == "linear"):
+    baseless = dialect == "mergekit" and method in BASELESS_METHODS
+    if base is None and not baseless:
         fail(f"base_model is missing: {method} merges task vectors relative to a base model")
-    entries = _entries(data, root, fail)
+    if "slices" in data and data.get("models") is not None:
+        fail("give either `models` or `slices`, not both (mergekit takes exactly one of them)")
     raw = _params_mapping(data.get("parameters"), "parameters", fail)
     dtype, out_dtype = _dtype(data, "dtype", fail), _dtype(data, "out_dtype", fail)
     exclude = data.get("exclude")
@@ -918,19 +1081,69 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
         fail(f"exclude must be a list of glob patterns (strings), got {exclude!r}")
     options = _options(data, fail)
 
-    translate = _mergekit if dialect == "mergekit" else _ours
-    base, models, params = translate(method, raw, entries, base, fail)
-    if not models:
-        fail("`models` lists only the base model; list at least one fine-tuned model")
-    missing = [name for name in METHODS[method].required if name not in params]
-    if missing:
-        fail(f"{method} needs parameter {', '.join(missing)} (see the module docstring)")
-    _check_combinations(method, models, params, fail)
+    if dialect == "mergekit":
+
+        def rule(key: str, model: str | None) -> _Rule:
+            return _mergekit_rule(method, key, model, fail)
+
+    else:
+        schema = _full_schema(method, raw, fail)
+
+        def rule(key: str, model: str | None) -> _Rule:
+            return _our_rule(method, schema, key, model, fail)
+
+    settings = _settings(raw, "parameters", None, rule, fail, root)
+    layered = "slices" in data
+    if layered:
+        slices = _slices(data.get("slices"), root, base, rule, fail)
+    else:
+        entries = _entries(data, root, fail)
+        sources = [
+            SliceSource(
+                e.path,
+                e.written,
+                None,
+                _settings(e.params, f"{e.where} parameters", e.where, rule, fail, root),
+                e.where,
+            )
+            for e in entries
+        ]
+        if base is not None and all(src.path != base for src in sources):
+            # mergekit merges the base with the listed models (it adds it as an input)
+            if method == "linear" and dialect == "mergekit":
+                _base_weight_needed(method, raw, fail, base_written)
+            sources.append(SliceSource(base, base_written, None, {}, f"base_model ({base_written!r})"))
+        slices = [SliceConfig(sources, {}, None, "models")]
+    _check_slices(method, dialect, slices, base, base_written, fail)
+    uniform = not layered and all(
+        is_scalar(v)
+        for level in [settings, *(src.settings for src in slices[0].sources)]
+        for v in level.values()
+    )
+
+    models: list[ModelEntry]
+    params: dict[str, Any]
+    if uniform:
+        translate = _mergekit if dialect == "mergekit" else _ours
+        entries = [
+            _RawEntry(i, src.written, src.path, dict(src.settings), src.where)
+            for i, src in enumerate(slices[0].sources)
+        ]
+        base, models, params = translate(method, dict(settings), entries, base, fail)
+        if not models and method != "passthrough":
+            fail("`models` lists only the base model; list at least one fine-tuned model")
+        missing = [name for name in METHODS[method].required if name not in params]
+        if missing:
+            fail(f"{method} needs parameter {', '.join(missing)} (see the module docstring)")
+        _check_combinations(method, models, params, fail)
+    else:
+        _check_varying(method, options, settings, fail)
+        seen = dict.fromkeys(src.path for sl in slices for src in sl.sources if src.path != base)
+        models, params = [ModelEntry(path) for path in seen], {}
+        if base is None:
+            base = slices[0].sources[0].path
     if options["threshold_scope"] == "global" and METHODS[method].function is not ties:
         fail(f"options.threshold_scope 'global' applies to ties methods, not {method!r}")
-    for path_param in ("grams", "scores"):  # files named relative to the config's directory
-        if isinstance(params.get(path_param), str):
-            params[path_param] = _resolve(params[path_param], root)
     return MergeConfig(
         method=method,
         base_model=base,
@@ -942,11 +1155,160 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
         options=options,
         source=source_copy,
         dialect=dialect,
+        slices=slices,
+        layered=layered,
+        uniform=uniform,
+        settings=settings,
+        where=fail.where,
     )
 
 
+def _base_weight_needed(method: str, raw: dict, fail: _Fail, base_written: str) -> None:
+    """mergekit's linear averages the base with the listed models when base_model is set; its weight
+    must then come from the global parameters (mergekit refuses the merge otherwise)."""
+    if "weight" not in raw:
+        fail(
+            f"linear: base_model {base_written!r} is not listed under `models`; mergekit adds it to the "
+            "average and needs its weight: list it with a weight, set a global `weight`, or drop base_model"
+        )
+
+
+def _settings(
+    raw: Mapping,
+    what: str,
+    model: str | None,
+    rule: Callable[[str, str | None], _Rule],
+    fail: _Fail,
+    root: Path | None,
+) -> dict[str, Setting]:
+    """Parses and checks a mapping of parameter settings (scalars, gradients, filters)."""
+    out = {}
+    for key, value in _params_mapping(raw, what, fail).items():
+        key_rule = rule(key, model)
+
+        def check(leaf: Any, where: str, key_rule: _Rule = key_rule, key: str = key) -> Any:
+            checked = _coerce(leaf, key_rule, where, fail)
+            if key in _PATH_PARAMS and isinstance(leaf, str):  # relative to the config's directory
+                return _resolve(leaf, root)
+            # numbers as the method takes them (YAML's "1e-5" strings too); other values as written
+            return checked if isinstance(checked, float) else leaf
+
+        out[key] = parse_setting(value, f"{what}.{key}", check, fail)
+    return out
+
+
+def _slices(
+    value: Any, root: Path | None, base: str | None, rule: Callable[[str, str | None], _Rule], fail: _Fail
+) -> list[SliceConfig]:
+    if not isinstance(value, list) or not value:
+        fail("`slices` must be a non-empty list of output slices (`- sources: [...]`)")
+    slices = []
+    for i, item in enumerate(value):
+        where = f"slices[{i}]"
+        if not isinstance(item, dict):
+            fail(f"{where} must be a mapping with `sources`, got {item!r}")
+        unknown = sorted(set(item) - set(SLICE_KEYS), key=str)
+        if unknown:
+            fail(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(SLICE_KEYS)}")
+        if item.get("residual_weight") is not None:
+            warnings.warn(
+                f"{fail.where}: {where}.residual_weight has no effect (as in mergekit); ignored", stacklevel=3
+            )
+        sources_raw = item.get("sources")
+        if not isinstance(sources_raw, list) or not sources_raw:
+            fail(f"{where}.sources must be a non-empty list of `{{model: PATH, layer_range: [START, STOP]}}`")
+        sources = []
+        for j, src in enumerate(sources_raw):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, dict):
+                fail(f"{at} must be a mapping {{model: PATH, layer_range: [START, STOP]}}, got {src!r}")
+            unknown = sorted(set(src) - set(SOURCE_KEYS), key=str)
+            if unknown:
+                fail(f"{at}: unknown key {unknown[0]!r}; valid: {', '.join(SOURCE_KEYS)}")
+            written = src.get("model")
+            if not isinstance(written, str) or not written:
+                fail(f"{at}: `model` must be a path string, got {written!r}")
+            at = f"{at} ({written!r})"
+            span = src.get("layer_range")
+            if (
+                not isinstance(span, (list, tuple))
+                or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                or not 0 <= span[0] < span[1]
+            ):
+                fail(
+                    f"{at}: layer_range must be [START, STOP] with 0 <= START < STOP (STOP excluded), "
+                    f"got {span!r}"
+                )
+            settings = _settings(src.get("parameters"), f"{at} parameters", at, rule, fail, root)
+            sources.append(SliceSource(_resolve(written, root), written, (span[0], span[1]), settings, at))
+        slice_base = item.get("base_model")
+        if slice_base is not None and (not isinstance(slice_base, str) or not slice_base):
+            fail(f"{where}.base_model must be a path string, got {slice_base!r}")
+        settings = _settings(item.get("parameters"), f"{where}.parameters", None, rule, fail, root)
+        slice_base = _resolve(slice_base, root) if slice_base is not None else None
+        slices.append(SliceConfig(sources, settings, slice_base, where))
+    return slices
+
+
+def _check_slices(
+    method: str,
+    dialect: str,
+    slices: list[SliceConfig],
+    base: str | None,
+    base_written: str | None,
+    fail: _Fail,
+) -> None:
+    """What mergekit checks per slice: equal layer counts, no model twice, the base among the sources
+    of methods that take one, and a single input for passthrough."""
+    for sl in slices:
+        spans = {src.layer_range[1] - src.layer_range[0] for src in sl.sources if src.layer_range}
+        if len(spans) > 1:
+            fail(
+                f"{sl.where}: its sources give different numbers of layers ({sorted(spans)}); "
+                "they must be equal"
+            )
+        paths = [src.path for src in sl.sources]
+        twice = next((p for p in paths if paths.count(p) > 1), None)
+        if twice is not None:
+            fail(f"{sl.where}: model {twice!r} is listed twice among its sources")
+        slice_base = sl.base_model or base
+        if method == "passthrough":
+            if len(sl.sources) != 1:
+                what = "models (with the base_model)" if sl.where == "models" else "sources"
+                fail(
+                    f"passthrough takes exactly one model per slice; {sl.where} has {len(sl.sources)} {what}"
+                )
+        elif not (dialect == "mergekit" and method in BASELESS_METHODS) and slice_base not in paths:
+            shown = base_written if sl.base_model is None else sl.base_model
+            fail(
+                f"{sl.where}: the base model {shown!r} is not among its sources; {method} merges task "
+                "vectors against the base's layers (mergekit refuses this too)"
+            )
+
+
+def _check_varying(method: str, options: dict, settings: dict, fail: _Fail) -> None:
+    """Methods and options that need one set of parameters for the whole model."""
+    spec = METHODS[method]
+    if spec.kind == "needs_stats":
+        fail(
+            f"{method} takes one set of parameters for the whole model: "
+            "slices, gradients and filters are not supported"
+        )
+    if options["threshold_scope"] == "global":
+        fail(
+            "options.threshold_scope 'global' needs one density for the whole model: "
+            "no slices, gradients or filters"
+        )
+    missing = [name for name in spec.required if name not in settings]
+    if missing:
+        fail(f"{method} needs parameter {', '.join(missing)} (see the module docstring)")
+
+
 def method_kwargs(config: MergeConfig) -> dict[str, Any]:
-    """Keyword arguments for the method, as :func:`mergekernels.merge` takes them.
+    """Keyword arguments for the method, as :func:`mergekernels.merge` takes them, of a configuration
+    whose tensors all take the same parameters (``config.uniform``; otherwise see
+    :meth:`MergeConfig.tensor_params`).
 
     Global parameters as they are; a parameter given for some model becomes a list in model order,
     models without it taking the global value, else the value the method's name implies, else the
@@ -954,22 +1316,46 @@ def method_kwargs(config: MergeConfig) -> dict[str, Any]:
     ``seed`` from ``options.seed``; ``regmean``'s ``grams`` file is loaded (``torch.load``, weights
     only). Engine options (``threshold_scope``, ``memory_cap``, ...) stay in ``config.options``.
     """
-    spec = METHODS[config.method]
-    kwargs = dict(config.params)
+    if not config.uniform:
+        raise ValueError(
+            f"{config.where}: parameters vary per tensor (slices, gradients or filters); "
+            "use MergeConfig.tensor_params or mergekernels.planner"
+        )
+    return _kwargs(config.method, config.params, config.models, config.options)
+
+
+def _kwargs(method: str, params: dict, models: list[ModelEntry], options: dict) -> dict[str, Any]:
+    spec = METHODS[method]
+    kwargs = dict(params)
     names: list[str] = []
-    for model in config.models:
+    for model in models:
         names.extend(n for n in model.params if n not in names)
     for name in names:
-        default = config.params[name] if name in config.params else _default_of(config.method, name)
+        default = params[name] if name in params else _default_of(method, name)
         if default is inspect.Parameter.empty:
-            raise ValueError(f"{config.method}: parameter {name!r} has no default; set it for every model")
-        values = [model.params.get(name, default) for model in config.models]
+            raise ValueError(f"{method}: parameter {name!r} has no default; set it for every model")
+        values = [model.params.get(name, default) for model in models]
         kwargs[name] = [_NONE_MEANS.get(name) if v is None else v for v in values]
     if spec.uses_rng:
-        kwargs["seed"] = config.options.get("seed", OPTION_DEFAULTS["seed"])
+        kwargs["seed"] = options.get("seed", OPTION_DEFAULTS["seed"])
     if isinstance(kwargs.get("grams"), str):
-        kwargs["grams"] = torch.load(kwargs["grams"], map_location="cpu", weights_only=True)
+        kwargs["grams"] = _load_grams(kwargs["grams"])
     return kwargs
 
 
-__all__ = ["DIALECTS", "MERGEKIT_METHODS", "MergeConfig", "ModelEntry", "load_config", "method_kwargs"]
+@functools.lru_cache(maxsize=2)
+def _load_grams(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+__all__ = [
+    "DIALECTS",
+    "MERGEKIT_METHODS",
+    "MergeConfig",
+    "ModelEntry",
+    "SliceConfig",
+    "SliceSource",
+    "TensorParams",
+    "load_config",
+    "method_kwargs",
+]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import os
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from .methods import METHODS
+from .planner import TensorTask, matrix_groups, plan_models
 from .selection import MagnitudeThreshold
 
 
@@ -34,11 +33,6 @@ def default_memory_cap(device: torch.device) -> int:
         return int(0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError):  # pragma: no cover - platforms without sysconf
         return 4 << 30
-
-
-def is_excluded(name: str, patterns: Sequence[str]) -> bool:
-    """Whether a tensor name matches one of the exclude globs (it stays at the base's value)."""
-    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
 def takes_matrix_path(spec, name: str, ndim: int, params: dict) -> bool:
@@ -107,6 +101,11 @@ def merge(
     vectors.
     """
     spec = _method(method)
+    if method == "passthrough":
+        raise ValueError(
+            "passthrough takes one model per tensor (a slice's source in a configuration); mk.merge merges "
+            "fine-tuned models into a base: use mk.passthrough(tensor, scale=...) per tensor"
+        )
     if not finetuned:
         raise ValueError("merge: finetuned is empty; pass at least one fine-tuned state dict")
     if threshold_scope not in ("tensor", "global"):
@@ -125,15 +124,15 @@ def merge(
                 f"merge: fine-tuned model {i} lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}"
             )
 
-    def mergeable(name: str) -> bool:
-        return base[name].is_floating_point() and not is_excluded(name, exclude)
+    plan = plan_models(base, finetuned, method, kwargs, exclude)
+    merged_tasks = [task for task in plan.tasks if task.merge]
 
     def inputs(name: str):
         target = device if device is not None else base[name].device
         return base[name].to(target), [sd[name].to(target) for sd in finetuned]
 
     if threshold_scope == "global":
-        names = [n for n in base if mergeable(n)]
+        names = [task.name for task in merged_tasks]
         # The selector makes its device concrete (cuda -> cuda:N), as the tensors moved there report.
         target = device if device is not None else (base[names[0]].device if names else "cpu")
         selector = MagnitudeThreshold(len(finetuned), target)
@@ -146,23 +145,22 @@ def merge(
 
     per_tensor: dict[str, dict] = {}
     if spec.prepare_stats is not None:  # a statistics pass over the merged tensors (AWD's Grams)
-        shared, per_tensor, found = spec.prepare_stats(inputs, [n for n in base if mergeable(n)], kwargs)
+        shared, per_tensor, found = spec.prepare_stats(inputs, [task.name for task in merged_tasks], kwargs)
         kwargs.update(shared)
         if diagnostics is not None:
             diagnostics.update(found)
 
     merged: dict[str, torch.Tensor] = {}
-    matrix_names = {n for n in base if mergeable(n) and takes_matrix_path(spec, n, base[n].dim(), kwargs)}
-    if matrix_names:
-        _merge_matrices(
-            base, finetuned, spec, sorted(matrix_names), inputs, kwargs, memory_cap, merged, diagnostics
-        )
+    groups = matrix_groups(plan.tasks, lambda t: takes_matrix_path(spec, t.name, len(t.shape), kwargs))
+    for group in groups.values():
+        _merge_matrices(base, finetuned, spec, group, inputs, kwargs, memory_cap, merged, diagnostics)
     tensor_kwargs = {k: v for k, v in kwargs.items() if k not in spec.matrix_params}
-    for name, tensor in base.items():
-        if name in matrix_names:
+    for task in plan.tasks:
+        name = task.name
+        if name in merged:
             continue
-        if not mergeable(name):
-            merged[name] = tensor.clone()
+        if not task.merge:
+            merged[name] = base[name].clone()
             continue
         b, fts = inputs(name)
         call = {**tensor_kwargs, **per_tensor.get(name, {})}
@@ -172,31 +170,32 @@ def merge(
             out = spec.function(b, fts, **call)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise type(exc)(f"merge: tensor {name!r}: {exc}") from exc
-        merged[name] = out.to(tensor.device)
+        merged[name] = out.to(base[name].device)
     return {name: merged[name] for name in base}
 
 
-def _merge_matrices(base, finetuned, spec, names, inputs, kwargs, memory_cap, merged, diagnostics) -> None:
-    """Merge the 2-D tensors `names` in batches of one shape, dtype and device under the memory cap."""
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name in names:
-        b, _ = inputs(name)
-        groups[(tuple(b.shape), b.dtype, b.device)].append(name)
-    for (shape, dtype, device), group in groups.items():
-        cap = memory_cap if memory_cap is not None else default_memory_cap(device)
-        size = batch_layers(spec, shape, len(finetuned), dtype, cap)
-        for start in range(0, len(group), size):
-            chunk = group[start : start + size]
-            pairs = [inputs(name) for name in chunk]
-            b = torch.stack([p[0] for p in pairs])
-            fts = [torch.stack([p[1][t] for p in pairs]) for t in range(len(finetuned))]
-            del pairs
-            try:
-                out, diag = spec.batched(b, fts, chunk, **kwargs)
-            except (ValueError, TypeError, RuntimeError) as exc:
-                shown = ", ".join(repr(n) for n in chunk[:3]) + (", ..." if len(chunk) > 3 else "")
-                raise type(exc)(f"merge: tensors {shown} (shape {list(shape)}): {exc}") from exc
-            for i, name in enumerate(chunk):
-                merged[name] = out[i].to(base[name].device)
-                if diagnostics is not None and diag is not None:
-                    diagnostics[name] = diag[i]
+def _merge_matrices(
+    base, finetuned, spec, group: list[TensorTask], inputs, kwargs, memory_cap, merged, diagnostics
+) -> None:
+    """Merge same-shape 2-D tensors in batches under the memory cap."""
+    first = base[group[0].name]
+    shape, dtype = tuple(first.shape), first.dtype
+    device = inputs(group[0].name)[0].device
+    cap = memory_cap if memory_cap is not None else default_memory_cap(device)
+    size = batch_layers(spec, shape, len(finetuned), dtype, cap)
+    names = [task.name for task in group]
+    for start in range(0, len(names), size):
+        chunk = names[start : start + size]
+        pairs = [inputs(name) for name in chunk]
+        b = torch.stack([p[0] for p in pairs])
+        fts = [torch.stack([p[1][t] for p in pairs]) for t in range(len(finetuned))]
+        del pairs
+        try:
+            out, diag = spec.batched(b, fts, chunk, **kwargs)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            shown = ", ".join(repr(n) for n in chunk[:3]) + (", ..." if len(chunk) > 3 else "")
+            raise type(exc)(f"merge: tensors {shown} (shape {list(shape)}): {exc}") from exc
+        for i, name in enumerate(chunk):
+            merged[name] = out[i].to(base[name].device)
+            if diagnostics is not None and diag is not None:
+                diagnostics[name] = diag[i]

@@ -170,18 +170,20 @@ def test_mergekit_della_parameters(method, merge):
 
 
 def test_mergekit_linear_translations():
-    # base given, not listed: the plain weighted average of the models (normalize implied)
-    cfg = load_config(
-        {
-            "merge_method": "linear",
-            "base_model": "/b",
-            "models": [
-                {"model": "/a", "parameters": {"weight": 2}},
-                {"model": "/c", "parameters": {"weight": 1}},
-            ],
-        }
-    )
-    assert cfg.params == {} and method_kwargs(cfg) == {"weights": [2.0, 1.0]}
+    # base given, not listed: mergekit adds it to the average, with the global weight
+    data = {
+        "merge_method": "linear",
+        "base_model": "/b",
+        "models": [
+            {"model": "/a", "parameters": {"weight": 2}},
+            {"model": "/c", "parameters": {"weight": 1}},
+        ],
+    }
+    with pytest.raises(ValueError, match="base_model '/b' is not listed under `models`; mergekit adds it"):
+        load_config(data)
+    cfg = load_config({**data, "parameters": {"weight": 1}})
+    assert [m.path for m in cfg.models] == ["/a", "/c"]
+    assert method_kwargs(cfg) == {"weights": [2.0, 1.0], "normalize": False, "scale": 0.25}
     # no base: the first model is theta_0 and keeps its weight: scale = 1 / total weight
     cfg = load_config(
         {
@@ -422,17 +424,18 @@ def _with(**changes):
         (_with(parameters={"weight": True}), r"parameters.weight must be a number, got True"),
         (_with(parameters={"normalize": "yes"}), r"parameters.normalize must be true or false"),
         (
-            _with(models=[{"model": "a", "parameters": {"density": [1, 0.7, 0.1]}}]),
-            r"density must be a single value .*gradients, filtered values and lists are not supported",
+            _with(models=[{"model": "a", "parameters": {"density": [1, 0.7, 0]}}]),
+            r"models\[0\] \('a'\) parameters.density\[2\] must be a number in \(0, 1\], got 0",
         ),
         (
-            _with(
-                models=[
-                    {"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}}
-                ]
-            ),
-            r"weight must be a single value",
+            _with(models=[{"model": "a", "parameters": {"weight": [{"filter": "mlp", "valu": 0.5}]}}]),
+            r"weight\[0\]: unknown key 'valu' in a filtered value; valid: filter, value",
         ),
+        (
+            _with(parameters={"weight": [{"filter": "mlp", "value": [0.5, {"value": 1}]}]}),
+            r"parameters.weight\[0\].value: filtered entries cannot be nested",
+        ),
+        (_with(parameters={"weight": [0.5, True]}), r"parameters.weight\[1\] must be a number, got True"),
         (_with(base_model=None), r"base_model is missing: ties merges task vectors"),
         (_with(models=[]), r"`models` is empty"),
         (_with(models=None), r"`models` is missing"),
@@ -440,7 +443,34 @@ def _with(**changes):
         (_with(models=[{"path": "a"}]), r"models\[0\]: unknown key 'path'; valid: model, parameters"),
         (_with(models=[{"model": 3}]), r"models\[0\]: `model` must be a path string"),
         (_with(models="a"), r"`models` must be a list"),
-        (_with(slices=[{"sources": []}]), r"`slices` / `layer_range`\) are not supported"),
+        (_with(slices=[{"sources": []}]), r"give either `models` or `slices`, not both"),
+        (_with(models=None, slices=[{"sources": []}]), r"slices\[0\].sources must be a non-empty list"),
+        (
+            _with(models=None, slices=[{"sources": [{"model": "a", "layer_range": [2, 2]}]}]),
+            r"slices\[0\].sources\[0\] \('a'\): layer_range must be \[START, STOP\] with 0 <= START < STOP",
+        ),
+        (
+            _with(models=None, slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}]}]),
+            r"slices\[0\]: the base model 'b' is not among its sources; ties merges task vectors",
+        ),
+        (
+            _with(
+                models=None,
+                slices=[
+                    {
+                        "sources": [
+                            {"model": "b", "layer_range": [0, 2]},
+                            {"model": "a", "layer_range": [1, 2]},
+                        ]
+                    }
+                ],
+            ),
+            r"slices\[0\]: its sources give different numbers of layers \(\[1, 2\]\)",
+        ),
+        (
+            _with(merge_method="passthrough", models=["a"]),
+            r"passthrough takes exactly one model per slice; models has 2 models \(with the base_model\)",
+        ),
         (_with(tokenizer={"source": "union"}), r"`tokenizer` block is not supported"),
         (_with(chat_template="chatml"), r"`chat_template` is not supported"),
         (
@@ -488,10 +518,17 @@ def _with(**changes):
         ),
         (
             _with(merge_method="linear", models=["a"], parameters={"normalize": False, "weight": 0.4}),
-            r"linear with normalize: false .* only when the weights sum to 1 \(they sum to 0.4\)",
+            r"linear with normalize: false .* only when the weights sum to 1 \(they sum to 0.8\)",
         ),
         (
-            _with(merge_method="linear", models=[{"model": "a", "parameters": {"weight": 0.0}}]),
+            _with(
+                merge_method="linear",
+                base_model=None,
+                models=[
+                    {"model": "a", "parameters": {"weight": 0.0}},
+                    {"model": "c", "parameters": {"weight": 0}},
+                ],
+            ),
             r"linear: the weights sum to 0",
         ),
         (
@@ -987,20 +1024,23 @@ LINEAR_CASES = [
         models:
           - {model: a, parameters: {weight: 2.0}}
           - {model: c, parameters: {weight: 1.0}}
+        parameters: {weight: 0.5}   # the base's weight: mergekit adds an unlisted base
         """,
-        ["a", "c"],
-        [2.0, 1.0],
+        ["a", "c", "base"],
+        [2.0, 1.0, 0.5],
         True,
     ),
     (
         """
         merge_method: linear
         base_model: base
-        models: [a, b]
+        models:
+          - {model: a, parameters: {weight: 0.25}}
+          - {model: b, parameters: {weight: 0.25}}
         parameters: {weight: 0.5, normalize: false}
         """,
-        ["a", "b"],
-        [0.5, 0.5],
+        ["a", "b", "base"],
+        [0.25, 0.25, 0.5],
         False,
     ),
     (

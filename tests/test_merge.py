@@ -40,6 +40,10 @@ def test_every_method_merges_a_model(method):
         }
     if method == "apl":  # needs calibration scores (tests/test_apl.py); here its explicit DARE fallback
         params.update(scores=None, fallback="dare")
+    if method == "passthrough":  # one model per tensor: slices of configurations, not mk.merge
+        with pytest.raises(ValueError, match="passthrough takes one model per tensor"):
+            mk.merge(base, fts, method=method)
+        return
     merged = mk.merge(base, fts, method=method, **params)
     assert merged.keys() == base.keys()
     assert torch.equal(merged["position_ids"], base["position_ids"])  # integer buffers copied from base

@@ -1,24 +1,23 @@
-"""The checkpoint merge: plan, optional statistics pass, streamed merge, atomic publish.
+"""The checkpoint merge, a pipeline: plan, read, compute, write, then publish.
 
-Three things overlap: a reader thread reads the next tensors (safetensors lazy reads), the calling
-thread computes them (GPU kernels with pinned host buffers and non-blocking copies, or the CPU
-kernels), and a writer thread writes each finished shard. Memory is bounded by a byte budget, not a
-count: the reader holds at most the inputs of the largest tensor (or row chunk), K + 1 copies of it,
-ahead of the compute thread, and at most two shards are in memory (the one being written and the
-one being filled). Peak RSS is then about (K + 2) x the largest piece + 2 shards above the process's
-own footprint, whatever the number of tensors (tests/test_engine.py measures it).
+1. **plan** (:mod:`.work`): the planner (:mod:`mergekernels.planner`) resolves the configuration
+   into one task per output tensor on the checkpoints' headers; the tasks are cut into work units
+   (whole tensors, row chunks, batched matrix groups) and the output into shards.
+2. **statistics**, when the method needs the whole model first: TIES' model-wide threshold
+   (``threshold_scope: global``), AWD's Gram pass.
+3. **read** (:mod:`.reader`): a thread reads the next units' inputs (lazy safetensors reads) under a
+   byte budget, running chunked tensors' pre-passes, staging GPU inputs in pinned memory.
+4. **compute** (:mod:`.compute`): the calling thread merges each unit on the device.
+5. **write** (:mod:`.output`, :mod:`.writer`): finished tensors fill their shards; a thread writes
+   each full shard atomically; the index, ``config.json`` and side files come last, and the
+   partial directory is renamed to ``OUT_DIR`` only when everything is written.
 
-Work units follow the methods' needs (``mergekernels.methods.MethodSpec``):
-- methods with ``chunks`` read tensors larger than ``chunk_bytes`` per input in row chunks, so a
-  128k x 8k embedding never needs K full copies: element-wise ones (task arithmetic, DARE) in any
-  row range, DELLA (per-row ranks) in blocks of whole rows. Those with a ``prepass`` (TIES' and
-  Breadcrumbs' per-tensor thresholds, DARE's L1 rescale) first read the chunks once per pass to
-  find what the whole tensor needs (exact: the radix select does not depend on chunking);
-- ``threshold_scope: global`` adds a statistics pass over the whole model first;
-- matrix methods (ACE, TSV-M, Iso, WUDI, RegMean) take groups of same-shape tensors, batched under
-  the memory cap.
-Shards are planned up front from the base's tensor sizes in processing order, so the layout, and
-with it every output byte, is the same on every run, on resume and on any number of ranks.
+Memory is bounded by a byte budget, not a count: the reader holds at most the inputs of the largest
+tensor (or row chunk), K + 1 copies of it, ahead of the compute step, and at most two shards are in
+memory (the one being written and the one being filled). Peak RSS is then about (K + 2) x the
+largest piece + 2 shards above the process's own footprint, whatever the number of tensors
+(tests/test_engine.py measures it). Shards are planned up front in processing order, so the layout,
+and with it every output byte, is the same on every run, on resume and on any number of ranks.
 """
 
 from __future__ import annotations
@@ -26,25 +25,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import resource
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 import yaml
 
 from .. import __version__, devices
-from ..config import MergeConfig, load_config, method_kwargs, parse_size
-from ..merge import batch_layers, default_memory_cap, is_excluded, takes_matrix_path
-from ..methods import METHODS
+from ..config import MergeConfig, load_config, parse_size
+from ..merge import default_memory_cap
 from ..methods.ties import ties_prepass
+from ..planner import MergePlan, PlanError, plan_config
 from .checkpoint import Checkpoint, CheckpointError
+from .compute import Computer
+from .output import ShardOutput
 from .ranks import Ranks
-from .staging import PinnedStaging
-from .writer import CheckpointWriter, plan_shards
+from .reader import Failed, InputReader, Prefetcher
+from .work import WorkPlan, numel_of
+from .writer import CheckpointWriter
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 DEFAULT_CHUNK_BYTES = 256 * 1024**2
@@ -60,6 +60,8 @@ SIDE_FILES = (
     "added_tokens.json",
 )
 MERGE_CONFIG_FILE = "merge_config.yml"
+# config.json keys of the layer count, by model family (the first present is rewritten)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 @dataclass
@@ -114,196 +116,6 @@ def _fingerprint(cfg: MergeConfig, checkpoints: list[Checkpoint], shard_size: in
         "files": files,
         "shard_size": shard_size,
     }
-
-
-@dataclass
-class _Unit:
-    """One piece of work: a tensor, a row range of one, or a group of same-shape tensors."""
-
-    names: tuple[str, ...]
-    kind: str  # "copy" | "tensor" | "rows" | "group"
-    rows: tuple[int, int] | None = None
-    inputs: tuple | None = None  # filled by the reader: (base, [experts]) per name
-    params: dict | None = None  # filled by the reader: what a chunked tensor's pre-pass found
-    nbytes: int = 0  # input bytes held while the unit is in flight (the prefetch budget)
-    staging: object | None = None  # its region of the pinned staging buffer (GPU merges)
-
-
-class _Plan:
-    def __init__(
-        self,
-        cfg: MergeConfig,
-        base: Checkpoint,
-        experts: list[Checkpoint],
-        kwargs: dict,
-        memory_cap: int,
-        chunk_bytes: int,
-    ):
-        self.cfg, self.base, self.experts, self.kwargs = cfg, base, experts, kwargs
-        self.spec = METHODS[cfg.method]
-        self.allow_missing = cfg.options.get("allow_missing") or "error"
-        self._validate()
-        self.mergeable = {
-            n
-            for n, info in base.tensors.items()
-            if info.dtype.is_floating_point and not is_excluded(n, cfg.exclude)
-        }
-        matrix = {
-            n for n in self.mergeable if takes_matrix_path(self.spec, n, len(base.tensors[n].shape), kwargs)
-        }
-        self.units: list[_Unit] = []
-        scheduled: set[str] = set()
-        groups: dict[tuple, list[str]] = defaultdict(list)
-        for n in base.names():
-            if n in matrix:
-                groups[(base.tensors[n].shape, base.tensors[n].dtype)].append(n)
-        for n in base.names():
-            if n in scheduled:
-                continue
-            info = base.tensors[n]
-            if n in matrix:
-                group = groups[(info.shape, info.dtype)]
-                size = batch_layers(self.spec, info.shape, len(experts), info.dtype, memory_cap)
-                for start in range(0, len(group), size):
-                    chunk = tuple(group[start : start + size])
-                    self.units.append(_Unit(chunk, "group"))
-                    scheduled.update(chunk)
-                continue
-            scheduled.add(n)
-            if n not in self.mergeable:
-                self.units.append(_Unit((n,), "copy"))
-            elif info.nbytes > chunk_bytes and self._splits(info.shape):
-                row_bytes = max(1, info.nbytes // info.shape[0])
-                step = max(1, chunk_bytes // row_bytes)
-                for r0 in range(0, info.shape[0], step):
-                    self.units.append(_Unit((n,), "rows", (r0, min(info.shape[0], r0 + step))))
-            else:
-                self.units.append(_Unit((n,), "tensor"))
-        self.order = list(dict.fromkeys(name for u in self.units for name in u.names))
-        self.pieces: dict[str, list[tuple[int, int] | None]] = defaultdict(list)
-        for u in self.units:
-            for name in u.names:
-                self.pieces[name].append(u.rows)
-            u.nbytes = sum(self.read_bytes(name, u.rows) for name in u.names)
-        # The prefetch budget: the inputs of the largest tensor (or row chunk). A unit larger than
-        # the budget (a batched matrix group) is read only when nothing else is in flight.
-        self.budget = max((self.read_bytes(n, r) for n in self.order for r in self.pieces[n]), default=0)
-
-    def _splits(self, shape: tuple[int, ...]) -> bool:
-        if self.spec.chunks == "elements":
-            return len(shape) >= 1 and shape[0] > 1
-        return self.spec.chunks == "rows" and len(shape) >= 2 and shape[0] > 1
-
-    def read_bytes(self, name: str, rows: tuple[int, int] | None) -> int:
-        """Bytes of the base's and the experts' copies of a tensor (or of a row range of it)."""
-        info = self.base.tensors[name]
-        nbytes = info.nbytes if rows is None else info.nbytes // info.shape[0] * (rows[1] - rows[0])
-        return nbytes * (1 + sum(name in c for c in self.experts))
-
-    def _validate(self) -> None:
-        for ckpt in self.experts:
-            for name, info in self.base.tensors.items():
-                if name not in ckpt.tensors:
-                    if self.allow_missing == "base":
-                        continue
-                    raise CheckpointError(
-                        f"{ckpt.path}: lacks tensor {name!r} of the base {self.base.path} "
-                        "(options: {allow_missing: base} takes the base's value for it)"
-                    )
-                other = ckpt.tensors[name]
-                if other.shape != info.shape:
-                    raise CheckpointError(
-                        f"tensor {name!r}: shape {list(other.shape)} in {other.file} but "
-                        f"{list(info.shape)} in the base's {info.file}"
-                    )
-                if other.dtype != info.dtype and self.cfg.dtype is None:
-                    raise CheckpointError(
-                        f"tensor {name!r}: dtype {other.dtype} in {other.file} but {info.dtype} in the "
-                        f"base's {info.file}; set `dtype:` in the config to compute in one dtype"
-                    )
-
-    def out_dtype(self, name: str) -> torch.dtype:
-        info = self.base.tensors[name]
-        if name in self.mergeable and self.cfg.out_dtype is not None:
-            return self.cfg.out_dtype
-        return info.dtype
-
-    def out_bytes(self, name: str) -> int:
-        return self.base.tensors[name].numel * self.out_dtype(name).itemsize
-
-
-def _finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in x: min and max propagate both, and one aminmax pass runs at memory speed
-    (isfinite(x).all() is ~40x slower on CPU for bf16)."""
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def _libc():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # pragma: no cover - not glibc
-        return None
-
-
-_LIBC = _libc()
-
-
-def _return_freed_memory() -> None:
-    """Give the pages of freed buffers back to the OS (glibc's malloc_trim; no-op elsewhere).
-
-    Tensor-sized buffers freed by the compute thread stay in glibc's heap arenas (its mmap threshold
-    rises to 32 MB after the first large free), where the reader and compute threads fragment them:
-    without a trim, peak RSS creeps up with the number of tensors merged. Trimming once per written
-    shard keeps the growth to a few MB (measured, 2 experts of 4 MB tensors: +5 MB from 6 to 72
-    tensors for task arithmetic and TIES) at no measurable cost; a fixed 128 KB mmap threshold did
-    about as well but made every buffer fault in fresh pages (1.5-2x slower end to end on the 2-core
-    build machine)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _rss_bytes() -> int:
-    """This process's peak resident set: VmHWM on Linux (ru_maxrss there also counts the parent's
-    RSS at fork, which would hide a small process's own peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class _Budget:
-    """Bytes of input the reader may hold ahead of the compute thread."""
-
-    def __init__(self, limit: int, stop: threading.Event):
-        self.limit, self.used, self.stop = limit, 0, stop
-        self.cond = threading.Condition()
-
-    def acquire(self, nbytes: int) -> bool:
-        """Wait until nbytes fit (always, when nothing is held); False if the merge is stopping."""
-        with self.cond:
-            while self.used and self.used + nbytes > self.limit:
-                if self.stop.is_set():
-                    return False
-                self.cond.wait(0.1)
-            self.used += nbytes
-            return True
-
-    def release(self, nbytes: int) -> None:
-        with self.cond:
-            self.used -= nbytes
-            self.cond.notify_all()
-
-
-class _Failed:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
 
 
 def merge_checkpoints(
@@ -394,15 +206,13 @@ def _merge_as_rank(
     memory_cap = (
         parse_size(opts["memory_cap"], "memory_cap") if "memory_cap" in opts else default_memory_cap(dev)
     )
-    allow_nonfinite = bool(opts.get("allow_nonfinite", False))
 
-    base = Checkpoint(cfg.base_model, allow_pickle=allow_pickle)
-    experts = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
-    kwargs = {**METHODS[cfg.method].implied, **method_kwargs(cfg)}
-    plan = _Plan(cfg, base, experts, kwargs, memory_cap, chunk_bytes)
-    shards = plan_shards([(n, plan.out_bytes(n)) for n in plan.order], shard_bytes)
+    # 1. plan
+    plan, checkpoints = _plan(cfg, allow_pickle)
+    work = WorkPlan(cfg, plan, memory_cap, chunk_bytes)
+    shards = work.shards(shard_bytes)
     # Ranks split the shards (shard i goes to rank i mod world); rank 0 prepares the output first.
-    fingerprint = _fingerprint(cfg, [base, *experts], shard_bytes)
+    fingerprint = _fingerprint(cfg, checkpoints, shard_bytes)
     writer = None
     if rank == 0:
         writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=overwrite, resume=resume)
@@ -411,285 +221,39 @@ def _merge_as_rank(
         writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=True, resume=resume, attach=True)
     pending = [s for s in shards if s.index % world == rank and not writer.done(s)]
     seconds = {"plan": time.perf_counter() - t_start}
-    bytes_read = 0
-    diagnostics: dict[str, dict] = {}
+    reader = InputReader(work, checkpoints, bool(opts.get("allow_nonfinite", False)))
 
-    def read_inputs(name: str, rows=None):
-        nonlocal bytes_read
-        b = base.read(name, rows)
-        fts = [ckpt.read(name, rows) if name in ckpt else b for ckpt in experts]
-        if cfg.dtype is not None and name in plan.mergeable:
-            b, fts = b.to(cfg.dtype), [x.to(cfg.dtype) for x in fts]
-        bytes_read += b.numel() * b.element_size() * (1 + sum(name in c for c in experts))
-        if not allow_nonfinite and name in plan.mergeable:
-            for ckpt, x in zip([base, *experts], [b, *fts], strict=True):
-                if x.numel() and not _finite(x):
-                    raise CheckpointError(
-                        f"{ckpt.info(name).file if name in ckpt else base.info(name).file}: tensor {name!r} "
-                        "holds NaN or Inf (options: {allow_nonfinite: true} merges it anyway)"
-                    )
-        return b, fts
-
-    # Statistics pass: the model-wide magnitude threshold of TIES with threshold_scope: global.
-    if opts.get("threshold_scope", "tensor") == "global":
-        if plan.spec.function.__name__ != "ties":
-            raise ValueError(f"threshold_scope: global applies to ties, not {cfg.method!r}")
-        t0 = time.perf_counter()
-        mergeable = [n for n in plan.order if n in plan.mergeable]
-        numel = sum(base.tensors[n].numel for n in mergeable)
-        worker = ties_prepass(
-            len(experts),
-            numel,
-            {"density": kwargs.pop("density", 0.2)},
-            dev,
-            all_reduce=ranks.all_reduce if world > 1 else None,
-        )
-        for index in range(worker.passes):
-            for n in mergeable[rank::world]:  # each rank counts its share
-                for rows in plan.pieces[n]:
-                    b, fts = read_inputs(n, rows)
-                    worker.update(index, b.to(dev), [x.to(dev) for x in fts], 0)
-            worker.end_pass(index)
-        kwargs.update(worker.params())
+    # 2. statistics over the whole model, when the method needs them
+    t0 = time.perf_counter()
+    stats = _statistics(work, reader, dev, ranks)
+    per_tensor_params, diagnostics = stats if stats is not None else ({}, {})
+    if stats is not None:
         seconds["stats"] = time.perf_counter() - t0
 
-    # Statistics pass of needs_stats methods (AWD's Grams and coefficient solve), shared with mk.merge.
-    per_tensor_params: dict[str, dict] = {}
-    if plan.spec.prepare_stats is not None:
-        t0 = time.perf_counter()
-
-        def read_on_device(name: str):
-            b, fts = read_inputs(name)
-            return b.to(dev), [x.to(dev) for x in fts]
-
-        names = [n for n in plan.order if n in plan.mergeable]
-        shared, per_tensor_params, found = plan.spec.prepare_stats(read_on_device, names, kwargs)
-        kwargs.update(shared)
-        diagnostics.update(found)
-        seconds["stats"] = time.perf_counter() - t0
-
+    # 3-5. read, compute, write
+    t_merge = time.perf_counter()
     pending_names = {n for s in pending for n in s.names}
-    units = [u for u in plan.units if u.names[0] in pending_names]
-    progress_total = sum(
-        base.tensors[n].nbytes * (1 + len(experts)) + plan.out_bytes(n) for n in pending_names
-    )
+    units = [u for u in work.units if u.names[0] in pending_names]
     bar = None
     if not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=progress_total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge")
-
-    t_merge = time.perf_counter()
-    spec = plan.spec
-    tensor_kwargs = {k: v for k, v in kwargs.items() if k not in spec.matrix_params}
-
-    def tensor_call(name: str) -> dict:
-        call = dict(tensor_kwargs)
-        if spec.uses_rng:
-            call.setdefault("key", name)
-        return call
-
-    # The read queue is unbounded: the byte budget bounds what it holds.
-    read_q: queue.Queue = queue.Queue()
-    write_q: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    budget = _Budget(plan.budget, stop)
-    # GPU merges copy inputs through one reused pinned buffer as large as the budget.
-    staging = PinnedStaging(plan.budget + 256 * (len(experts) + 1)) if dev.type == "cuda" else None
-
-    def hand_over(item) -> bool:
-        """Put on the read queue unless the merge is being stopped (then give up)."""
-        while not stop.is_set():
-            try:
-                read_q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    found: dict[str, dict] = {}  # name -> what its pre-pass found
-
-    def prepass(name: str) -> dict:
-        """Run a chunked tensor's pre-pass (reading every chunk once per pass) before its merge."""
-        info = base.tensors[name]
-        worker = spec.prepass(len(experts), info.numel, tensor_call(name), dev)
-        if worker is None:
-            return {}
-        row_len = info.numel // info.shape[0]
-        for index in range(worker.passes):
-            for rows in plan.pieces[name]:
-                nbytes = plan.read_bytes(name, rows)
-                if not budget.acquire(nbytes):
-                    return {}
-                try:
-                    b, fts = read_inputs(name, rows)
-                    worker.update(index, b.to(dev), [x.to(dev) for x in fts], rows[0] * row_len)
-                    del b, fts
-                finally:
-                    budget.release(nbytes)
-            worker.end_pass(index)
-        return worker.params()
-
-    def reader() -> None:
-        try:
-            for unit in units:
-                if stop.is_set():
-                    return
-                if unit.kind == "rows" and spec.prepass is not None:
-                    name = unit.names[0]
-                    if unit.rows[0] == 0:
-                        found[name] = prepass(name)
-                    unit.params = found[name]
-                    if unit.rows[1] == base.tensors[name].shape[0]:
-                        del found[name]
-                if not budget.acquire(unit.nbytes):
-                    return
-                unit.inputs = tuple(read_inputs(n, unit.rows) for n in unit.names)
-                if staging is not None:
-                    staged = staging.stage([t for b, fts in unit.inputs for t in (b, *fts)], stop)
-                    if staged is None:
-                        return
-                    copies, unit.staging = iter(staged[0]), staged[1]
-                    unit.inputs = tuple((next(copies), [next(copies) for _ in fts]) for _, fts in unit.inputs)
-                if not hand_over(unit):
-                    return
-            hand_over(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            hand_over(_Failed(exc))
-
-    written = {"bytes": 0}
-
-    def write_loop() -> None:
-        # After a failure keep draining the queue, so the compute thread never blocks on it.
-        while True:
-            item = write_q.get()
-            try:
-                if item is None:
-                    return
-                if "error" in written:
-                    continue
-                shard, tensors = item
-                del item
-                writer.write_shard(shard, tensors)
-                tensors = None
-                _return_freed_memory()
-                written["bytes"] += shard.nbytes
-                if bar is not None:
-                    bar.update(shard.nbytes)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the compute thread
-                written["error"] = exc
-                stop.set()
-            finally:
-                tensors = None
-                write_q.task_done()
-
-    shard_of = {n: s for s in pending for n in s.names}
-    buffers: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    partial_rows: dict[str, torch.Tensor] = {}
-    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=write_loop, daemon=True)]
-    for t in threads:
-        t.start()
-
-    def place(name: str, value: torch.Tensor) -> None:
-        shard = shard_of[name]
-        buffers[shard.index][name] = value.to("cpu", plan.out_dtype(name))
-        if len(buffers[shard.index]) == len(shard.names):
-            # At most two shards in memory: the one being written and this one.
-            write_q.join()
-            if "error" in written:
-                raise written["error"]
-            write_q.put((shard, buffers.pop(shard.index)))
-
+        total = sum(work.read_bytes(work.tasks[n], None) + work.out_bytes(n) for n in pending_names)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge")
     try:
-        while True:
-            try:
-                unit = read_q.get(timeout=0.1)
-            except queue.Empty:  # the writer may have failed (and stopped the reader) meanwhile
-                if "error" in written:
-                    raise written["error"] from None
-                continue
-            if unit is None:
-                break
-            if isinstance(unit, _Failed):
-                raise unit.exc
-            ranks.check()  # another rank's failure stops this one too
-            if "error" in written:
-                raise written["error"]
-            inputs = [
-                (b.to(dev, non_blocking=True), [x.to(dev, non_blocking=True) for x in fts])
-                for b, fts in unit.inputs
-            ]
-            unit.inputs = None
-            if unit.staging is not None:  # reusable once these copies have finished
-                copied = torch.cuda.Event()
-                copied.record()
-                staging.give_back(unit.staging, copied)
-            held = unit.nbytes
-            in_bytes = sum(b.numel() * b.element_size() * (1 + len(fts)) for b, fts in inputs)
-            try:
-                if unit.kind == "copy":
-                    place(unit.names[0], inputs[0][0])
-                elif unit.kind == "group":
-                    b = torch.stack([i[0] for i in inputs])
-                    fts = [torch.stack([i[1][t] for i in inputs]) for t in range(len(experts))]
-                    out, diag = spec.batched(b, fts, list(unit.names), **kwargs)
-                    for i, name in enumerate(unit.names):
-                        place(name, out[i])
-                        if diag is not None:
-                            diagnostics[name] = diag[i]
-                    del b, fts, out  # the stacked copies count against the budget until here
-                else:
-                    name = unit.names[0]
-                    call = {**tensor_call(name), **per_tensor_params.get(name, {}), **(unit.params or {})}
-                    if unit.kind == "rows":
-                        info = base.tensors[name]
-                        row_len = info.numel // info.shape[0]
-                        if spec.uses_rng:
-                            call["element_offset"] = unit.rows[0] * row_len
-                        piece = spec.function(inputs[0][0], inputs[0][1], **call)
-                        full = partial_rows.setdefault(
-                            name, torch.empty(info.shape, dtype=plan.out_dtype(name))
-                        )
-                        full[unit.rows[0] : unit.rows[1]] = piece.to("cpu", full.dtype)
-                        del piece
-                        if unit.rows[1] == info.shape[0]:
-                            place(name, partial_rows.pop(name))
-                    else:
-                        place(name, spec.function(inputs[0][0], inputs[0][1], **call))
-            except (ValueError, TypeError, RuntimeError) as exc:
-                if isinstance(exc, CheckpointError):
-                    raise
-                raise type(exc)(f"merge: tensor(s) {', '.join(unit.names[:3])}: {exc}") from exc
-            del inputs
-            budget.release(held)
-            if bar is not None:
-                bar.update(in_bytes)
-    except BaseException:
-        stop.set()
-        write_q.put(None)
-        threads[1].join()
+        bytes_written = _stream(
+            work, units, reader, dev, writer, pending, ranks, per_tensor_params, diagnostics, bar
+        )
+    finally:
         if bar is not None:
             bar.close()
-        raise
-    write_q.put(None)
-    threads[1].join()
-    if "error" in written:
-        raise written["error"]
-    if bar is not None:
-        bar.close()
     seconds["merge"] = time.perf_counter() - t_merge
 
+    # publish
     t_finish = time.perf_counter()
     ranks.sync()  # every rank's shards are written
     if rank == 0:
-        side = {}
-        for name in SIDE_FILES:
-            src = base.directory / name
-            if base.path.is_dir() and src.exists():
-                side[name] = src.read_bytes()
-        side[MERGE_CONFIG_FILE] = yaml.safe_dump(cfg.source, sort_keys=False).encode()
-        total_size = sum(plan.out_bytes(n) for n in plan.order)
-        writer.finish(side, total_size)
+        writer.finish(_side_files(cfg, plan, checkpoints[0]), sum(work.out_bytes(n) for n in work.order))
     ranks.sync()
     seconds["finish"] = time.perf_counter() - t_finish
     seconds["total"] = time.perf_counter() - t_start
@@ -697,13 +261,153 @@ def _merge_as_rank(
         out_dir=str(out_dir),
         method=cfg.method,
         device=str(dev),
-        tensors=len(plan.order),
+        tensors=len(work.order),
         shards=len(shards),
         resumed_shards=sum(1 for s in shards if s.index % world == rank) - len(pending),
         seconds=seconds,
-        bytes_read=bytes_read,
-        bytes_written=written["bytes"],
+        bytes_read=reader.bytes_read,
+        bytes_written=bytes_written,
         peak_rss_bytes=_rss_bytes(),
         start_rss_bytes=start_rss,
         diagnostics=diagnostics,
     )
+
+
+def _plan(cfg: MergeConfig, allow_pickle: bool) -> tuple[MergePlan, list[Checkpoint]]:
+    """Opens every model the configuration names (headers only) and plans the merge on them."""
+    opened: dict[str, Checkpoint] = {}
+    paths = [cfg.base_model, *(src.path for sl in cfg.slices for src in sl.sources)]
+    for path in dict.fromkeys(paths):
+        opened[path] = Checkpoint(path, allow_pickle=allow_pickle)
+    try:
+        plan = plan_config(cfg, {path: ckpt.tensors for path, ckpt in opened.items()})
+    except PlanError as exc:
+        raise CheckpointError(str(exc)) from None
+    return plan, [opened[path] for path in plan.models]
+
+
+def _statistics(
+    work: WorkPlan, reader: InputReader, dev: torch.device, ranks: Ranks
+) -> tuple[dict[str, dict], dict[str, dict]] | None:
+    """Model-wide passes before the merge: TIES' global threshold, a needs_stats method's pass (AWD's
+    Grams and coefficient solve, shared with mk.merge). Returns per-tensor parameters and
+    diagnostics (None when the method needs no such pass); parameters for every tensor go into the
+    tasks."""
+    merged = [work.tasks[n] for n in work.order if work.tasks[n].merge]
+    if not merged or not (work.cfg.options.get("threshold_scope") == "global" or work.spec.prepare_stats):
+        return None
+    params = dict(merged[0].params)
+    per_tensor: dict[str, dict] = {}
+    diagnostics: dict[str, dict] = {}
+    if work.cfg.options.get("threshold_scope") == "global":
+        numel = sum(numel_of(t.shape) for t in merged)
+        all_reduce = ranks.all_reduce if ranks.world > 1 else None
+        worker = ties_prepass(
+            len(merged[0].inputs), numel, {"density": params.pop("density", 0.2)}, dev, all_reduce=all_reduce
+        )
+        for index in range(worker.passes):
+            for task in merged[ranks.rank :: ranks.world]:  # each rank counts its share
+                for rows in work.pieces[task.name]:
+                    b, fts = reader.read_on(task, dev, rows)
+                    worker.update(index, b, fts, 0)
+            worker.end_pass(index)
+        params.update(worker.params())
+    elif work.spec.prepare_stats is not None:
+        by_name = {t.name: t for t in merged}
+
+        def read(name: str):
+            return reader.read_on(by_name[name], dev)
+
+        shared, per_tensor, found = work.spec.prepare_stats(read, [t.name for t in merged], params)
+        params.update(shared)
+        diagnostics.update(found)
+    for task in merged:  # every merged tensor shares these (the configuration is uniform)
+        task.params = params
+    return per_tensor, diagnostics
+
+
+def _stream(work, units, reader, dev, writer, pending, ranks, per_tensor_params, diagnostics, bar) -> int:
+    """Steps 3-5: the reader thread feeds the compute step, which fills shards for the writer thread.
+    Returns the bytes written."""
+    stop = threading.Event()
+    prefetch = Prefetcher(work, units, reader, dev, stop)
+    compute = Computer(work, dev, per_tensor_params, diagnostics, prefetch.staging)
+    output = ShardOutput(
+        writer, pending, work.out_dtype, stop, progress=bar.update if bar is not None else None
+    )
+    prefetch.start()
+    output.start()
+    try:
+        while True:
+            unit = _next_unit(prefetch, output)
+            if unit is None:
+                break
+            ranks.check()  # another rank's failure stops this one too
+            output.raise_if_failed()
+            held = unit.nbytes
+            in_bytes = sum(b.numel() * b.element_size() * (1 + len(fts)) for b, fts in unit.inputs)
+            for task, value in compute.run(unit):
+                output.place(task.name, value)
+            prefetch.budget.release(held)
+            if bar is not None:
+                bar.update(in_bytes)
+    except BaseException:
+        stop.set()
+        output.abandon()
+        raise
+    output.close()
+    return output.bytes_written
+
+
+def _next_unit(prefetch: Prefetcher, output: ShardOutput):
+    """The next unit the reader has read (None at the end), raising the reader's or the writer's error."""
+    import queue
+
+    while True:
+        try:
+            unit = prefetch.queue.get(timeout=0.1)
+        except queue.Empty:  # the writer may have failed (and stopped the reader) meanwhile
+            output.raise_if_failed()
+            continue
+        if isinstance(unit, Failed):
+            raise unit.exc
+        return unit
+
+
+def _side_files(cfg: MergeConfig, plan: MergePlan, base: Checkpoint) -> dict[str, bytes]:
+    """The base's config, tokenizer and generation files, config.json's layer count set to the
+    output's when slices changed it, and the merge config."""
+    side = {}
+    for name in SIDE_FILES:
+        src = base.directory / name
+        if base.path.is_dir() and src.exists():
+            side[name] = src.read_bytes()
+    if plan.num_layers is not None and "config.json" in side:
+        side["config.json"] = _with_layer_count(side["config.json"], plan.num_layers, base.directory)
+    side[MERGE_CONFIG_FILE] = yaml.safe_dump(cfg.source, sort_keys=False).encode()
+    return side
+
+
+def _with_layer_count(data: bytes, layers: int, where) -> bytes:
+    try:
+        config = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where / 'config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where / 'config.json'}: expected a JSON object")
+    key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
+    config[key] = layers
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _rss_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux (ru_maxrss there also counts the parent's
+    RSS at fork, which would hide a small process's own peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

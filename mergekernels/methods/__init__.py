@@ -26,6 +26,7 @@ from .breadcrumbs import breadcrumbs, breadcrumbs_prepass
 from .dare import dare, dare_prepass
 from .della import della
 from .iso import iso_c, iso_c_batched, iso_cts, iso_cts_batched
+from .passthrough import passthrough
 from .regmean import collect_input_grams, regmean, regmean_batched
 from .ta import task_arithmetic
 from .ties import ties, ties_prepass
@@ -121,6 +122,7 @@ METHODS: dict[str, MethodSpec] = {
         matrix_params=("grams",),
         required=("grams",),
     ),
+    "passthrough": MethodSpec(passthrough, chunks="elements"),
     "apl": MethodSpec(apl.apl, kind="needs_stats", uses_rng=True, required=("scores",)),
     "awd": MethodSpec(awd, kind="needs_stats", uses_rng=True, prepare_stats=_awd_stats),
 }
@@ -143,6 +145,7 @@ __all__ = [
     "iso_c_batched",
     "iso_cts",
     "iso_cts_batched",
+    "passthrough",
     "regmean",
     "regmean_batched",
     "task_arithmetic",

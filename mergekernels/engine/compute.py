@@ -1,0 +1,86 @@
+"""Step 3 of the pipeline, compute: merge one work unit on the compute device.
+
+Inputs arrive from the reader on the host (pinned for GPU merges) and are copied to the device
+without blocking; the method runs there (the fused kernels, CPU or CUDA). A ``rows`` unit merges
+its row range into the tensor's output buffer; the tensor is handed on when its last range is in.
+A ``group`` unit stacks its same-shape tensors and runs the matrix method's batched path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..planner import TensorTask
+from .checkpoint import CheckpointError
+from .reader import task_call
+from .work import WorkPlan, WorkUnit, numel_of
+
+
+class Computer:
+    """Runs units; :meth:`run` returns the tensors it finished, as (task, merged tensor) pairs."""
+
+    def __init__(
+        self,
+        work: WorkPlan,
+        device: torch.device,
+        per_tensor_params: dict[str, dict],
+        diagnostics: dict[str, dict],
+        staging=None,
+    ):
+        self.work, self.device, self.spec = work, device, work.spec
+        self.per_tensor_params, self.diagnostics = per_tensor_params, diagnostics
+        self.staging = staging
+        self._partial: dict[str, torch.Tensor] = {}  # row-chunked outputs being filled
+
+    def run(self, unit: WorkUnit) -> list[tuple[TensorTask, torch.Tensor]]:
+        inputs = [
+            (b.to(self.device, non_blocking=True), [x.to(self.device, non_blocking=True) for x in fts])
+            for b, fts in unit.inputs
+        ]
+        unit.inputs = None
+        if unit.staging is not None:  # reusable once these copies have finished
+            copied = torch.cuda.Event()
+            copied.record()
+            self.staging.give_back(unit.staging, copied)
+        try:
+            if unit.kind == "copy":
+                return [(unit.tasks[0], inputs[0][0])]
+            if unit.kind == "group":
+                return self._group(unit, inputs)
+            return self._tensor(unit, *inputs[0])
+        except (ValueError, TypeError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise type(exc)(f"merge: tensor(s) {', '.join(unit.names[:3])}: {exc}") from exc
+
+    def _group(self, unit: WorkUnit, inputs) -> list[tuple[TensorTask, torch.Tensor]]:
+        experts = len(unit.tasks[0].inputs)
+        b = torch.stack([i[0] for i in inputs])
+        fts = [torch.stack([i[1][t] for i in inputs]) for t in range(experts)]
+        del inputs
+        out, diag = self.spec.batched(b, fts, list(unit.names), **unit.tasks[0].params)
+        if diag is not None:
+            for i, name in enumerate(unit.names):
+                self.diagnostics[name] = diag[i]
+        return [(task, out[i]) for i, task in enumerate(unit.tasks)]
+
+    def _tensor(self, unit: WorkUnit, b, fts) -> list[tuple[TensorTask, torch.Tensor]]:
+        task = unit.tasks[0]
+        call = {
+            **task_call(self.spec, task),
+            **self.per_tensor_params.get(task.name, {}),
+            **(unit.params or {}),
+        }
+        if unit.kind != "rows":
+            return [(task, self.spec.function(b, fts, **call))]
+        if self.spec.uses_rng:
+            call["element_offset"] = unit.rows[0] * numel_of(task.shape[1:])
+        piece = self.spec.function(b, fts, **call)
+        full = self._partial.setdefault(
+            task.name, torch.empty(task.shape, dtype=self.work.out_dtype(task.name))
+        )
+        full[unit.rows[0] : unit.rows[1]] = piece.to("cpu", full.dtype)
+        del piece
+        if unit.rows[1] == task.shape[0]:
+            return [(task, self._partial.pop(task.name))]
+        return []

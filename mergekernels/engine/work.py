@@ -1,0 +1,134 @@
+"""Step 1 of the pipeline, plan: the planner's tensor tasks cut into work units, and the shards.
+
+A work unit is what the reader reads and the compute step merges in one go, chosen by what the
+method needs (:class:`mergekernels.methods.MethodSpec`):
+
+- ``copy``: a tensor kept from the base (non-floating, excluded, or a slice of the base alone);
+- ``tensor``: one whole tensor;
+- ``rows``: a row range of a tensor larger than ``chunk_bytes`` per input, for methods with
+  ``chunks`` (any row range for element-wise ones, blocks of whole rows for DELLA), so a
+  128k x 8k embedding never needs K full copies in memory;
+- ``group``: same-shape 2-D tensors of a matrix method (ACE, TSV-M, Iso, WUDI, RegMean), batched
+  under the memory cap.
+
+Shards are planned up front from the tasks' output sizes in processing order, so the layout, and
+with it every output byte, is the same on every run, on resume and on any number of ranks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MergeConfig
+from ..merge import batch_layers, takes_matrix_path
+from ..methods import METHODS
+from ..planner import MergePlan, TensorTask, is_excluded, matrix_groups
+from .writer import Shard, plan_shards
+
+
+@dataclass
+class WorkUnit:
+    """One piece of work: a tensor, a row range of one, or a group of same-shape tensors."""
+
+    tasks: tuple[TensorTask, ...]
+    kind: str  # "copy" | "tensor" | "rows" | "group"
+    rows: tuple[int, int] | None = None
+    inputs: tuple | None = None  # filled by the reader: (base, [fine-tuned]) per task
+    params: dict | None = None  # filled by the reader: what a chunked tensor's pre-pass found
+    nbytes: int = 0  # input bytes held while the unit is in flight (the prefetch budget)
+    staging: object | None = None  # its region of the pinned staging buffer (GPU merges)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(task.name for task in self.tasks)
+
+
+class WorkPlan:
+    """The units of a merge in processing order, the row pieces of each tensor, the prefetch
+    budget and the output dtype of each tensor."""
+
+    def __init__(self, cfg: MergeConfig, plan: MergePlan, memory_cap: int, chunk_bytes: int):
+        self.cfg, self.plan = cfg, plan
+        self.spec = METHODS[cfg.method]
+        self.tasks = {task.name: task for task in plan.tasks}
+        groups = matrix_groups(
+            plan.tasks, lambda t: takes_matrix_path(self.spec, t.name, len(t.shape), t.params)
+        )
+        grouped = {task.name: key for key, members in groups.items() for task in members}
+        self.units: list[WorkUnit] = []
+        scheduled: set[str] = set()
+        for task in plan.tasks:
+            if task.name in scheduled:
+                continue
+            if task.name in grouped:
+                members = groups[grouped[task.name]]
+                size = batch_layers(self.spec, task.shape, len(task.inputs), task.dtype, memory_cap)
+                for start in range(0, len(members), size):
+                    batch = tuple(members[start : start + size])
+                    self.units.append(WorkUnit(batch, "group"))
+                    scheduled.update(t.name for t in batch)
+                continue
+            scheduled.add(task.name)
+            nbytes = _nbytes(task)
+            if not task.merge:
+                self.units.append(WorkUnit((task,), "copy"))
+            elif nbytes > chunk_bytes and self._splits(task.shape):
+                step = max(1, chunk_bytes // max(1, nbytes // task.shape[0]))
+                for r0 in range(0, task.shape[0], step):
+                    self.units.append(WorkUnit((task,), "rows", (r0, min(task.shape[0], r0 + step))))
+            else:
+                self.units.append(WorkUnit((task,), "tensor"))
+        self.order = list(dict.fromkeys(name for u in self.units for name in u.names))
+        self.pieces: dict[str, list[tuple[int, int] | None]] = defaultdict(list)
+        for u in self.units:
+            for task in u.tasks:
+                self.pieces[task.name].append(u.rows)
+            u.nbytes = sum(self.read_bytes(task, u.rows) for task in u.tasks)
+        # The prefetch budget: the inputs of the largest tensor (or row chunk). A unit larger than
+        # the budget (a batched matrix group) is read only when nothing else is in flight.
+        self.budget = max(
+            (self.read_bytes(self.tasks[n], r) for n in self.order for r in self.pieces[n]), default=0
+        )
+
+    def _splits(self, shape: tuple[int, ...]) -> bool:
+        if self.spec.chunks == "elements":
+            return len(shape) >= 1 and shape[0] > 1
+        return self.spec.chunks == "rows" and len(shape) >= 2 and shape[0] > 1
+
+    def converts(self, task: TensorTask) -> bool:
+        """Whether the config's dtype and out_dtype apply to a tensor (floating, not excluded)."""
+        return task.dtype.is_floating_point and not is_excluded(task.name, self.cfg.exclude)
+
+    def read_bytes(self, task: TensorTask, rows: tuple[int, int] | None) -> int:
+        """Bytes of a task's input tensors (or of a row range of them), as stored."""
+        nbytes = _nbytes(task)
+        if rows is not None:
+            nbytes = nbytes // task.shape[0] * (rows[1] - rows[0])
+        return nbytes * (1 + len(task.inputs))
+
+    def out_dtype(self, name: str) -> torch.dtype:
+        task = self.tasks[name]
+        if self.converts(task) and self.cfg.out_dtype is not None:
+            return self.cfg.out_dtype
+        return task.dtype
+
+    def out_bytes(self, name: str) -> int:
+        task = self.tasks[name]
+        return numel_of(task.shape) * self.out_dtype(name).itemsize
+
+    def shards(self, shard_bytes: int) -> list[Shard]:
+        return plan_shards([(n, self.out_bytes(n)) for n in self.order], shard_bytes)
+
+
+def numel_of(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _nbytes(task: TensorTask) -> int:
+    return numel_of(task.shape) * task.dtype.itemsize
