@@ -15,7 +15,7 @@ VPY         := $(VENV)/bin/python
 # Parallel compile jobs for torch's ninja build.
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: venv build demo demo-text test lint bench clean
+.PHONY: venv build demo demo-text test lint bench clean mergekit-venv
 
 # No prerequisite on $(REQ): its hash is in the directory name, and a fresh clone's mtimes would
 # otherwise trigger a reinstall.
@@ -26,6 +26,29 @@ $(VENV)/.complete:
 	touch $@
 
 venv: $(VENV)/.complete
+
+# --- mergekit oracle (tests/mergekit_oracle.py) -----------------------------------------------------
+# mergekit (LGPL) in its own cached virtual environment with a CPU torch, keyed like $(VENV) by the
+# hash of requirements/mergekit.txt: tests/test_mergekit_oracle.py runs it as a separate program and
+# compares its merges with ours; nothing of it is imported into the project. Its sdist is kept in
+# $(MERGEKIT_VENV)/sdist for the tests that read mergekit's example configs (a failed download only
+# skips those). `make test` tries to build it but never fails when that fails: the oracle tests skip.
+MERGEKIT_REQ      := requirements/mergekit.txt
+MERGEKIT_REQ_HASH := $(shell cat $(MERGEKIT_REQ) | sha256sum | cut -c1-12)
+MERGEKIT_VENV     ?= $(CACHE_DIR)/mergekit-venv-$(PY_TAG)-$(MERGEKIT_REQ_HASH)
+MERGEKIT_VERSION  := $(shell sed -n 's/^mergekit==//p' $(MERGEKIT_REQ))
+
+$(MERGEKIT_VENV)/.complete:
+	$(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/python -m pip install --upgrade pip wheel setuptools
+	$(MERGEKIT_VENV)/bin/python -m pip install -r $(MERGEKIT_REQ)
+	$(MERGEKIT_VENV)/bin/python -m pip download --no-deps --no-binary :all: -d $(MERGEKIT_VENV)/sdist \
+		mergekit==$(MERGEKIT_VERSION) || echo "mergekit sdist not downloaded: the example-config tests will skip"
+	$(MERGEKIT_VENV)/bin/python -c 'import mergekit.merge, mergekit.scripts.run_yaml'
+	touch $@
+
+mergekit-venv: $(MERGEKIT_VENV)/.complete
+# --- end mergekit oracle ----------------------------------------------------------------------------
 
 build: venv
 	@mkdir -p build
@@ -41,6 +64,8 @@ demo-text: build
 	$(VPY) -m mergekernels demo --text
 
 test: build
+	@$(MAKE) --no-print-directory mergekit-venv \
+		|| echo "mergekit oracle environment not built: tests/test_mergekit_oracle.py will skip"
 	$(VPY) -m ruff check mergekernels tests benchmarks
 	$(VPY) -m pytest
 

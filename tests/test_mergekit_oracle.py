@@ -1,0 +1,511 @@
+"""``mergekernels merge`` against mergekit 0.1.5 itself, on tiny Llama / Mistral / Qwen2 checkpoints.
+
+Each case is one YAML config that both tools run unchanged; the outputs must hold the same tensors
+(float32 outputs within float32 rounding, bf16 outputs within 1 ulp) and the same num_hidden_layers.
+mergekit runs from its own cached environment (``make mergekit-venv``, see tests/mergekit_oracle.py);
+without it the module skips. All of a session's mergekit merges run in ONE mergekit process, before
+the first case (importing mergekit is ~6 s of the ~7 s one tiny merge takes); a merge mergekit itself
+rejects fails its case with mergekit's traceback.
+
+Left out by design: the random methods (dare_*, della*: another generator), and ties / breadcrumbs
+with density < 1 (mergekit's argsort keeps exactly k entries, ours every entry tied with the k-th).
+
+mergekit 0.1.5's parameter semantics that the cases pin down:
+- a gradient list is interpolated at t = i / (n - 1) for the i-th layer of an n-layer slice (t runs
+  over each slice on its own, not over the output's layers; the models form is one slice of all the
+  layers), and at t = 1 (its LAST value) for the one layer of a one-layer slice;
+- the non-layer tensors (embed_tokens before the layers; norm and lm_head after them) are merged
+  with the parameters of the FIRST slice (embeddings) or the LAST slice (norm, lm_head) at t = 0 (the
+  FIRST value of every gradient), from that slice's sources; with passthrough, the embeddings come
+  from the first slice's model and norm / lm_head from the last slice's;
+- a parameter is looked up in the slice source's ``parameters``, then the slice's, then the top-level
+  ``parameters``; a filtered list takes the first entry whose ``filter`` is a substring of the tensor
+  name (no filter, or ``*``, matches all); a scope without a match falls through to the next scope;
+- in the ``slices`` form the base model must be one of each slice's sources (mergekit adds it only in
+  the ``models`` form); ``linear`` ignores ``base_model`` but a base not listed in ``models`` is added
+  as an input without a weight, which mergekit refuses: the linear cases list every model.
+
+(e) runs mergekit's own examples/ configs (rewritten onto the tiny models, see oracle.adapt_example) when
+they can be found: mergekit 0.1.5's sdist and wheel do not ship them, so by default that case skips;
+MK_ORACLE_EXAMPLES=<a mergekit checkout>/examples runs them. They are never copied into this repository.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import mergekit_oracle as oracle
+
+if oracle.oracle_python() is None:
+    pytest.skip(oracle.skip_reason(), allow_module_level=True)
+
+# The model sets: per name, the architecture and the write_model arguments. Each set is a base and
+# three fine-tuned models a, b, c (base + 0.01 N(0, 1), another seed each). Sizes differ per set so
+# that shape handling is exercised; qwen2 has q/k/v biases and tied embeddings (no lm_head).
+SETS = {
+    "llama": dict(arch="llama", layers=8, hidden=32, intermediate=88, vocab=97, heads=4, kv_heads=2),
+    "mistral": dict(arch="mistral", layers=6, hidden=48, intermediate=100, vocab=101, heads=6, kv_heads=2),
+    "qwen2": dict(
+        arch="qwen2", layers=7, hidden=32, intermediate=72, vocab=97, heads=4, kv_heads=4, tie_embeddings=True
+    ),
+    "llama-bf16": dict(
+        arch="llama",
+        layers=6,
+        hidden=32,
+        intermediate=88,
+        vocab=97,
+        heads=4,
+        kv_heads=2,
+        dtype=torch.bfloat16,
+    ),
+}
+MODELS = ("base", "a", "b", "c")
+
+
+class Case:
+    """One config: its model set, a builder (model name -> absolute path => the config mapping), and
+    the dtype mergekit's output must have."""
+
+    def __init__(self, name: str, models: str, build: Callable[[dict], dict], out_dtype=torch.float32):
+        self.name, self.models, self.build, self.out_dtype = name, models, build, out_dtype
+
+
+CASES: dict[str, Case] = {}
+GROUPS: dict[str, list[str]] = {"models": [], "gradients": [], "slices": [], "bf16": []}
+
+
+def case(group: str, name: str, models: str, out_dtype=torch.float32):
+    def register(build):
+        CASES[name] = Case(name, models, build, out_dtype)
+        GROUPS[group].append(name)
+        return build
+
+    return register
+
+
+def src(m: dict, name: str, lo: int, hi: int, **params) -> dict:
+    out = {"model": m[name], "layer_range": [lo, hi]}
+    if params:
+        out["parameters"] = params
+    return out
+
+
+# --- (a) the models form -----------------------------------------------------------------------------
+
+for _set in ("llama", "mistral", "qwen2"):
+
+    @case("models", f"linear-{_set}", _set)
+    def _linear(m):
+        # no base_model: a weighted average of all four (the first serves as our base)
+        weights = {"base": 0.4, "a": 1.0, "b": 0.3, "c": 0.5}
+        return {
+            "merge_method": "linear",
+            "models": [{"model": m[n], "parameters": {"weight": w}} for n, w in weights.items()],
+            "parameters": {"normalize": True},
+        }
+
+    @case("models", f"task_arithmetic-{_set}", _set)
+    def _task_arithmetic(m):
+        weights = {"a": 0.5, "b": 0.3, "c": -0.2}
+        return {
+            "merge_method": "task_arithmetic",
+            "base_model": m["base"],
+            "models": [{"model": m[n], "parameters": {"weight": w}} for n, w in weights.items()],
+            "parameters": {"lambda": 0.9},
+            "dtype": "float32",
+        }
+
+    @case("models", f"ties-density1-{_set}", _set)
+    def _ties(m):
+        # density 1: no trimming, only the weighted sign election and the weighted mean of the agreeing
+        weights = {"a": 1.0, "b": 0.6, "c": 0.8}
+        return {
+            "merge_method": "ties",
+            "base_model": m["base"],
+            "models": [
+                {"model": m[n], "parameters": {"weight": w, "density": 1.0}} for n, w in weights.items()
+            ],
+            "parameters": {"normalize": True},
+        }
+
+
+@case("models", "linear-base-listed-llama", "llama")
+def _linear_base_listed(m):
+    weights = {"base": 0.25, "a": 0.5, "b": 0.25, "c": 0.5}
+    return {
+        "merge_method": "linear",
+        "base_model": m["base"],
+        "models": [{"model": m[n], "parameters": {"weight": w}} for n, w in weights.items()],
+        "dtype": "float32",
+    }
+
+
+@case("models", "task_arithmetic-normalize-mistral", "mistral")
+def _task_arithmetic_normalize(m):
+    weights = {"a": 0.7, "b": 0.2, "c": 0.4}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "models": [{"model": m[n], "parameters": {"weight": w}} for n, w in weights.items()],
+        "parameters": {"normalize": True, "lambda": 1.1},
+    }
+
+
+# --- (b) per-layer gradients and filtered values (models form) ---------------------------------------
+
+
+@case("gradients", "gradient-weight-task_arithmetic-llama", "llama")
+def _gradient_weight(m):
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["a"], "parameters": {"weight": [0, 0.3, 1.0]}},
+            {"model": m["b"], "parameters": {"weight": [1.0, 0.5]}},
+            {"model": m["c"], "parameters": {"weight": 0.7}},
+        ],
+        "dtype": "float32",
+    }
+
+
+@case("gradients", "filtered-weight-task_arithmetic-qwen2", "qwen2")
+def _filtered_weight(m):
+    # c has no weight of its own: the top-level filtered list applies to it
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "models": [
+            {
+                "model": m["a"],
+                "parameters": {
+                    "weight": [
+                        {"filter": "self_attn", "value": [0.2, 0.9]},
+                        {"filter": "mlp", "value": 0.4},
+                        {"value": 0.5},
+                    ]
+                },
+            },
+            {
+                "model": m["b"],
+                "parameters": {"weight": [{"filter": "mlp", "value": [1.0, 0.0, 1.0]}, {"value": 0.3}]},
+            },
+            {"model": m["c"]},
+        ],
+        "parameters": {"weight": [{"filter": "down_proj", "value": 0.1}, {"value": [0.6, 0.2]}]},
+    }
+
+
+@case("gradients", "gradient-lambda-task_arithmetic-mistral", "mistral")
+def _gradient_lambda(m):
+    weights = {"a": 0.5, "b": 0.3, "c": 0.8}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "models": [{"model": m[n], "parameters": {"weight": w}} for n, w in weights.items()],
+        "parameters": {"lambda": [0.5, 1.0, 1.5]},
+    }
+
+
+@case("gradients", "gradient-weight-linear-llama", "llama")
+def _gradient_linear(m):
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": m["base"], "parameters": {"weight": [1.0, 0.0]}},
+            {"model": m["a"], "parameters": {"weight": [0.0, 1.0]}},
+            {
+                "model": m["b"],
+                "parameters": {"weight": [{"filter": "self_attn", "value": 0.5}, {"value": 0.1}]},
+            },
+        ],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+
+
+@case("gradients", "gradient-weight-ties-density1-mistral", "mistral")
+def _gradient_ties(m):
+    return {
+        "merge_method": "ties",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["a"], "parameters": {"weight": [0.2, 1.0], "density": 1.0}},
+            {"model": m["b"], "parameters": {"weight": [1.0, 0.4, 0.8], "density": 1.0}},
+            {"model": m["c"], "parameters": {"weight": 0.6, "density": 1.0}},
+        ],
+    }
+
+
+# --- (c) slices ----------------------------------------------------------------------------------------
+
+
+@case("slices", "slices-layerwise-task_arithmetic-llama", "llama")
+def _slices_layerwise(m):
+    # gradients in the sources' parameters; the slice's weight is c's (it has none), its lambda a gradient
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "slices": [
+            {
+                "sources": [
+                    src(m, "base", 0, 8),
+                    src(m, "a", 0, 8, weight=[0, 0.5, 1.0]),
+                    src(m, "b", 0, 8, weight=[{"filter": "mlp", "value": 0.8}, {"value": [1.0, 0.2]}]),
+                    src(m, "c", 0, 8),
+                ],
+                "parameters": {"weight": 0.3, "lambda": [0.8, 1.2]},
+            }
+        ],
+        "dtype": "float32",
+    }
+
+
+@case("slices", "slices-layerwise-linear-mistral", "mistral")
+def _slices_linear(m):
+    return {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    src(m, "base", 0, 6, weight=[1.0, 0.0]),
+                    src(m, "a", 0, 6, weight=[0.0, 1.0]),
+                    src(m, "b", 0, 6),
+                ],
+                "parameters": {"weight": 0.5},
+            }
+        ],
+        "parameters": {"normalize": True},
+    }
+
+
+@case("slices", "slices-two-ranges-task_arithmetic-llama", "llama")
+def _slices_two_ranges(m):
+    # layers 0-2 merge a and b, layers 3-7 b and c with other parameters; the embeddings follow the
+    # first slice, the final norm and lm_head the last (each at t = 0)
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "slices": [
+            {
+                "sources": [
+                    src(m, "base", 0, 3),
+                    src(m, "a", 0, 3, weight=0.9),
+                    src(m, "b", 0, 3, weight=[0.1, 0.5]),
+                ]
+            },
+            {
+                "sources": [
+                    src(m, "base", 3, 8),
+                    src(m, "b", 3, 8, weight=0.7),
+                    src(m, "c", 3, 8, weight=[1.0, 0.0]),
+                ],
+                "parameters": {"lambda": 0.5},
+            },
+        ],
+        "parameters": {"lambda": [1.0, 2.0]},
+    }
+
+
+@case("slices", "slices-offset-sources-task_arithmetic-qwen2", "qwen2")
+def _slices_offset(m):
+    # the sources of one slice read different layers of their models (same count)
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "slices": [
+            {
+                "sources": [
+                    src(m, "base", 0, 4),
+                    src(m, "a", 3, 7, weight=0.6),
+                    src(m, "b", 1, 5, weight=[0.2, 1.0]),
+                ]
+            },
+            {"sources": [src(m, "base", 4, 7), src(m, "c", 4, 7, weight=1.0)]},
+        ],
+    }
+
+
+@case("slices", "passthrough-stack-llama", "llama")
+def _passthrough_stack(m):
+    # a frankenmerge: base layers 0-4 then a's layers 3-7: 10 layers
+    return {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [src(m, "base", 0, 5)]}, {"sources": [src(m, "a", 3, 8)]}],
+        "dtype": "float32",
+    }
+
+
+@case("slices", "passthrough-repeat-mistral", "mistral")
+def _passthrough_repeat(m):
+    # base layers 0-3 then 2-5: layers 2 and 3 twice (8 layers)
+    return {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [src(m, "base", 0, 4)]}, {"sources": [src(m, "base", 2, 6)]}],
+    }
+
+
+@case("slices", "single-layer-slices-task_arithmetic-llama", "llama")
+def _single_layer(m):
+    # one-layer slices first and last: their layer takes each gradient's LAST value (t = 1), while
+    # the embeddings (first slice) and norm / lm_head (last slice) take the FIRST (t = 0)
+    def slice_(lo, hi, **params):
+        return {
+            "sources": [src(m, "base", lo, hi), src(m, "a", lo, hi, **params), src(m, "b", lo, hi)],
+        }
+
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "slices": [
+            slice_(0, 1, weight=[0.0, 1.0]),
+            slice_(1, 7),
+            {**slice_(7, 8), "parameters": {"weight": [0.2, 0.6, 0.7], "lambda": [1.5, 0.5]}},
+        ],
+        "parameters": {"weight": [0.1, 0.9]},
+    }
+
+
+# --- (d) bf16 storage ------------------------------------------------------------------------------
+
+
+@case("bf16", "bf16-task_arithmetic-llama", "llama-bf16", out_dtype=torch.bfloat16)
+def _bf16(m):
+    weights = {"a": 0.5, "b": 0.3, "c": 0.8}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "models": [{"model": m[n], "parameters": {"weight": w}} for n, w in weights.items()],
+        "parameters": {"lambda": 0.9},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """The model sets on disk: set name -> model name -> absolute path."""
+    root = tmp_path_factory.mktemp("mergekit-oracle-models")
+    paths = {}
+    for set_name, spec in SETS.items():
+        spec = dict(spec)
+        arch = spec.pop("arch")
+        base = oracle.write_model(root / set_name / "base", arch, seed=0, **spec)
+        for i, name in enumerate(MODELS[1:], start=1):
+            oracle.write_model(root / set_name / name, arch, seed=i, perturb_from=base, **spec)
+        paths[set_name] = {name: str(root / set_name / name) for name in MODELS}
+    return paths
+
+
+EXAMPLE_SET = "llama"  # the examples run on the 8-layer llama set (see oracle.adapt_example)
+EXAMPLES, EXAMPLES_FROM = oracle.example_configs()
+
+
+def _example_params() -> list:
+    if not EXAMPLES:
+        return [pytest.param(None, id="no-examples", marks=pytest.mark.skip(reason=EXAMPLES_FROM))]
+    params = []
+    dummy = {name: f"/models/{name}" for name in MODELS}
+    for file_name in sorted(EXAMPLES):
+        try:
+            oracle.adapt_example(EXAMPLES[file_name], dummy, SETS[EXAMPLE_SET]["layers"])
+            marks = ()
+        except oracle.UnsupportedExample as exc:
+            marks = pytest.mark.skip(reason=f"mergekit example {file_name} left out: {exc}")
+        except Exception as exc:  # a file that is not a config at all
+            marks = pytest.mark.skip(reason=f"mergekit example {file_name} unreadable: {exc!r}")
+        params.append(pytest.param(file_name, id=file_name, marks=marks))
+    return params
+
+
+def _example_out_dtype(config: dict) -> torch.dtype:
+    name = config.get("out_dtype") or config.get("dtype") or "float32"  # the tiny models are float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _selected(request, argname: str, known) -> list[str]:
+    """The values of ``argname`` among this module's tests that this session runs (not skipped)."""
+    chosen = set()
+    for item in request.session.items:
+        if getattr(item, "module", None) is not request.module:
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get(argname) in known:
+            if not item.get_closest_marker("skip"):
+                chosen.add(callspec.params[argname])
+    return sorted(chosen)
+
+
+@pytest.fixture(scope="module")
+def mergekit_runs(zoo, tmp_path_factory, request) -> dict[str, tuple[Path, Path, str | None, torch.dtype]]:
+    """Every selected case's and example's YAML, written and merged by mergekit in one mergekit
+    process: name -> (config file, mergekit's output directory, None or why mergekit failed, the
+    output dtype)."""
+    root = tmp_path_factory.mktemp("mergekit-oracle-cases")
+    configs = {}
+    for name in _selected(request, "name", CASES):
+        configs[name] = (CASES[name].build(zoo[CASES[name].models]), CASES[name].out_dtype)
+    layers = SETS[EXAMPLE_SET]["layers"]
+    for file_name in _selected(request, "example", EXAMPLES):
+        config = oracle.adapt_example(EXAMPLES[file_name], zoo[EXAMPLE_SET], layers)
+        configs[f"example-{Path(file_name).stem}"] = (config, _example_out_dtype(config))
+    jobs = [
+        (oracle.write_config(cfg, root / f"{name}.yml"), root / name / "mergekit")
+        for name, (cfg, _) in configs.items()
+    ]
+    start = time.perf_counter()
+    results = oracle.run_mergekit_many(jobs)
+    print(f"mergekit: {len(jobs)} merges in {time.perf_counter() - start:.1f}s")
+    return {
+        name: (cfg, out, err, dtype)
+        for (name, (_, dtype)), (cfg, out), err in zip(configs.items(), jobs, results, strict=True)
+    }
+
+
+def _check(name: str, mergekit_runs, tmp_path: Path) -> None:
+    cfg, theirs, error, out_dtype = mergekit_runs[name]
+    if error is not None:
+        pytest.fail(f"mergekit rejects {cfg.name}:\n{error}", pytrace=False)
+    ours = tmp_path / "ours"
+    oracle.run_ours(cfg, ours)
+    oracle.assert_same_model(ours, theirs, out_dtype=out_dtype)
+
+
+# --- the cases -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GROUPS["models"])
+def test_models_form(name, mergekit_runs, tmp_path):
+    _check(name, mergekit_runs, tmp_path)
+
+
+@pytest.mark.parametrize("name", GROUPS["gradients"])
+def test_gradients_and_filters(name, mergekit_runs, tmp_path):
+    _check(name, mergekit_runs, tmp_path)
+
+
+@pytest.mark.parametrize("name", GROUPS["slices"])
+def test_slices(name, mergekit_runs, tmp_path):
+    _check(name, mergekit_runs, tmp_path)
+
+
+@pytest.mark.parametrize("name", GROUPS["bf16"])
+def test_bf16_within_one_ulp(name, mergekit_runs, tmp_path):
+    _check(name, mergekit_runs, tmp_path)
+
+
+# --- (e) mergekit's own examples ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", _example_params())
+def test_mergekit_examples(example, mergekit_runs, tmp_path):
+    """Each example of mergekit's examples/ whose method both tools reproduce exactly, on the llama set
+    (model references and layer ranges rewritten: see oracle.adapt_example)."""
+    _check(f"example-{Path(example).stem}", mergekit_runs, tmp_path)
