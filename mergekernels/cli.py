@@ -25,20 +25,91 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# mergekit-yaml flags that change nothing here, with the reason printed when one is given.
+_NO_EFFECT = {
+    "lazy_unpickle": "checkpoints are always read lazily",
+    "low_cpu_memory": "the merge streams tensors and holds at most two output shards",
+    "clone_tensors": "every output tensor is its own copy",
+    "trust_remote_code": "no model code is ever run",
+    "read_to_gpu": "inputs go to the compute device through pinned staging already",
+    "multi_gpu": "use torchrun for several GPUs (see the README)",
+    "gpu_rich": "use --device cuda, and torchrun for several GPUs",
+    "async_write": "shards are always written on a separate thread",
+    "write_threads": "one writer thread, overlapped with the merge",
+    "lora_merge_cache": "no merged LoRA copy is ever written",
+    "verbose": "progress is shown unless --quiet",
+}
+
+
+def parse_mergekit_size(value: str) -> int:
+    """mergekit's size syntax for --out-shard-size: a plain number, or K / M / B for thousands,
+    millions, billions (bytes: mergekit's writer counts bytes); also "5GB", "500MB", "4GiB"."""
+    from .config import parse_size
+
+    text = value.strip()
+    factors = {"k": 10**3, "m": 10**6, "b": 10**9}
+    if text[-1:].lower() in factors and text[:-1].isdigit():
+        return int(text[:-1]) * factors[text[-1].lower()]
+    return parse_size(text, "--out-shard-size")
+
+
 def _merge(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .config import ConfigWarning
     from .engine import OutputError, merge_checkpoints
 
-    try:
-        report = merge_checkpoints(
-            args.config,
-            args.out_dir,
-            device=args.device,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            allow_pickle=args.allow_pickle,
-            shard_size=args.shard_size,
+    for flag, reason in _NO_EFFECT.items():
+        if getattr(args, flag, None):
+            print(
+                f"mergekernels merge: note: --{flag.replace('_', '-')} changes nothing here: {reason}",
+                file=sys.stderr,
+            )
+    if args.safe_serialization is False:
+        print(
+            "mergekernels merge: error: --no-safe-serialization: outputs are always safetensors",
+            file=sys.stderr,
         )
+        return 2
+    if args.unsafe_truncate_embeddings:
+        print(
+            "mergekernels merge: error: --unsafe-truncate-embeddings is not supported "
+            "(tokenizer merges: a later release)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    device = args.device or ("cuda" if args.cuda else "auto")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        prefix = "warning" if issubclass(category, ConfigWarning) else category.__name__
+        print(f"mergekernels merge: {prefix}: {message}", file=sys.stderr)
+
+    try:
+        shard_size = args.shard_size
+        if args.out_shard_size is not None:
+            shard_size = parse_mergekit_size(args.out_shard_size)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            report = merge_checkpoints(
+                args.config,
+                args.out_dir,
+                device=device,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                allow_pickle=args.allow_pickle,
+                shard_size=shard_size,
+                strict=args.strict,
+                seed=args.random_seed,
+                copy_tokenizer=args.copy_tokenizer,
+                model_card=args.write_model_card,
+                allow_crimes=args.allow_crimes,
+                hub_cache=args.transformers_cache,
+            )
     except (ValueError, OutputError, FileNotFoundError) as exc:  # config, checkpoint and output errors
         print(f"mergekernels merge: error: {exc}", file=sys.stderr)
         return 2
@@ -50,6 +121,42 @@ def _merge(args: argparse.Namespace) -> int:
         with open(args.report, "w") as f:
             json.dump(report.to_json(), f, indent=2, default=str)
     return 0
+
+
+def _add_mergekit_flags(p: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's flags, with its meaning (the ones that change nothing here print a note)."""
+    g = p.add_argument_group("mergekit-yaml flags")
+    on_off = argparse.BooleanOptionalAction
+    g.add_argument(
+        "--out-shard-size", default=None, metavar="SIZE", help="bytes per shard, mergekit's syntax: 5B, 500M"
+    )
+    g.add_argument("--cuda", action=on_off, default=False, help="compute on the GPU (= --device cuda)")
+    g.add_argument(
+        "--copy-tokenizer", action=on_off, default=True, help="copy the base's tokenizer files (default)"
+    )
+    g.add_argument("--random-seed", type=int, default=None, help="seed of the random methods (DARE, DELLA)")
+    g.add_argument(
+        "--allow-crimes", action=on_off, default=False, help="merge models of different architectures"
+    )
+    g.add_argument("--write-model-card", action=on_off, default=True, help="write README.md (default)")
+    g.add_argument("--transformers-cache", default=None, metavar="DIR", help="the hub cache for hub ids")
+    g.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the merge")
+    g.add_argument("--safe-serialization", action=on_off, default=True, help="safetensors (always)")
+    g.add_argument("--unsafe-truncate-embeddings", action=on_off, default=False, help=argparse.SUPPRESS)
+    for flag in (
+        "lazy-unpickle",
+        "low-cpu-memory",
+        "clone-tensors",
+        "trust-remote-code",
+        "read-to-gpu",
+        "multi-gpu",
+        "async-write",
+    ):
+        g.add_argument(f"--{flag}", action=on_off, default=False, help="accepted; no effect here")
+    g.add_argument("--gpu-rich", action="store_true", help="accepted; no effect here")
+    g.add_argument("--write-threads", type=int, default=None, help="accepted; no effect here")
+    g.add_argument("--lora-merge-cache", default=None, help="accepted; no effect here")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="accepted; no effect here")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -132,15 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="merge checkpoints on disk as a (mergekit-compatible) YAML config says")
     p.add_argument("config", help="YAML merge config (mergekit's format; see mergekernels.config)")
     p.add_argument("out_dir", help="output directory (HF layout); written only when the merge finishes")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--resume", action="store_true", help="keep the shards an interrupted run finished")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress or summary"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="refuse keys and parameters mergekit ignores (default: warn)"
+    )
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (weights_only)"
     )
     p.add_argument("--shard-size", default=None, help="bytes per output shard, e.g. 5GB (default 5GB)")
     p.add_argument("--report", metavar="FILE", default=None, help="write the merge report as JSON")
+    _add_mergekit_flags(p)
     p.set_defaults(func=_merge)
     p = sub.add_parser(
         "bench",

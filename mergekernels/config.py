@@ -87,6 +87,7 @@ from typing import Any
 import torch
 import yaml
 
+from .hub import is_hub_id
 from .methods import METHODS
 from .methods.ace import GATES, ORIENTATIONS
 from .methods.breadcrumbs import breadcrumbs
@@ -177,6 +178,7 @@ class MergeConfig:
     uniform: bool = True
     settings: dict[str, Setting] = field(default_factory=dict)
     where: str = field(default="merge config", compare=False)
+    ignored: list[str] = field(default_factory=list, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def tensor_params(self, slice_index: int, out_name: str, in_names: list[str], t: float) -> TensorParams:
@@ -302,6 +304,10 @@ _NOT_CONFIGURABLE = {
 _PATH_PARAMS = ("grams", "scores")
 # Defaults that the signatures spell None: what None means per model.
 _NONE_MEANS = {"weights": 1.0}
+
+
+class ConfigWarning(UserWarning):
+    """Something in a configuration is ignored, as mergekit ignores it; the message names it."""
 
 
 class _Fail:
@@ -541,6 +547,16 @@ def _resolve(path: str, root: Path | None) -> str:
     return os.path.normpath(expanded)
 
 
+def _resolve_model(written: str, root: Path | None) -> str:
+    """A model reference: a local path (relative to the config's directory) when one exists or the
+    reference is not a hub id; otherwise the hub id as written (``org/name[@revision]``), fetched
+    when the merge opens it (:mod:`mergekernels.hub`)."""
+    local = _resolve(written, root)
+    if os.path.exists(local) or not is_hub_id(written):
+        return local
+    return written
+
+
 def _size(value: Any, what: str, fail: _Fail) -> int:
     """Bytes from an integer or a string such as "5GB" (10^9), "500MB" or "4GiB" (2^30)."""
     if isinstance(value, bool):
@@ -628,7 +644,17 @@ def _params_mapping(value: Any, what: str, fail: _Fail) -> dict:
     return dict(value)
 
 
-def _entries(data: dict, root: Path | None, fail: _Fail) -> list[_RawEntry]:
+def _unknown_keys(
+    item: dict, valid: tuple[str, ...], where: str, fail: _Fail, ignored: list[str] | None
+) -> None:
+    """Keys of a mapping that are not in `valid`: an error, or noted in `ignored` (lenient)."""
+    for key in sorted(set(item) - set(valid), key=str):
+        if ignored is None:
+            fail(f"{where}: unknown key {key!r}; valid: {', '.join(valid)}")
+        ignored.append(f"{where}.{key}")
+
+
+def _entries(data: dict, root: Path | None, fail: _Fail, ignored: list[str] | None) -> list[_RawEntry]:
     models = data.get("models")
     if models is None:
         fail("`models` is missing: list the fine-tuned models (`- model: PATH`, with optional parameters)")
@@ -641,9 +667,7 @@ def _entries(data: dict, root: Path | None, fail: _Fail) -> list[_RawEntry]:
         if isinstance(item, str):
             written, params = item, {}
         elif isinstance(item, dict):
-            unknown = sorted(set(item) - set(MODEL_KEYS), key=str)
-            if unknown:
-                fail(f"models[{i}]: unknown key {unknown[0]!r}; valid: {', '.join(MODEL_KEYS)}")
+            _unknown_keys(item, MODEL_KEYS, f"models[{i}]", fail, ignored)
             written = item.get("model")
             if not isinstance(written, str) or not written:
                 fail(f"models[{i}]: `model` must be a path string, got {written!r}")
@@ -652,7 +676,7 @@ def _entries(data: dict, root: Path | None, fail: _Fail) -> list[_RawEntry]:
             fail(
                 f"models[{i}] must be a path or a mapping {{model: PATH, parameters: {{...}}}}, got {item!r}"
             )
-        out.append(_RawEntry(i, written, _resolve(written, root), params))
+        out.append(_RawEntry(i, written, _resolve_model(written, root), params))
     return out
 
 
@@ -1014,12 +1038,16 @@ def _check_combinations(method: str, models: list[ModelEntry], params: dict, fai
 
 
 # ----------------------------------------------------------------------------------------------
-def load_config(source: str | Path | Mapping) -> MergeConfig:
+def load_config(source: str | Path | Mapping, *, strict: bool = False) -> MergeConfig:
     """Reads and validates a merge configuration.
 
     Args:
         source: a YAML file (str or Path; relative model paths are resolved against its directory)
             or an already parsed mapping (paths relative to the working directory).
+        strict: refuse what mergekit silently ignores (unknown top-level keys, parameters a method
+            does not take, or takes at another level). By default a mergekit configuration gets one
+            :class:`ConfigWarning` naming them, and they are ignored, as mergekit does; our own
+            dialect refuses them always.
 
     Returns:
         The validated :class:`MergeConfig`, parameters translated to our names.
@@ -1032,11 +1060,10 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
     """
     data, root, fail = _read(source)
     source_copy = copy.deepcopy(data)
+    ignored: list[str] = []
     for key in data:
         if key in _UNSUPPORTED_KEYS:
             fail(_UNSUPPORTED_KEYS[key])
-        if key not in TOP_LEVEL_KEYS:
-            fail(f"unknown top-level key {key!r}; valid: {', '.join(TOP_LEVEL_KEYS)}")
 
     method = data.get("merge_method")
     ours = sorted(set(METHODS) - set(MERGEKIT_NAMES))
@@ -1057,6 +1084,13 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
         fail(f"unknown dialect {dialect!r}; valid: {', '.join(DIALECTS)}")
     if dialect == "mergekit" and method not in MERGEKIT_NAMES:
         fail(f"{method!r} is not a mergekit method; use dialect: mergekernels, or one of: {shared}")
+    lenient = dialect == "mergekit" and not strict
+    for key in list(data):
+        if key not in TOP_LEVEL_KEYS:
+            if not lenient:
+                fail(f"unknown top-level key {key!r}; valid: {', '.join(TOP_LEVEL_KEYS)}")
+            ignored.append(f"top-level key {key!r}")
+            del data[key]
 
     tokenizer = data.get("tokenizer_source")
     if tokenizer is not None and tokenizer != "base":
@@ -1067,7 +1101,7 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
     base_written = data.get("base_model")
     if base_written is not None and (not isinstance(base_written, str) or not base_written):
         fail(f"base_model must be a path string, got {base_written!r}")
-    base = _resolve(base_written, root) if base_written is not None else None
+    base = _resolve_model(base_written, root) if base_written is not None else None
     baseless = dialect == "mergekit" and method in BASELESS_METHODS
     if base is None and not baseless:
         fail(f"base_model is missing: {method} merges task vectors relative to a base model")
@@ -1083,8 +1117,14 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
 
     if dialect == "mergekit":
 
-        def rule(key: str, model: str | None) -> _Rule:
-            return _mergekit_rule(method, key, model, fail)
+        def rule(key: str, model: str | None) -> _Rule | None:
+            if not lenient:
+                return _mergekit_rule(method, key, model, fail)
+            try:
+                return _mergekit_rule(method, key, model, fail)
+            except ValueError:  # mergekit resolves only the parameters a method declares
+                ignored.append(f"parameter {key!r} ({model or 'global'}; {method} does not take it there)")
+                return None
 
     else:
         schema = _full_schema(method, raw, fail)
@@ -1095,9 +1135,9 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
     settings = _settings(raw, "parameters", None, rule, fail, root)
     layered = "slices" in data
     if layered:
-        slices = _slices(data.get("slices"), root, base, rule, fail)
+        slices = _slices(data.get("slices"), root, base, rule, fail, ignored if lenient else None)
     else:
-        entries = _entries(data, root, fail)
+        entries = _entries(data, root, fail, ignored if lenient else None)
         sources = [
             SliceSource(
                 e.path,
@@ -1144,6 +1184,14 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
             base = slices[0].sources[0].path
     if options["threshold_scope"] == "global" and METHODS[method].function is not ties:
         fail(f"options.threshold_scope 'global' applies to ties methods, not {method!r}")
+    if ignored:
+        warnings.warn(
+            ConfigWarning(
+                f"{fail.where}: ignored, as mergekit ignores them: {'; '.join(ignored)} "
+                "(--strict / strict=True refuses them)"
+            ),
+            stacklevel=2,
+        )
     return MergeConfig(
         method=method,
         base_model=base,
@@ -1160,6 +1208,7 @@ def load_config(source: str | Path | Mapping) -> MergeConfig:
         uniform=uniform,
         settings=settings,
         where=fail.where,
+        ignored=ignored,
     )
 
 
@@ -1177,7 +1226,7 @@ def _settings(
     raw: Mapping,
     what: str,
     model: str | None,
-    rule: Callable[[str, str | None], _Rule],
+    rule: Callable[[str, str | None], _Rule | None],
     fail: _Fail,
     root: Path | None,
 ) -> dict[str, Setting]:
@@ -1185,6 +1234,8 @@ def _settings(
     out = {}
     for key, value in _params_mapping(raw, what, fail).items():
         key_rule = rule(key, model)
+        if key_rule is None:  # ignored (see load_config's strict)
+            continue
 
         def check(leaf: Any, where: str, key_rule: _Rule = key_rule, key: str = key) -> Any:
             checked = _coerce(leaf, key_rule, where, fail)
@@ -1198,7 +1249,12 @@ def _settings(
 
 
 def _slices(
-    value: Any, root: Path | None, base: str | None, rule: Callable[[str, str | None], _Rule], fail: _Fail
+    value: Any,
+    root: Path | None,
+    base: str | None,
+    rule: Callable[[str, str | None], _Rule | None],
+    fail: _Fail,
+    ignored: list[str] | None,
 ) -> list[SliceConfig]:
     if not isinstance(value, list) or not value:
         fail("`slices` must be a non-empty list of output slices (`- sources: [...]`)")
@@ -1207,13 +1263,9 @@ def _slices(
         where = f"slices[{i}]"
         if not isinstance(item, dict):
             fail(f"{where} must be a mapping with `sources`, got {item!r}")
-        unknown = sorted(set(item) - set(SLICE_KEYS), key=str)
-        if unknown:
-            fail(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(SLICE_KEYS)}")
-        if item.get("residual_weight") is not None:
-            warnings.warn(
-                f"{fail.where}: {where}.residual_weight has no effect (as in mergekit); ignored", stacklevel=3
-            )
+        _unknown_keys(item, SLICE_KEYS, where, fail, ignored)
+        if item.get("residual_weight") is not None and ignored is not None:
+            ignored.append(f"{where}.residual_weight (no effect in mergekit either)")
         sources_raw = item.get("sources")
         if not isinstance(sources_raw, list) or not sources_raw:
             fail(f"{where}.sources must be a non-empty list of `{{model: PATH, layer_range: [START, STOP]}}`")
@@ -1222,9 +1274,7 @@ def _slices(
             at = f"{where}.sources[{j}]"
             if not isinstance(src, dict):
                 fail(f"{at} must be a mapping {{model: PATH, layer_range: [START, STOP]}}, got {src!r}")
-            unknown = sorted(set(src) - set(SOURCE_KEYS), key=str)
-            if unknown:
-                fail(f"{at}: unknown key {unknown[0]!r}; valid: {', '.join(SOURCE_KEYS)}")
+            _unknown_keys(src, SOURCE_KEYS, at, fail, ignored)
             written = src.get("model")
             if not isinstance(written, str) or not written:
                 fail(f"{at}: `model` must be a path string, got {written!r}")
@@ -1241,12 +1291,14 @@ def _slices(
                     f"got {span!r}"
                 )
             settings = _settings(src.get("parameters"), f"{at} parameters", at, rule, fail, root)
-            sources.append(SliceSource(_resolve(written, root), written, (span[0], span[1]), settings, at))
+            sources.append(
+                SliceSource(_resolve_model(written, root), written, (span[0], span[1]), settings, at)
+            )
         slice_base = item.get("base_model")
         if slice_base is not None and (not isinstance(slice_base, str) or not slice_base):
             fail(f"{where}.base_model must be a path string, got {slice_base!r}")
         settings = _settings(item.get("parameters"), f"{where}.parameters", None, rule, fail, root)
-        slice_base = _resolve(slice_base, root) if slice_base is not None else None
+        slice_base = _resolve_model(slice_base, root) if slice_base is not None else None
         slices.append(SliceConfig(sources, settings, slice_base, where))
     return slices
 
@@ -1351,6 +1403,7 @@ def _load_grams(path: str) -> dict:
 __all__ = [
     "DIALECTS",
     "MERGEKIT_METHODS",
+    "ConfigWarning",
     "MergeConfig",
     "ModelEntry",
     "SliceConfig",

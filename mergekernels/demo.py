@@ -331,9 +331,7 @@ def _row(method: str, picked: str, tb, merged, seconds, diagnostics, val=None) -
         "note": _note(diagnostics),
     }
     ms = f"{1e3 * seconds:.0f}" if seconds is not None else "-"
-    print(
-        f"{method:<20}{picked:<12}{row['val']:>7.3f}{row['test']:>7.3f}{ms:>12}  {row['note']}", flush=True
-    )
+    print(f"{method:<20}{picked:<12}{row['val']:>7.3f}{row['test']:>7.3f}{ms:>12}  {row['note']}", flush=True)
     return row
 
 

@@ -78,8 +78,13 @@ LANGUAGES = {
     "danish": ("danish", "wdanish"),
 }
 FORTUNE_FILES = ("computers", "politics", "science", "songs-poems", "work", "art", "law", "education")
-MAN_SECTIONS = {"2": "system call", "3": "library function", "4": "file or format", "5": "file or format",
-                "7": "overview"}
+MAN_SECTIONS = {
+    "2": "system call",
+    "3": "library function",
+    "4": "file or format",
+    "5": "file or format",
+    "7": "overview",
+}
 
 
 class DataUnavailable(RuntimeError):

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import mergekernels as mk
-from mergekernels.config import MergeConfig, ModelEntry, load_config, method_kwargs
+from mergekernels.config import ConfigWarning, MergeConfig, ModelEntry, load_config, method_kwargs
 
 from . import reference as ref
 from .conftest import assert_close_to_ref
@@ -595,11 +595,38 @@ def _with(**changes):
     ],
 )
 def test_invalid_configs_name_the_key_and_the_valid_values(tmp_path, data, pattern):
+    """strict: what mergekit ignores (unknown keys and parameters) is refused too."""
     with pytest.raises(ValueError, match=r"^merge config: .*" + pattern):
-        load_config(data)
+        load_config(data, strict=True)
     path = write(tmp_path, yaml.safe_dump(data), "bad.yml")  # the same from a file: the file is named
     with pytest.raises(ValueError, match=r"^" + re.escape(str(path)) + ": .*" + pattern):
-        load_config(path)
+        load_config(path, strict=True)
+
+
+def test_what_mergekit_ignores_is_ignored_with_one_warning():
+    clean = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5}}],
+        "parameters": {"normalize": True},
+    }
+    noisy = {
+        **clean,
+        "name": "my-merge",
+        "select_topk": 0.1,
+        "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5, "normalize": False}, "x": 1}],
+        "parameters": {"normalize": True, "densty": 0.3},
+    }
+    with pytest.warns(ConfigWarning) as caught:
+        cfg = load_config(noisy)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for name in ("'name'", "'select_topk'", "'normalize' (models[0]", "'densty'", "models[0].x"):
+        assert name in message
+    assert method_kwargs(cfg) == method_kwargs(load_config(clean))
+    # our own dialect refuses them: a typo there is ours to catch
+    with pytest.raises(ValueError, match="unknown parameter 'densty' for ties"):
+        load_config({**clean, "dialect": "mergekernels", "parameters": {"densty": 0.3}})
 
 
 @pytest.mark.parametrize(

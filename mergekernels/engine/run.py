@@ -22,6 +22,7 @@ and with it every output byte, is the same on every run, on resume and on any nu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,15 +30,17 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import yaml
 
-from .. import __version__, devices
+from .. import __version__, devices, hub
 from ..config import MergeConfig, load_config, parse_size
 from ..merge import default_memory_cap
 from ..methods.ties import ties_prepass
 from ..planner import MergePlan, PlanError, plan_config
+from .card import model_card
 from .checkpoint import Checkpoint, CheckpointError
 from .compute import Computer
 from .output import ShardOutput
@@ -51,6 +54,15 @@ DEFAULT_CHUNK_BYTES = 256 * 1024**2
 SIDE_FILES = (
     "config.json",
     "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -112,7 +124,9 @@ def _fingerprint(cfg: MergeConfig, checkpoints: list[Checkpoint], shard_size: in
             files.append([str(f), st.st_size, st.st_mtime_ns])
     return {
         "version": __version__,
-        "config": hashlib.sha256(json.dumps(cfg.source, sort_keys=True, default=str).encode()).hexdigest(),
+        "config": hashlib.sha256(
+            json.dumps([cfg.source, cfg.options], sort_keys=True, default=str).encode()
+        ).hexdigest(),
         "files": files,
         "shard_size": shard_size,
     }
@@ -129,6 +143,12 @@ def merge_checkpoints(
     allow_pickle: bool = False,
     shard_size: int | str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    strict: bool = False,
+    seed: int | None = None,
+    copy_tokenizer: bool = True,
+    model_card: bool = True,
+    allow_crimes: bool = False,
+    hub_cache: str | os.PathLike | None = None,
 ) -> MergeReport:
     """Merge checkpoints on disk as a config describes and write the result to out_dir (HF layout).
 
@@ -145,6 +165,13 @@ def merge_checkpoints(
         shard_size: bytes per output shard (default: the config's ``options.shard_size`` or 5 GB);
             strings such as ``"500MB"`` are accepted.
         chunk_bytes: element-wise methods read tensors larger than this in row chunks.
+        strict: refuse what mergekit ignores in a configuration (see ``load_config``).
+        seed: the random methods' seed, instead of the config's ``options.seed``.
+        copy_tokenizer: copy the base's tokenizer files (as ``mergekit-yaml --copy-tokenizer``).
+        model_card: write ``README.md`` describing the merge (methods, models, configuration) and
+            the configuration as ``mergekit_config.yml``, so the output is publishable as it is.
+        allow_crimes: merge models whose ``config.json`` names different architectures.
+        hub_cache: the Hugging Face cache directory for hub ids (default: huggingface_hub's).
 
     Under torch.distributed (``torchrun --nproc-per-node N -m mergekernels merge ...``, or a process
     group the caller initialised) rank r merges and writes shards r, r + N, ...; model-wide
@@ -156,9 +183,13 @@ def merge_checkpoints(
     """
     t_start = time.perf_counter()
     start_rss = _rss_bytes()
-    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    cfg = config if isinstance(config, MergeConfig) else load_config(config, strict=strict)
     if cfg.base_model is None:
         raise ValueError("merge_checkpoints: the config needs a base_model")
+    if seed is not None:  # a fresh config: the tensors' parameters are resolved with this seed
+        cfg = dataclasses.replace(cfg, options={**cfg.options, "seed": seed}, _cache={})
+    inputs = InputOptions(allow_pickle, allow_crimes, hub_cache)
+    outputs = OutputOptions(copy_tokenizer, model_card, Path(out_dir).name)
     ranks = Ranks.start(device)
     try:
         report = _merge_as_rank(
@@ -169,7 +200,8 @@ def merge_checkpoints(
             resume=resume,
             overwrite=overwrite,
             quiet=quiet,
-            allow_pickle=allow_pickle,
+            inputs=inputs,
+            outputs=outputs,
             shard_size=shard_size,
             chunk_bytes=chunk_bytes,
             t_start=t_start,
@@ -193,7 +225,8 @@ def _merge_as_rank(
     resume: bool,
     overwrite: bool,
     quiet: bool,
-    allow_pickle: bool,
+    inputs: InputOptions,
+    outputs: OutputOptions,
     shard_size: int | str | None,
     chunk_bytes: int,
     t_start: float,
@@ -208,7 +241,7 @@ def _merge_as_rank(
     )
 
     # 1. plan
-    plan, checkpoints = _plan(cfg, allow_pickle)
+    plan, checkpoints = _plan(cfg, inputs)
     work = WorkPlan(cfg, plan, memory_cap, chunk_bytes)
     shards = work.shards(shard_bytes)
     # Ranks split the shards (shard i goes to rank i mod world); rank 0 prepares the output first.
@@ -253,7 +286,8 @@ def _merge_as_rank(
     t_finish = time.perf_counter()
     ranks.sync()  # every rank's shards are written
     if rank == 0:
-        writer.finish(_side_files(cfg, plan, checkpoints[0]), sum(work.out_bytes(n) for n in work.order))
+        side = _side_files(cfg, plan, checkpoints[0], outputs)
+        writer.finish(side, sum(work.out_bytes(n) for n in work.order))
     ranks.sync()
     seconds["finish"] = time.perf_counter() - t_finish
     seconds["total"] = time.perf_counter() - t_start
@@ -273,17 +307,60 @@ def _merge_as_rank(
     )
 
 
-def _plan(cfg: MergeConfig, allow_pickle: bool) -> tuple[MergePlan, list[Checkpoint]]:
-    """Opens every model the configuration names (headers only) and plans the merge on them."""
+@dataclass(frozen=True)
+class InputOptions:
+    """How models are found and opened."""
+
+    allow_pickle: bool = False
+    allow_crimes: bool = False
+    hub_cache: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What is written beside the merged tensors."""
+
+    copy_tokenizer: bool = True
+    model_card: bool = True
+    name: str = "merged"
+
+
+def _plan(cfg: MergeConfig, inputs: InputOptions) -> tuple[MergePlan, list[Checkpoint]]:
+    """Opens every model the configuration names (headers only; hub ids fetched into the hub cache)
+    and plans the merge on them."""
     opened: dict[str, Checkpoint] = {}
     paths = [cfg.base_model, *(src.path for sl in cfg.slices for src in sl.sources)]
     for path in dict.fromkeys(paths):
-        opened[path] = Checkpoint(path, allow_pickle=allow_pickle)
+        local = hub.resolve(path, allow_pickle=inputs.allow_pickle, cache_dir=inputs.hub_cache)
+        opened[path] = Checkpoint(local, allow_pickle=inputs.allow_pickle)
+    if not inputs.allow_crimes:
+        _check_architectures(opened)
     try:
         plan = plan_config(cfg, {path: ckpt.tensors for path, ckpt in opened.items()})
     except PlanError as exc:
         raise CheckpointError(str(exc)) from None
     return plan, [opened[path] for path in plan.models]
+
+
+def _check_architectures(opened: dict[str, Checkpoint]) -> None:
+    """Models whose config.json names different architectures are refused (mergekit's "crimes")."""
+    found: dict[str, tuple] = {}
+    for path, ckpt in opened.items():
+        config = ckpt.directory / "config.json"
+        if not (ckpt.path.is_dir() and config.is_file()):
+            continue
+        try:
+            architectures = json.loads(config.read_text()).get("architectures")
+        except (json.JSONDecodeError, AttributeError, OSError):
+            continue
+        if architectures:
+            found[path] = tuple(architectures)
+    if len(set(found.values())) > 1:
+        listed = "; ".join(f"{path}: {', '.join(arch)}" for path, arch in found.items())
+        raise CheckpointError(
+            f"the models have different architectures ({listed}); --allow-crimes (allow_crimes=True) "
+            "merges them anyway"
+        )
 
 
 def _statistics(
@@ -374,17 +451,25 @@ def _next_unit(prefetch: Prefetcher, output: ShardOutput):
         return unit
 
 
-def _side_files(cfg: MergeConfig, plan: MergePlan, base: Checkpoint) -> dict[str, bytes]:
-    """The base's config, tokenizer and generation files, config.json's layer count set to the
-    output's when slices changed it, and the merge config."""
+def _side_files(
+    cfg: MergeConfig, plan: MergePlan, base: Checkpoint, outputs: OutputOptions
+) -> dict[str, bytes]:
+    """The base's config, tokenizer and generation files (config.json's layer count set to the
+    output's when slices changed it), the merge config, and the model card."""
     side = {}
     for name in SIDE_FILES:
         src = base.directory / name
+        if name in TOKENIZER_FILES and not outputs.copy_tokenizer:
+            continue
         if base.path.is_dir() and src.exists():
             side[name] = src.read_bytes()
     if plan.num_layers is not None and "config.json" in side:
         side["config.json"] = _with_layer_count(side["config.json"], plan.num_layers, base.directory)
-    side[MERGE_CONFIG_FILE] = yaml.safe_dump(cfg.source, sort_keys=False).encode()
+    config_yaml = yaml.safe_dump(cfg.source, sort_keys=False)
+    side[MERGE_CONFIG_FILE] = config_yaml.encode()
+    if outputs.model_card:
+        side["README.md"] = model_card(cfg, outputs.name, config_yaml).encode()
+        side["mergekit_config.yml"] = config_yaml.encode()
     return side
 
 
