@@ -550,11 +550,14 @@ def _resolve(path: str, root: Path | None) -> str:
 def _resolve_model(written: str, root: Path | None) -> str:
     """A model reference: a local path (relative to the config's directory) when one exists or the
     reference is not a hub id; otherwise the hub id as written (``org/name[@revision]``), fetched
-    when the merge opens it (:mod:`mergekernels.hub`)."""
+    when the merge opens it (:mod:`mergekernels.hub`). ``model+lora`` resolves both parts."""
     local = _resolve(written, root)
-    if os.path.exists(local) or not is_hub_id(written):
+    if os.path.exists(local):
         return local
-    return written
+    if "+" in written:  # model+lora: each part a path or a hub id
+        model, _, lora = written.partition("+")
+        return f"{_resolve_model(model, root)}+{_resolve_model(lora, root)}"
+    return written if is_hub_id(written) else local
 
 
 def _size(value: Any, what: str, fail: _Fail) -> int:

@@ -244,6 +244,51 @@ def write_model(
     return tensors
 
 
+def write_lora(
+    directory: str | Path,
+    model: Mapping[str, torch.Tensor],
+    *,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+    rank: int = 4,
+    alpha: float = 8.0,
+    seed: int = 0,
+    rslora: bool = False,
+    alpha_pattern: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write a PEFT LoRA adapter for ``model`` (its tensors) into ``directory``: ``adapter_config.json``
+    and ``adapter_model.safetensors`` with A [r, in] ~ N(0, 0.1) and B [out, r] ~ N(0, 0.1) for every
+    2-D weight whose module name ends in one of ``targets``; return the adapter's tensors."""
+    directory = Path(directory)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, weight in model.items():
+        module = name.removesuffix(".weight")
+        if weight.dim() == 2 and module.rsplit(".", 1)[-1] in targets:
+            out_features, in_features = weight.shape
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = 0.1 * torch.randn(rank, in_features, generator=g)
+            tensors[f"{key}.lora_B.weight"] = 0.1 * torch.randn(out_features, rank, generator=g)
+    directory.mkdir(parents=True, exist_ok=False)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": rslora,
+        "alpha_pattern": dict(alpha_pattern or {}),
+        "rank_pattern": {},
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tensors
+
+
 # --- running both tools ----------------------------------------------------------------------------
 
 
@@ -287,6 +332,7 @@ MERGEKIT_FLAGS = (
     "--no-lazy-unpickle",
     "--clone-tensors",
 )
+
 
 # Runs several mergekit-yaml invocations in one interpreter (importing mergekit takes ~6 s of the ~7 s
 # a tiny merge takes): argv[1] is a JSON list of argument lists, argv[2] receives, for each, null or
@@ -375,7 +421,8 @@ def run_mergekit_many(
     argv = []
     for cfg, out in jobs:
         out.parent.mkdir(parents=True, exist_ok=True)
-        argv.append([str(_config_file(cfg, out)), str(out), *MERGEKIT_FLAGS, *extra_args])
+        lora_cache = ["--lora-merge-cache", str(out.parent / "lora-cache")]
+        argv.append([str(_config_file(cfg, out)), str(out), *MERGEKIT_FLAGS, *lora_cache, *extra_args])
     with tempfile.TemporaryDirectory(prefix="mergekit-jobs-") as work:
         todo, done = Path(work) / "jobs.json", Path(work) / "results.json"
         todo.write_text(json.dumps(argv))

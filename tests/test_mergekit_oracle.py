@@ -76,7 +76,7 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
-GROUPS: dict[str, list[str]] = {"models": [], "gradients": [], "slices": [], "bf16": []}
+GROUPS: dict[str, list[str]] = {"models": [], "gradients": [], "slices": [], "bf16": [], "lora": []}
 
 
 def case(group: str, name: str, models: str, out_dtype=torch.float32):
@@ -386,6 +386,30 @@ def _bf16(m):
     }
 
 
+# --- (f) model+lora ----------------------------------------------------------------------------------
+# mergekit merges the adapter into a copy with PEFT (merge_and_unload) before merging; ours adds
+# s * B @ A as each tensor is read. Adapters: "lora-a" (alpha 8, r 4, on a) and "lora-rs" (rsLoRA,
+# alpha_pattern for v_proj, on b), both on the llama set (see the zoo fixture).
+
+
+@case("lora", "lora-task_arithmetic-llama", "llama")
+def _lora_task_arithmetic(m):
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": m["base"],
+        "models": [
+            {"model": f"{m['a']}+{m['lora-a']}", "parameters": {"weight": 0.7}},
+            {"model": f"{m['b']}+{m['lora-rs']}", "parameters": {"weight": 0.4}},
+        ],
+        "dtype": "float32",
+    }
+
+
+@case("lora", "lora-passthrough-llama", "llama")
+def _lora_passthrough(m):
+    return {"merge_method": "passthrough", "models": [{"model": f"{m['base']}+{m['lora-a']}"}]}
+
+
 # --- fixtures --------------------------------------------------------------------------------------
 
 
@@ -401,6 +425,12 @@ def zoo(tmp_path_factory) -> dict[str, dict[str, str]]:
         for i, name in enumerate(MODELS[1:], start=1):
             oracle.write_model(root / set_name / name, arch, seed=i, perturb_from=base, **spec)
         paths[set_name] = {name: str(root / set_name / name) for name in MODELS}
+        if set_name == "llama":
+            oracle.write_lora(root / set_name / "lora-a", base, seed=11)
+            oracle.write_lora(
+                root / set_name / "lora-rs", base, seed=12, rank=3, rslora=True, alpha_pattern={"v_proj": 2.0}
+            )
+            paths[set_name].update({n: str(root / set_name / n) for n in ("lora-a", "lora-rs")})
     return paths
 
 
@@ -498,6 +528,11 @@ def test_slices(name, mergekit_runs, tmp_path):
 
 @pytest.mark.parametrize("name", GROUPS["bf16"])
 def test_bf16_within_one_ulp(name, mergekit_runs, tmp_path):
+    _check(name, mergekit_runs, tmp_path)
+
+
+@pytest.mark.parametrize("name", GROUPS["lora"])
+def test_model_plus_lora(name, mergekit_runs, tmp_path):
     _check(name, mergekit_runs, tmp_path)
 
 

@@ -43,6 +43,7 @@ from ..planner import MergePlan, PlanError, plan_config
 from .card import model_card
 from .checkpoint import Checkpoint, CheckpointError
 from .compute import Computer
+from .lora import LoraCheckpoint
 from .output import ShardOutput
 from .ranks import Ranks
 from .reader import Failed, InputReader, Prefetcher
@@ -331,8 +332,7 @@ def _plan(cfg: MergeConfig, inputs: InputOptions) -> tuple[MergePlan, list[Check
     opened: dict[str, Checkpoint] = {}
     paths = [cfg.base_model, *(src.path for sl in cfg.slices for src in sl.sources)]
     for path in dict.fromkeys(paths):
-        local = hub.resolve(path, allow_pickle=inputs.allow_pickle, cache_dir=inputs.hub_cache)
-        opened[path] = Checkpoint(local, allow_pickle=inputs.allow_pickle)
+        opened[path] = _open(path, inputs)
     if not inputs.allow_crimes:
         _check_architectures(opened)
     try:
@@ -340,6 +340,19 @@ def _plan(cfg: MergeConfig, inputs: InputOptions) -> tuple[MergePlan, list[Check
     except PlanError as exc:
         raise CheckpointError(str(exc)) from None
     return plan, [opened[path] for path in plan.models]
+
+
+def _open(reference: str, inputs: InputOptions) -> Checkpoint | LoraCheckpoint:
+    """A model by reference: a local path, a hub id, or ``model+lora`` (the adapter applied on read)."""
+    model, plus, lora = reference.partition("+")
+    if plus and os.path.exists(reference):
+        model, lora = reference, ""
+    local = hub.resolve(model, allow_pickle=inputs.allow_pickle, cache_dir=inputs.hub_cache)
+    checkpoint = Checkpoint(local, allow_pickle=inputs.allow_pickle)
+    if not lora:
+        return checkpoint
+    adapter = hub.resolve(lora, allow_pickle=inputs.allow_pickle, cache_dir=inputs.hub_cache)
+    return LoraCheckpoint(checkpoint, adapter, allow_pickle=inputs.allow_pickle)
 
 
 def _check_architectures(opened: dict[str, Checkpoint]) -> None:
