@@ -516,19 +516,38 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read(source: str | Path | Mapping) -> tuple[dict, Path | None, _Fail]:
+def read_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a configuration file (several: a mergekit-multi configuration).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: naming the file, for invalid YAML (duplicate keys included).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"merge config {str(path)!r} not found")
+    try:
+        return list(yaml.load_all(path.read_text(encoding="utf-8"), Loader=_StrictLoader))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+
+
+def _read(
+    source: str | Path | Mapping, root: str | Path | None = None, label: str | None = None
+) -> tuple[dict, Path | None, _Fail]:
     if isinstance(source, Mapping):
-        fail = _Fail("merge config")
-        data, root = copy.deepcopy(dict(source)), None
+        fail = _Fail(label or "merge config")
+        data, root = copy.deepcopy(dict(source)), Path(root) if root is not None else None
     else:
         path = Path(source)
         fail = _Fail(str(path))
-        if not path.is_file():
-            raise FileNotFoundError(f"merge config {str(path)!r} not found")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+        documents = read_documents(path)
+        if len(documents) > 1:
+            fail(
+                f"holds {len(documents)} YAML documents: a multi-document (mergekit-multi) configuration "
+                "runs with `mergekernels merge` / merge_checkpoints, one merge per document"
+            )
+        data = documents[0] if documents else None
         root = path.resolve().parent
     if data is None:
         fail("empty configuration; expected a mapping with at least merge_method and models")
@@ -1041,7 +1060,13 @@ def _check_combinations(method: str, models: list[ModelEntry], params: dict, fai
 
 
 # ----------------------------------------------------------------------------------------------
-def load_config(source: str | Path | Mapping, *, strict: bool = False) -> MergeConfig:
+def load_config(
+    source: str | Path | Mapping,
+    *,
+    strict: bool = False,
+    root: str | Path | None = None,
+    label: str | None = None,
+) -> MergeConfig:
     """Reads and validates a merge configuration.
 
     Args:
@@ -1051,6 +1076,9 @@ def load_config(source: str | Path | Mapping, *, strict: bool = False) -> MergeC
             does not take, or takes at another level). By default a mergekit configuration gets one
             :class:`ConfigWarning` naming them, and they are ignored, as mergekit does; our own
             dialect refuses them always.
+        root: for a mapping, the directory relative paths are resolved against (default: the
+            working directory).
+        label: for a mapping, how errors name it (default "merge config").
 
     Returns:
         The validated :class:`MergeConfig`, parameters translated to our names.
@@ -1061,7 +1089,7 @@ def load_config(source: str | Path | Mapping, *, strict: bool = False) -> MergeC
             range, unsupported mergekit features, a missing base model or no models.
         FileNotFoundError: if the file does not exist.
     """
-    data, root, fail = _read(source)
+    data, root, fail = _read(source, root, label)
     source_copy = copy.deepcopy(data)
     ignored: list[str] = []
     for key in data:
@@ -1414,4 +1442,5 @@ __all__ = [
     "TensorParams",
     "load_config",
     "method_kwargs",
+    "read_documents",
 ]

@@ -163,3 +163,47 @@ def test_mixing_architectures_needs_allow_crimes(local, capsys):
     err = capsys.readouterr().err
     assert "different architectures" in err and "MistralForCausalLM" in err and "--allow-crimes" in err
     assert main([*args, "--allow-crimes"]) == 0
+
+
+def test_multi_document_configs_run_in_order(local, capsys):
+    root, sds = local
+    docs = [
+        {
+            "name": "both",
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [
+                {"model": "a", "parameters": {"weight": 0.5}},
+                {"model": "b", "parameters": {"weight": 0.5}},
+            ],
+        },
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": "both", "parameters": {"weight": 1.0}},
+                {"model": "a", "parameters": {"weight": 3.0}},
+            ],
+        },
+    ]
+    (root / "multi.yml").write_text(yaml.safe_dump_all(docs))
+    args = ["merge", str(root / "multi.yml"), str(root / "out"), "--device", "cpu", "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    both = _tensors(root / "out" / "both")
+    final = _tensors(root / "out")
+    for name, b in sds["base"].items():
+        expected_both = b + 0.5 * (sds["a"][name] - b) + 0.5 * (sds["b"][name] - b)
+        torch.testing.assert_close(both[name], expected_both, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(final[name], (both[name] + 3 * sds["a"][name]) / 4, rtol=1e-6, atol=1e-6)
+    assert not (root / "out.parts").exists()
+    assert main([*args, "--overwrite"]) == 0  # again, from scratch
+    assert torch.equal(
+        _tensors(root / "out" / "both")["model.embed_tokens.weight"], both["model.embed_tokens.weight"]
+    )
+    for bad, pattern in (
+        ([docs[1], docs[0]], "document 1 has no name; only the last document"),
+        ([docs[0], docs[0], docs[1]], "the name 'both' is used twice"),
+        ([docs[0], "text"], "document 2 must be a mapping"),
+    ):
+        (root / "bad.yml").write_text(yaml.safe_dump_all(bad))
+        assert main(["merge", str(root / "bad.yml"), str(root / "o2"), "--quiet"]) == 2
+        assert pattern in capsys.readouterr().err

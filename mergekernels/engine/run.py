@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from .. import __version__, devices, hub
-from ..config import MergeConfig, load_config, parse_size
+from ..config import MergeConfig, load_config, parse_size, read_documents
 from ..merge import default_memory_cap
 from ..methods.ties import ties_prepass
 from ..planner import MergePlan, PlanError, plan_config
@@ -44,6 +44,7 @@ from .card import model_card
 from .checkpoint import Checkpoint, CheckpointError
 from .compute import Computer
 from .lora import LoraCheckpoint
+from .multi import merge_documents
 from .output import ShardOutput
 from .ranks import Ranks
 from .reader import Failed, InputReader, Prefetcher
@@ -153,6 +154,9 @@ def merge_checkpoints(
 ) -> MergeReport:
     """Merge checkpoints on disk as a config describes and write the result to out_dir (HF layout).
 
+    A YAML file with several documents (mergekit-multi) runs them in order: named intermediate merges
+    end up in ``out_dir/<name>``, the final one in out_dir (see :mod:`mergekernels.engine.multi`).
+
     Args:
         config: a :class:`mergekernels.config.MergeConfig`, a YAML file or its parsed dict
             (mergekit-compatible; see :func:`mergekernels.config.load_config`).
@@ -182,6 +186,25 @@ def merge_checkpoints(
     Returns:
         A :class:`MergeReport` (of this rank's share under torch.distributed).
     """
+    if isinstance(config, (str, os.PathLike)):
+        documents = read_documents(config)
+        if len(documents) > 1:  # mergekit-multi: one merge per document, in order
+            options = dict(
+                device=device,
+                resume=resume,
+                overwrite=overwrite,
+                quiet=quiet,
+                allow_pickle=allow_pickle,
+                shard_size=shard_size,
+                chunk_bytes=chunk_bytes,
+                strict=strict,
+                seed=seed,
+                copy_tokenizer=copy_tokenizer,
+                model_card=model_card,
+                allow_crimes=allow_crimes,
+                hub_cache=hub_cache,
+            )
+            return merge_documents(Path(config), documents, out_dir, merge_checkpoints, **options)
     t_start = time.perf_counter()
     start_rss = _rss_bytes()
     cfg = config if isinstance(config, MergeConfig) else load_config(config, strict=strict)
