@@ -637,7 +637,10 @@ def test_what_mergekit_ignores_is_ignored_with_one_warning():
             "merge_method: ties\nmerge_method: linear\nbase_model: b\nmodels: [a]\n",
             r"invalid YAML.*duplicate key 'merge_method'",
         ),
-        ("---\nmerge_method: ties\n---\nmerge_method: linear\n", r"invalid YAML"),
+        (
+            "---\nmerge_method: ties\n---\nmerge_method: linear\n",
+            r"holds 2 YAML documents: a multi-document \(mergekit-multi\) configuration runs with",
+        ),
         ("", r"empty configuration"),
         ("- a\n- b\n", r"the top level must be a mapping"),
     ],
