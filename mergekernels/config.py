@@ -127,6 +127,8 @@ class SliceConfig:
     settings: dict[str, Setting]
     base_model: str | None
     where: str
+    module: str | None = None  # the module's tensor-name prefix (``modules``), None for the whole model
+    module_settings: dict[str, Setting] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,12 @@ class MergeConfig:
                 refuses (e.g. breadcrumbs' density + gamma > 1 at some layer).
         """
         sl = self.slices[slice_index]
-        shared = _evaluate_levels([sl.settings, self.settings], out_name, t)
+        shared = _evaluate_levels([sl.settings, sl.module_settings, self.settings], out_name, t)
         per_source = []
         for source, name in zip(sl.sources, in_names, strict=True):
             values = _evaluate_levels([source.settings], name, t)
             if name != out_name:  # slice and global filters match each input's own name
-                own = _evaluate_levels([sl.settings, self.settings], name, t)
+                own = _evaluate_levels([sl.settings, sl.module_settings, self.settings], name, t)
                 values.update({k: v for k, v in own.items() if k not in values and shared.get(k) != v})
             per_source.append(values)
         key = (slice_index, _freeze(shared), tuple(_freeze(v) for v in per_source))
@@ -225,6 +227,7 @@ TOP_LEVEL_KEYS = (
     "dtype",
     "out_dtype",
     "slices",
+    "modules",
     "tokenizer_source",
     "exclude",
     "options",
@@ -232,12 +235,12 @@ TOP_LEVEL_KEYS = (
 )
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
+MODULE_KEYS = ("models", "slices", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 # mergekit methods that do not merge task vectors, so need no base model.
 BASELESS_METHODS = ("linear", "passthrough")
 # mergekit keys for features we do not have, with the reason given in the error.
 _UNSUPPORTED_KEYS = {
-    "modules": "per-module merges (`modules`) are not supported",
     "tokenizer": "the `tokenizer` block is not supported: the base model's tokenizer files are copied "
     "(the only accepted setting is `tokenizer_source: base`)",
     "chat_template": "`chat_template` is not supported: "
@@ -676,14 +679,17 @@ def _unknown_keys(
         ignored.append(f"{where}.{key}")
 
 
-def _entries(data: dict, root: Path | None, fail: _Fail, ignored: list[str] | None) -> list[_RawEntry]:
+def _entries(
+    data: dict, root: Path | None, fail: _Fail, ignored: list[str] | None, label: str = "models"
+) -> list[_RawEntry]:
     models = data.get("models")
+    what = f"`{label}`" if label == "models" else f"{label}.models"
     if models is None:
-        fail("`models` is missing: list the fine-tuned models (`- model: PATH`, with optional parameters)")
+        fail(f"{what} is missing: list the fine-tuned models (`- model: PATH`, with optional parameters)")
     if not isinstance(models, list):
-        fail(f"`models` must be a list of models, got {type(models).__name__}")
+        fail(f"{what} must be a list of models, got {type(models).__name__}")
     if not models:
-        fail("`models` is empty: list at least one fine-tuned model")
+        fail(f"{what} is empty: list at least one fine-tuned model")
     out = []
     for i, item in enumerate(models):
         if isinstance(item, str):
@@ -1136,8 +1142,6 @@ def load_config(
     baseless = dialect == "mergekit" and method in BASELESS_METHODS
     if base is None and not baseless:
         fail(f"base_model is missing: {method} merges task vectors relative to a base model")
-    if "slices" in data and data.get("models") is not None:
-        fail("give either `models` or `slices`, not both (mergekit takes exactly one of them)")
     raw = _params_mapping(data.get("parameters"), "parameters", fail)
     dtype, out_dtype = _dtype(data, "dtype", fail), _dtype(data, "out_dtype", fail)
     exclude = data.get("exclude")
@@ -1165,10 +1169,13 @@ def load_config(
 
     settings = _settings(raw, "parameters", None, rule, fail, root)
     layered = "slices" in data
-    if layered:
-        slices = _slices(data.get("slices"), root, base, rule, fail, ignored if lenient else None)
-    else:
-        entries = _entries(data, root, fail, ignored if lenient else None)
+    given = [key for key in ("models", "slices", "modules") if data.get(key) is not None]
+    if len(given) > 1:
+        fail(f"give one of `models`, `slices` or `modules`, not {' and '.join(given)} (as mergekit)")
+    lenient_list = ignored if lenient else None
+
+    def models_slice(models: Any, where: str, module: str | None = None, module_settings=None) -> SliceConfig:
+        entries = _entries({"models": models}, root, fail, lenient_list, where)
         sources = [
             SliceSource(
                 e.path,
@@ -1184,12 +1191,39 @@ def load_config(
             if method == "linear" and dialect == "mergekit":
                 _base_weight_needed(method, raw, fail, base_written)
             sources.append(SliceSource(base, base_written, None, {}, f"base_model ({base_written!r})"))
-        slices = [SliceConfig(sources, {}, None, "models")]
+        return SliceConfig(sources, {}, None, where, module, module_settings or {})
+
+    if layered:
+        slices = _slices(data.get("slices"), root, base, rule, fail, lenient_list)
+    elif data.get("modules") is not None:
+        modules = data["modules"]
+        if not isinstance(modules, dict) or not modules:
+            fail(
+                "`modules` must be a mapping of module (a tensor-name prefix) to {models: [...], parameters}"
+            )
+        slices = []
+        for prefix, spec in modules.items():
+            where = f"modules.{prefix}"
+            if not isinstance(prefix, str):
+                fail(f"modules: a module's name must be a tensor-name prefix (a string), got {prefix!r}")
+            if not isinstance(spec, dict):
+                fail(f"{where} must be a mapping with `models` (and optional `parameters`), got {spec!r}")
+            if spec.get("slices") is not None:
+                fail(f"{where}.slices: slices inside modules are not supported; give the module's `models`")
+            _unknown_keys(spec, MODULE_KEYS, where, fail, lenient_list)
+            module_settings = _settings(spec.get("parameters"), f"{where}.parameters", None, rule, fail, root)
+            slices.append(models_slice(spec.get("models"), where, prefix, module_settings))
+    else:
+        slices = [models_slice(data.get("models"), "models")]
     _check_slices(method, dialect, slices, base, base_written, fail)
-    uniform = not layered and all(
-        is_scalar(v)
-        for level in [settings, *(src.settings for src in slices[0].sources)]
-        for v in level.values()
+    uniform = (
+        not layered
+        and len(slices) == 1
+        and all(
+            is_scalar(v)
+            for level in [settings, *(src.settings for src in slices[0].sources)]
+            for v in level.values()
+        )
     )
 
     models: list[ModelEntry]

@@ -128,12 +128,15 @@ def plan_config(config: MergeConfig, catalogs: Mapping[str, Mapping[str, object]
     index = {path: i for i, path in enumerate(models)}
     builder = _Builder(config, models, catalogs, allow_missing, dtype_cast=config.dtype is not None)
     if not config.layered:
-        sl = config.slices[0]
-        base_layers = _Layers(list(catalogs[config.base_model]))
-        for name in catalogs[config.base_model]:
+        names = list(catalogs[config.base_model])
+        owner = _modules(config, names)
+        base_layers = _Layers(names)
+        for name in names:
+            sl_index = owner[name]
+            sl = config.slices[sl_index]
             parts = split_layer(name)
             t = 0.0 if parts is None else position(parts[1], base_layers.count(parts[0]))
-            builder.add(0, sl, name, [name] * len(sl.sources), t, [index[s.path] for s in sl.sources])
+            builder.add(sl_index, sl, name, [name] * len(sl.sources), t, [index[s.path] for s in sl.sources])
         return MergePlan(config.method, models, builder.tasks)
 
     reference = config.base_model
@@ -176,6 +179,43 @@ def plan_config(config: MergeConfig, catalogs: Mapping[str, Mapping[str, object]
     for name in post:
         outside(len(config.slices) - 1, name)
     return MergePlan(config.method, models, builder.tasks, num_layers=out_layer)
+
+
+def _modules(config: MergeConfig, names: list[str]) -> dict[str, int]:
+    """Which slice (module) each tensor belongs to: with ``modules``, the one whose tensor-name
+    prefix is the longest that names it (``""`` takes every tensor no other module takes)."""
+    if config.slices[0].module is None:
+        return dict.fromkeys(names, 0)
+    prefixes = {sl.module: i for i, sl in enumerate(config.slices)}
+    owner: dict[str, int] = {}
+    for name in names:
+        best = None
+        for prefix in prefixes:
+            if (
+                prefix == ""
+                or name == prefix
+                or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
+            ):
+                if best is None or len(prefix) > len(best):
+                    best = prefix
+        if best is not None:
+            owner[name] = prefixes[best]
+    stems = sorted({".".join(n.split(".")[:2]) for n in names})
+    for prefix, i in prefixes.items():
+        if i not in owner.values():
+            raise PlanError(
+                f"{config.slices[i].where}: no tensor of {config.base_model} starts with {prefix!r}; "
+                "modules are named by tensor-name prefix here (not by mergekit's per-architecture module "
+                "names), e.g. "
+                f"{', '.join(repr(x) for x in stems[:6])}, or '' for every tensor no other module takes"
+            )
+    outside = [n for n in names if n not in owner]
+    if outside:
+        raise PlanError(
+            f"{len(outside)} tensor(s) of {config.base_model} belong to no module, e.g. {outside[0]!r}; "
+            "add a module for them (the prefix '' takes every tensor no other module takes)"
+        )
+    return owner
 
 
 class _Builder:

@@ -443,7 +443,15 @@ def _with(**changes):
         (_with(models=[{"path": "a"}]), r"models\[0\]: unknown key 'path'; valid: model, parameters"),
         (_with(models=[{"model": 3}]), r"models\[0\]: `model` must be a path string"),
         (_with(models="a"), r"`models` must be a list"),
-        (_with(slices=[{"sources": []}]), r"give either `models` or `slices`, not both"),
+        (
+            _with(slices=[{"sources": []}]),
+            r"give one of `models`, `slices` or `modules`, not models and slices",
+        ),
+        (
+            _with(models=None, modules={"model.visual": {"slices": []}}),
+            r"modules.model.visual.slices: slices inside",
+        ),
+        (_with(models=None, modules={"model.visual": {}}), r"modules.model.visual.models is missing"),
         (_with(models=None, slices=[{"sources": []}]), r"slices\[0\].sources must be a non-empty list"),
         (
             _with(models=None, slices=[{"sources": [{"model": "a", "layer_range": [2, 2]}]}]),

@@ -256,3 +256,38 @@ def test_mk_merge_and_the_engine_share_the_planner(models):
     expected = mk.merge(sds["base"], [sds["a"], sds["b"]], method="ties", density=0.4, exclude=["lm_head.*"])
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_modules_by_tensor_name_prefix(models):
+    root, sds = models
+    base, a, b = (str(root / n) for n in ("base", "a", "b"))
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "modules": {
+            "model.layers": {
+                "models": [{"model": a, "parameters": {"weight": [0.0, 1.0]}}],
+                "parameters": {"lambda": 0.5},
+            },
+            "": {"models": [{"model": b}]},  # every other tensor
+        },
+        "parameters": {"weight": 0.25, "lambda": 2.0},
+    }
+    merged = _merge(root, cfg)
+    for name, tensor in sds["base"].items():
+        parts = split_layer(name)
+        if parts is not None:  # module parameters over global ones; t within the module's stack
+            expected = _ta(tensor, [sds["a"][name]], [position(parts[1], LAYERS)], 0.5)
+        else:
+            expected = _ta(tensor, [sds["b"][name]], [0.25], 2.0)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6, msg=name)
+    cfg["modules"] = {"text_decoder": cfg["modules"]["model.layers"]}
+    with pytest.raises(
+        CheckpointError, match="modules.text_decoder: no tensor .* starts with 'text_decoder'"
+    ):
+        _merge(root, cfg)
+    cfg["modules"] = {"model.layers": {"models": [a]}}
+    with pytest.raises(
+        CheckpointError, match=r"3 tensor\(s\) of .* belong to no module, e.g. 'lm_head.weight'"
+    ):
+        _merge(root, cfg)
