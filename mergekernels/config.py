@@ -18,13 +18,15 @@ and gives mergekit's result; our own methods and parameter names use the same la
     options: {seed: 0, shard_size: 5GB, threshold_scope: tensor}   # ours: engine options
     dialect: mergekit               # ours: which parameter names apply (see below)
 
-Dialects. ``linear``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``,
-``breadcrumbs_ties``, ``della`` and ``della_linear`` are mergekit's names as well as ours; for them
-the default dialect is ``mergekit``: mergekit's parameter names, defaults and semantics. Writing
-``dialect: mergekernels`` selects our parameter names and defaults instead (those of the method's
-function signature, e.g. ``ties``: ``density``, ``weights``, ``scale``, ``merge``,
-``weighted_election``). Our other methods (``dare``, ``ace``, ``tsv_m``, ``iso_c``, ``iso_cts``,
-``wudi``, ``regmean``) exist only in the ``mergekernels`` dialect.
+or, instead of ``models``, mergekit's ``slices`` / ``modules`` (below).
+
+Dialects. ``linear``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``,
+``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear`` and ``passthrough`` are
+mergekit's names as well as ours; for them the default dialect is ``mergekit``: mergekit's parameter
+names, defaults and semantics. Writing ``dialect: mergekernels`` selects our parameter names and
+defaults instead (those of the method's function signature, e.g. ``ties``: ``density``, ``weights``,
+``scale``, ``merge``, ``weighted_election``). Our other methods (``dare``, ``ace``, ``tsv_m``,
+``iso_c``, ``iso_cts``, ``wudi``, ``regmean``) exist only in the ``mergekernels`` dialect.
 
 mergekit -> ours (mergekit's defaults are written into ``MergeConfig.params`` so that our own
 defaults never leak into a mergekit merge):
@@ -51,23 +53,43 @@ defaults never leak into a mergekit merge):
 - ``della`` / ``della_linear``: ``density`` (default 1), ``epsilon`` (default 0.15), ``lambda``;
   ``normalize`` default true for della, false for della_linear.
 
-Not reproduced, hence refused with an error: per-layer gradients and filtered parameter values
-(lists), ``slices`` / ``layer_range``, ``modules``, tokenizer merging (``tokenizer``, ``chat_template``,
-``tokenizer_source`` other than ``base``), ``rescale: true`` for ties and breadcrumbs (mergekit's L1
-rescale of trimmed vectors) and ``rescale: false`` for della, breadcrumbs with density + gamma > 1
-(mergekit silently shrinks gamma) and negative weights with a sign consensus (mergekit compares the
-signs of weighted task vectors). Known differences that stay: random masks come from our counter-based
-generator, not ``torch.bernoulli``, so DARE/DELLA keep different (equally distributed) entries; DELLA
-divides survivors by their keep probability (the paper) where mergekit matches the L1 norm, and
-ranks a tensor's rows over all trailing dimensions; TIES keeps entries tied with the k-th largest
-magnitude where mergekit's argsort keeps exactly k.
+The rest of mergekit's language (see the README's table of mergekit features):
+
+- parameter values may be per-layer gradients and name filters (:mod:`mergekernels.parameters`),
+  resolved per tensor with mergekit's precedence: slice source > slice > module > global;
+- ``slices`` (``sources`` with ``layer_range``, slice ``parameters`` and ``base_model``) build the
+  output's layers slice by slice (:mod:`mergekernels.planner`); ``passthrough`` takes one source
+  per slice, optionally times its ``scale``;
+- ``modules``: per-module ``models`` and ``parameters``, a module being named by a tensor-name prefix
+  (``""``: every tensor no other module takes), not by mergekit's per-architecture module names;
+- model references: local paths, hub ids ``org/name[@revision]`` (:mod:`mergekernels.hub`) and
+  ``model+lora`` (PEFT LoRA adapters, :mod:`mergekernels.engine.lora`);
+- several YAML documents (mergekit-multi) run in order (:mod:`mergekernels.engine.multi`);
+- what mergekit silently ignores (unknown keys, parameters a method does not take) is ignored with
+  one :class:`ConfigWarning` naming it; ``strict=True`` (``--strict``) refuses it. Our own dialect
+  always refuses it.
+
+Not reproduced, hence refused with an error: the mergekit methods of :data:`MERGEKIT_UNSUPPORTED`,
+tokenizer merging (``tokenizer``, ``chat_template``, ``tokenizer_source`` other than ``base``),
+``slices`` inside ``modules``, ``rescale: true`` for ties and breadcrumbs (mergekit's L1 rescale of
+trimmed vectors) and ``rescale: false`` for della, breadcrumbs with density + gamma > 1 (mergekit
+silently shrinks gamma), negative weights with a sign consensus (mergekit compares the signs of
+weighted task vectors), and a ``linear`` base model that is not listed under ``models`` without a
+global ``weight`` (mergekit adds it to the average and finds no weight for it). Known differences
+that stay: random masks come from our counter-based generator, not ``torch.bernoulli``, so DARE/DELLA
+keep different (equally distributed) entries; DELLA divides survivors by their keep probability (the
+paper) where mergekit matches the L1 norm, and ranks a tensor's rows over all trailing dimensions;
+TIES keeps entries tied with the k-th largest magnitude where mergekit's argsort keeps exactly k.
 
 An entry of ``models`` equal to ``base_model`` is dropped (mergekit skips the base's task vector;
-for ``linear`` its weight still counts, see above). Options and their defaults: ``shard_size``
-(bytes or "5GB"/"500MB"/"4GiB", default 5GB), ``threshold_scope`` ("tensor" or "global", ties only,
-default "tensor"), ``seed`` (default 0), ``allow_missing`` ("error" or "base": a tensor missing from
-a fine-tuned model is an error or taken from the base, default "error"), ``allow_nonfinite``
-(default false), ``memory_cap`` (bytes or a size string, default None: automatic).
+for ``linear`` its weight still counts, see above); for ``linear``, a ``base_model`` not listed joins
+the average with the global ``weight``, as mergekit adds it as an input.
+
+Options and their defaults: ``shard_size`` (bytes or "5GB"/"500MB"/"4GiB", default 5GB),
+``threshold_scope`` ("tensor" or "global", ties only, default "tensor"), ``seed`` (default 0),
+``allow_missing`` ("error" or "base": a tensor missing from a fine-tuned model is an error or taken
+from the base, default "error"), ``allow_nonfinite`` (default false), ``memory_cap`` (bytes or a
+size string, default None: automatic).
 """
 
 from __future__ import annotations
@@ -198,6 +220,8 @@ class MergeConfig:
             ValueError: naming the file and the tensor, for a combination of values the method
                 refuses (e.g. breadcrumbs' density + gamma > 1 at some layer).
         """
+        if self.uniform and "uniform" in self._cache:  # every tensor takes the same parameters
+            return self._cache["uniform"]
         sl = self.slices[slice_index]
         shared = _evaluate_levels([sl.settings, sl.module_settings, self.settings], out_name, t)
         per_source = []
@@ -215,6 +239,8 @@ class MergeConfig:
                 for i, (src, values) in enumerate(zip(sl.sources, per_source, strict=True))
             ]
             self._cache[key] = _tensor_params(self, sl, shared, entries, fail)
+            if self.uniform:
+                self._cache["uniform"] = self._cache[key]
         return self._cache[key]
 
 
