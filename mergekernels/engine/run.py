@@ -53,17 +53,6 @@ from .writer import CheckpointWriter
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 DEFAULT_CHUNK_BYTES = 256 * 1024**2
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -73,6 +62,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
 )
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 MERGE_CONFIG_FILE = "merge_config.yml"
 # config.json keys of the layer count, by model family (the first present is rewritten)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
