@@ -31,7 +31,8 @@ defaults instead (those of the method's function signature, e.g. ``ties``: ``den
 mergekit -> ours (mergekit's defaults are written into ``MergeConfig.params`` so that our own
 defaults never leak into a mergekit merge):
 
-- ``weight`` -> ``weights`` (mergekit requires it; we default it to 1), ``lambda`` -> ``scale``
+- ``weight`` -> ``weights`` (mergekit requires it: ``linear`` refuses a model without one, the
+  task-vector methods default it to 1), ``lambda`` -> ``scale``
   (default 1), ``int8_mask`` accepted and ignored (it only changes mergekit's memory use).
 - ``linear``: the weighted average sum_m w_m theta_m / sum_m w_m of the listed models
   (``normalize: true``, mergekit's default). Without ``base_model`` the first model serves as the
@@ -902,6 +903,15 @@ def _mergekit(
     def effective(i: int, key: str) -> Any:
         value = per[i].get(key, glob.get(key, model_defaults[key]))
         return 1.0 if value is None else value
+
+    # mergekit's linear needs a weight for every model, the base's included (its task-vector methods
+    # need one for every non-base model too: there we are lenient and take 1, as documented)
+    for i, entry in enumerate(entries):
+        if method == "linear" and "weight" not in per[i] and "weight" not in glob:
+            fail(
+                f"{entry.where}: no `weight`; mergekit's linear needs one for every model "
+                "(set it per model or under `parameters`)"
+            )
 
     if method == "linear":
         return _mergekit_linear(entries, per, glob, setting["normalize"], base, effective, fail)

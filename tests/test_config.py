@@ -540,8 +540,16 @@ def _with(**changes):
             r"linear: the weights sum to 0",
         ),
         (
-            _with(merge_method="linear", base_model=None, models=["a"]),
+            _with(merge_method="linear", base_model=None, models=["a"], parameters={"weight": 1.0}),
             r"linear needs at least one model besides",
+        ),
+        (
+            _with(
+                merge_method="linear",
+                base_model=None,
+                models=[{"model": "a", "parameters": {"weight": 1}}, "c"],
+            ),
+            r"models\[1\] \('c'\): no `weight`; mergekit's linear needs one for every model",
         ),
         # our dialect
         (
