@@ -281,8 +281,9 @@ MERGEKIT_UNSUPPORTED = (
     "multislerp",
     "nearswap",
     "nuslerp",
+    "ram",
+    "ramplus_tl",
     "sce",
-    "slerp",
 )
 DTYPES = {
     "float32": torch.float32,
@@ -468,8 +469,8 @@ MERGEKIT_METHODS = {
     "della_linear": _MergekitMethod(normalize=False, rescale=True, sparsify="magprune"),
 }
 
-# Every mergekit method we run: the task-vector family above and passthrough.
-MERGEKIT_NAMES = (*MERGEKIT_METHODS, "passthrough")
+# Every mergekit method we run: the task-vector family above, passthrough and slerp.
+MERGEKIT_NAMES = (*MERGEKIT_METHODS, "passthrough", "slerp")
 
 
 @dataclass
@@ -840,9 +841,15 @@ def _drop_base(entries: list[_RawEntry], base: str | None) -> list[_RawEntry]:
 def _mergekit_rule(method: str, key: str, model: str | None, fail: _Fail) -> _Rule:
     """The rule of mergekit parameter `key` of `method`, set globally (model None) or for a model
     (named by `model`); an error for a key the method does not take there."""
-    if method == "passthrough":
-        if key != "scale":
-            fail(f"{model + ': ' if model else ''}unknown parameter {key!r} for passthrough; valid: scale")
+    if method in _INTERPOLATIONS:
+        per_model, shared = _INTERPOLATIONS[method]
+        if key not in per_model and (model is not None or key not in shared):
+            where = f"{model}: " if model else ""
+            valid = ", ".join(per_model if model else [*per_model, *shared])
+            fail(
+                f"{where}unknown parameter {key!r} for {method}{' per model' if model else ''}; "
+                f"valid: {valid}"
+            )
         return _NUMBER
     mk = MERGEKIT_METHODS[method]
     model_defaults, global_defaults = mk.model_params(), mk.global_params()
@@ -866,6 +873,25 @@ def _mergekit_rule(method: str, key: str, model: str | None, fail: _Fail) -> _Ru
     return _MERGEKIT_RULES[key]
 
 
+# mergekit methods outside the task-vector family: (per-model parameters, shared parameters).
+_INTERPOLATIONS = {"passthrough": (("scale",), ()), "slerp": ((), ("t",))}
+
+
+def _mergekit_slerp(
+    raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
+) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
+    """mergekit's slerp: from the base (t = 0) to the one other model (t = 1)."""
+    others = [e for e in entries if e.path != base]
+    if len(others) != 1:
+        fail(
+            f"slerp interpolates between the base and exactly one other model, got {len(others)} other(s) "
+            f"({', '.join(e.written for e in others) or 'none'})"
+        )
+    if raw.get("t") is None:
+        fail("slerp needs `t` (0: the base, 1: the other model), under `parameters` or a slice's parameters")
+    return base, [ModelEntry(others[0].path)], {"t": _coerce(raw["t"], _NUMBER, "t", fail)}
+
+
 def _mergekit_passthrough(
     raw: dict, entries: list[_RawEntry], fail: _Fail
 ) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
@@ -885,6 +911,8 @@ def _mergekit(
     """Translates a mergekit configuration into our method's parameters (see the module docstring)."""
     if method == "passthrough":
         return _mergekit_passthrough(raw, entries, fail)
+    if method == "slerp":
+        return _mergekit_slerp(raw, entries, base, fail)
     mk = MERGEKIT_METHODS[method]
     model_defaults, global_defaults = mk.model_params(), mk.global_params()
     glob: dict[str, Any] = {}

@@ -394,8 +394,8 @@ def _with(**changes):
         ),
         (_with(merge_method="tie"), r"unknown merge_method 'tie'; valid: linear, task_arithmetic, ties.*ace"),
         (
-            _with(merge_method="slerp"),
-            r"'slerp' \(mergekit\) is not supported; supported mergekit methods: linear",
+            _with(merge_method="model_stock"),
+            r"'model_stock' \(mergekit\) is not supported; supported mergekit methods: linear",
         ),
         (_with(merge_method=None), r"`merge_method` is missing; valid: linear"),
         (_with(dialect="fusionbench"), r"unknown dialect 'fusionbench'; valid: mergekit, mergekernels"),
@@ -474,6 +474,15 @@ def _with(**changes):
                 ],
             ),
             r"slices\[0\]: its sources give different numbers of layers \(\[1, 2\]\)",
+        ),
+        (
+            _with(merge_method="slerp", models=["a", "c"], parameters={"t": 0.5}),
+            r"slerp interpolates between the base and exactly one other model, got 2 other\(s\) \(a, c\)",
+        ),
+        (_with(merge_method="slerp", models=["a"]), r"slerp needs `t`"),
+        (
+            _with(merge_method="slerp", models=[{"model": "a", "parameters": {"t": 0.5}}]),
+            r"models\[0\] \('a'\): unknown parameter 't' for slerp per model; valid: $",
         ),
         (
             _with(merge_method="passthrough", models=["a"]),

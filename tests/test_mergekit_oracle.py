@@ -76,7 +76,14 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
-GROUPS: dict[str, list[str]] = {"models": [], "gradients": [], "slices": [], "bf16": [], "lora": []}
+GROUPS: dict[str, list[str]] = {
+    "models": [],
+    "gradients": [],
+    "slices": [],
+    "bf16": [],
+    "lora": [],
+    "methods": [],
+}
 
 
 def case(group: str, name: str, models: str, out_dtype=torch.float32):
@@ -410,6 +417,48 @@ def _lora_passthrough(m):
     return {"merge_method": "passthrough", "models": [{"model": f"{m['base']}+{m['lora-a']}"}]}
 
 
+# --- (g) the other mergekit methods ----------------------------------------------------------------
+
+
+@case("methods", "slerp-gradient-llama", "llama")
+def _slerp_gradient(m):
+    # mergekit's gradient-slerp example, on the tiny model: t per filter, as gradients
+    return {
+        "merge_method": "slerp",
+        "base_model": m["base"],
+        "slices": [{"sources": [src(m, "base", 0, 8), src(m, "a", 0, 8)]}],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        "dtype": "float32",
+    }
+
+
+@case("methods", "slerp-models-qwen2", "qwen2")
+def _slerp_models(m):
+    # the models form: base + one other; t beyond [0, 1] extrapolates
+    return {
+        "merge_method": "slerp",
+        "base_model": m["a"],
+        "models": [{"model": m["a"]}, {"model": m["b"]}],
+        "parameters": {"t": [0.2, 1.3]},
+    }
+
+
+@case("methods", "slerp-bf16-llama", "llama-bf16", out_dtype=torch.bfloat16)
+def _slerp_bf16(m):
+    return {
+        "merge_method": "slerp",
+        "base_model": m["base"],
+        "models": [{"model": m["c"]}],
+        "parameters": {"t": 0.4},
+    }
+
+
 # --- fixtures --------------------------------------------------------------------------------------
 
 
@@ -533,6 +582,11 @@ def test_bf16_within_one_ulp(name, mergekit_runs, tmp_path):
 
 @pytest.mark.parametrize("name", GROUPS["lora"])
 def test_model_plus_lora(name, mergekit_runs, tmp_path):
+    _check(name, mergekit_runs, tmp_path)
+
+
+@pytest.mark.parametrize("name", GROUPS["methods"])
+def test_other_methods(name, mergekit_runs, tmp_path):
     _check(name, mergekit_runs, tmp_path)
 
 

@@ -28,6 +28,7 @@ from .della import della
 from .iso import iso_c, iso_c_batched, iso_cts, iso_cts_batched
 from .passthrough import passthrough
 from .regmean import collect_input_grams, regmean, regmean_batched
+from .slerp import slerp
 from .ta import task_arithmetic
 from .ties import ties, ties_prepass
 from .tsv import tsv_m, tsv_m_batched
@@ -123,6 +124,7 @@ METHODS: dict[str, MethodSpec] = {
         required=("grams",),
     ),
     "passthrough": MethodSpec(passthrough, chunks="elements"),
+    "slerp": MethodSpec(slerp),
     "apl": MethodSpec(apl.apl, kind="needs_stats", uses_rng=True, required=("scores",)),
     "awd": MethodSpec(awd, kind="needs_stats", uses_rng=True, prepare_stats=_awd_stats),
 }
@@ -148,6 +150,7 @@ __all__ = [
     "passthrough",
     "regmean",
     "regmean_batched",
+    "slerp",
     "task_arithmetic",
     "ties",
     "tsv_m",

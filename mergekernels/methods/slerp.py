@@ -1,0 +1,89 @@
+"""Spherical linear interpolation between two models, tensor by tensor (mergekit's ``slerp``).
+
+For the base tensor v0 and the other model's v1, both flattened, with cos θ = <v0, v1> / (|v0| |v1|)
+(a norm at most ``eps`` counts as 1) clamped to [-1, 1]:
+
+    slerp(v0, v1; t) = sin((1 - t) θ) / sin θ · v0 + sin(t θ) / sin θ · v1,
+
+and the plain interpolation (1 - t) v0 + t v1 when |cos θ| > ``dot_threshold`` (nearly collinear
+or antipodal: sin θ ≈ 0). t = 0 gives the base, t = 1 the other model; in configurations t is
+usually a per-layer gradient. The norms and the dot product are accumulated in float64 in one
+pass; the combination is computed in float32 (float64 for float64 inputs) and rounded once to the
+base's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+DOT_THRESHOLD = 0.9995
+
+
+def slerp_coefficients(
+    sq_norm0: float,
+    sq_norm1: float,
+    dot: float,
+    t: float,
+    dot_threshold: float = DOT_THRESHOLD,
+    eps: float = 1e-8,
+) -> tuple[float, float]:
+    """(c0, c1) with slerp(v0, v1; t) = c0 v0 + c1 v1, from |v0|², |v1|² and <v0, v1>."""
+    n0, n1 = math.sqrt(sq_norm0), math.sqrt(sq_norm1)
+    n0 = n0 if n0 > eps else 1.0
+    n1 = n1 if n1 > eps else 1.0
+    cos = min(1.0, max(-1.0, dot / (n0 * n1)))
+    if abs(cos) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    sin = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / sin, math.sin(t * theta) / sin
+
+
+def slerp(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    t: float = 0.5,
+    dot_threshold: float = DOT_THRESHOLD,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Spherical interpolation from ``base`` (t = 0) to the one fine-tuned tensor (t = 1).
+
+    Args:
+        base: v0, the base model's tensor.
+        finetuned: exactly one tensor v1 of base's shape.
+        t: the interpolation position (mergekit's ``t``; any real number, usually in [0, 1]).
+        dot_threshold: above this |cos θ| the inputs are treated as collinear (plain interpolation).
+        eps: norms at most this count as 1 (a zero tensor does not divide by zero).
+
+    Returns:
+        The interpolated tensor, in base's dtype.
+    """
+    if len(finetuned) != 1:
+        raise ValueError(
+            f"slerp interpolates between the base and exactly one other model, got {len(finetuned)}"
+        )
+    v1 = finetuned[0]
+    if v1.shape != base.shape:
+        raise ValueError(f"slerp: shapes differ, base {list(base.shape)} and {list(v1.shape)}")
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, b = base.reshape(-1), v1.reshape(-1)
+    sq0, sq1, dot = pair_moments(a, b)
+    c0, c1 = slerp_coefficients(sq0, sq1, dot, float(t), dot_threshold, eps)
+    return (c0 * a.to(work) + c1 * b.to(work)).reshape(base.shape).to(base.dtype)
+
+
+def pair_moments(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> tuple[float, float, float]:
+    """(|a|², |b|², <a, b>) of two flat tensors, summed in float64 over chunks (bounded memory)."""
+    sq0 = sq1 = dot = 0.0
+    for start in range(0, a.numel(), chunk):
+        x, y = a[start : start + chunk].double(), b[start : start + chunk].double()
+        sq0 += float(torch.dot(x, x))
+        sq1 += float(torch.dot(y, y))
+        dot += float(torch.dot(x, y))
+    return sq0, sq1, dot
+
+
+__all__ = ["DOT_THRESHOLD", "pair_moments", "slerp", "slerp_coefficients"]
