@@ -277,9 +277,7 @@ _UNSUPPORTED_KEYS = {
 MERGEKIT_UNSUPPORTED = (
     "arcee_fusion",
     "karcher",
-    "model_stock",
     "multislerp",
-    "nearswap",
     "nuslerp",
     "ram",
     "ramplus_tl",
@@ -469,8 +467,8 @@ MERGEKIT_METHODS = {
     "della_linear": _MergekitMethod(normalize=False, rescale=True, sparsify="magprune"),
 }
 
-# Every mergekit method we run: the task-vector family above, passthrough and slerp.
-MERGEKIT_NAMES = (*MERGEKIT_METHODS, "passthrough", "slerp")
+# Every mergekit method we run: the task-vector family above and the others of _INTERPOLATIONS.
+MERGEKIT_NAMES = (*MERGEKIT_METHODS, "passthrough", "slerp", "nearswap", "model_stock")
 
 
 @dataclass
@@ -850,7 +848,7 @@ def _mergekit_rule(method: str, key: str, model: str | None, fail: _Fail) -> _Ru
                 f"{where}unknown parameter {key!r} for {method}{' per model' if model else ''}; "
                 f"valid: {valid}"
             )
-        return _NUMBER
+        return per_model.get(key) or shared[key]
     mk = MERGEKIT_METHODS[method]
     model_defaults, global_defaults = mk.model_params(), mk.global_params()
     if model is None:
@@ -873,22 +871,37 @@ def _mergekit_rule(method: str, key: str, model: str | None, fail: _Fail) -> _Ru
     return _MERGEKIT_RULES[key]
 
 
-# mergekit methods outside the task-vector family: (per-model parameters, shared parameters).
-_INTERPOLATIONS = {"passthrough": (("scale",), ()), "slerp": ((), ("t",))}
+# mergekit methods outside the task-vector family: their per-model and shared parameters.
+_INTERPOLATIONS: dict[str, tuple[dict[str, _Rule], dict[str, _Rule]]] = {
+    "passthrough": ({"scale": _NUMBER}, {}),
+    "slerp": ({}, {"t": _NUMBER}),
+    "nearswap": ({}, {"t": _NUMBER}),
+    "model_stock": ({}, {"filter_wise": _BOOL}),
+}
 
 
-def _mergekit_slerp(
-    raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
+def _mergekit_pairwise(
+    method: str, raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
 ) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
-    """mergekit's slerp: from the base (t = 0) to the one other model (t = 1)."""
+    """slerp / nearswap: the base and exactly one other model, and `t`; model_stock: the base and at
+    least two others."""
     others = [e for e in entries if e.path != base]
+    if method == "model_stock":
+        if len(others) < 2:
+            fail(f"model_stock needs at least two models besides the base, got {len(others)}")
+        filter_wise = raw.get("filter_wise", False)
+        return (
+            base,
+            [ModelEntry(e.path) for e in others],
+            {"filter_wise": _coerce(filter_wise, _BOOL, "filter_wise", fail)},
+        )
     if len(others) != 1:
         fail(
-            f"slerp interpolates between the base and exactly one other model, got {len(others)} other(s) "
+            f"{method} takes the base and exactly one other model, got {len(others)} other(s) "
             f"({', '.join(e.written for e in others) or 'none'})"
         )
     if raw.get("t") is None:
-        fail("slerp needs `t` (0: the base, 1: the other model), under `parameters` or a slice's parameters")
+        fail(f"{method} needs `t`, under `parameters` or a slice's parameters")
     return base, [ModelEntry(others[0].path)], {"t": _coerce(raw["t"], _NUMBER, "t", fail)}
 
 
@@ -911,8 +924,8 @@ def _mergekit(
     """Translates a mergekit configuration into our method's parameters (see the module docstring)."""
     if method == "passthrough":
         return _mergekit_passthrough(raw, entries, fail)
-    if method == "slerp":
-        return _mergekit_slerp(raw, entries, base, fail)
+    if method in _INTERPOLATIONS:
+        return _mergekit_pairwise(method, raw, entries, base, fail)
     mk = MERGEKIT_METHODS[method]
     model_defaults, global_defaults = mk.model_params(), mk.global_params()
     glob: dict[str, Any] = {}

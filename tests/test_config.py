@@ -394,8 +394,8 @@ def _with(**changes):
         ),
         (_with(merge_method="tie"), r"unknown merge_method 'tie'; valid: linear, task_arithmetic, ties.*ace"),
         (
-            _with(merge_method="model_stock"),
-            r"'model_stock' \(mergekit\) is not supported; supported mergekit methods: linear",
+            _with(merge_method="karcher"),
+            r"'karcher' \(mergekit\) is not supported; supported mergekit methods: linear",
         ),
         (_with(merge_method=None), r"`merge_method` is missing; valid: linear"),
         (_with(dialect="fusionbench"), r"unknown dialect 'fusionbench'; valid: mergekit, mergekernels"),
@@ -477,7 +477,7 @@ def _with(**changes):
         ),
         (
             _with(merge_method="slerp", models=["a", "c"], parameters={"t": 0.5}),
-            r"slerp interpolates between the base and exactly one other model, got 2 other\(s\) \(a, c\)",
+            r"slerp takes the base and exactly one other model, got 2 other\(s\) \(a, c\)",
         ),
         (_with(merge_method="slerp", models=["a"]), r"slerp needs `t`"),
         (

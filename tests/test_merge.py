@@ -40,8 +40,10 @@ def test_every_method_merges_a_model(method):
         }
     if method == "apl":  # needs calibration scores (tests/test_apl.py); here its explicit DARE fallback
         params.update(scores=None, fallback="dare")
-    if method == "slerp":  # interpolates between the base and one other model
+    if method in ("slerp", "nearswap"):  # between the base and one other model
         fts = fts[:1]
+    if method == "nearswap":
+        params["t"] = 0.01
     if method == "passthrough":  # one model per tensor: slices of configurations, not mk.merge
         with pytest.raises(ValueError, match="passthrough takes one model per tensor"):
             mk.merge(base, fts, method=method)

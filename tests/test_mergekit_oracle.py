@@ -459,6 +459,39 @@ def _slerp_bf16(m):
     }
 
 
+@case("methods", "model_stock-llama", "llama")
+def _model_stock(m):
+    return {
+        "merge_method": "model_stock",
+        "base_model": m["base"],
+        "models": [{"model": m[n]} for n in ("a", "b", "c")],
+        "dtype": "float32",
+    }
+
+
+@case("methods", "model_stock-filter_wise-mistral", "mistral")
+def _model_stock_rows(m):
+    return {
+        "merge_method": "model_stock",
+        "base_model": m["base"],
+        "models": [{"model": m["a"]}, {"model": m["b"]}],
+        "parameters": {"filter_wise": True},
+        "dtype": "float32",
+    }
+
+
+@case("methods", "nearswap-qwen2", "qwen2")
+def _nearswap(m):
+    # t near the typical |a - b| (0.01 N(0, 1) perturbations), as a gradient: both branches occur
+    return {
+        "merge_method": "nearswap",
+        "base_model": m["base"],
+        "models": [{"model": m["b"]}],
+        "parameters": {"t": [0.002, 0.02]},
+        "dtype": "float32",
+    }
+
+
 # --- fixtures --------------------------------------------------------------------------------------
 
 

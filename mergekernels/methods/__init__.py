@@ -26,6 +26,8 @@ from .breadcrumbs import breadcrumbs, breadcrumbs_prepass
 from .dare import dare, dare_prepass
 from .della import della
 from .iso import iso_c, iso_c_batched, iso_cts, iso_cts_batched
+from .model_stock import model_stock
+from .nearswap import nearswap
 from .passthrough import passthrough
 from .regmean import collect_input_grams, regmean, regmean_batched
 from .slerp import slerp
@@ -125,6 +127,8 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "passthrough": MethodSpec(passthrough, chunks="elements"),
     "slerp": MethodSpec(slerp),
+    "model_stock": MethodSpec(model_stock),
+    "nearswap": MethodSpec(nearswap, chunks="elements", required=("t",)),
     "apl": MethodSpec(apl.apl, kind="needs_stats", uses_rng=True, required=("scores",)),
     "awd": MethodSpec(awd, kind="needs_stats", uses_rng=True, prepare_stats=_awd_stats),
 }
@@ -147,6 +151,8 @@ __all__ = [
     "iso_c_batched",
     "iso_cts",
     "iso_cts_batched",
+    "model_stock",
+    "nearswap",
     "passthrough",
     "regmean",
     "regmean_batched",

@@ -1,0 +1,105 @@
+"""mergekit's other methods (slerp, model_stock, nearswap) against float64 references written from
+their documented definitions; tests/test_mergekit_oracle.py compares them with mergekit itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mergekernels as mk
+
+
+def reference(v0: torch.Tensor, v1: torch.Tensor, t: float, threshold=0.9995, eps=1e-8) -> torch.Tensor:
+    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
+    n0, n1 = a.norm().item(), b.norm().item()
+    n0, n1 = (n0 if n0 > eps else 1.0), (n1 if n1 > eps else 1.0)
+    cos = max(-1.0, min(1.0, float((a / n0) @ (b / n1))))
+    if abs(cos) > threshold:
+        out = (1 - t) * a + t * b
+    else:
+        theta = math.acos(cos)
+        out = (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+    return out.reshape(v0.shape)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (3, 5, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 1.4])
+def test_slerp_matches_the_definition(shape, dtype, t):
+    g = torch.Generator().manual_seed(hash((shape, t)) % 1000)
+    v0 = torch.randn(shape, generator=g).to(dtype)
+    v1 = (0.5 * v0.float() + torch.randn(shape, generator=g)).to(dtype)
+    out = mk.slerp(v0, [v1], t=t)
+    assert out.dtype == dtype and out.shape == v0.shape
+    want = reference(v0, v1, t)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+def test_slerp_ends_collinear_zero_and_noncontiguous():
+    v0 = torch.randn(16, 9)
+    v1 = torch.randn(16, 9)
+    torch.testing.assert_close(mk.slerp(v0, [v1], t=0.0), v0)
+    torch.testing.assert_close(mk.slerp(v0, [v1], t=1.0), v1, rtol=1e-5, atol=1e-6)
+    # collinear (and antipodal) inputs interpolate linearly
+    torch.testing.assert_close(mk.slerp(v0, [2 * v0], t=0.25), 1.25 * v0)
+    torch.testing.assert_close(mk.slerp(v0, [-v0], t=0.5), torch.zeros_like(v0))
+    # a zero tensor does not divide by zero
+    assert torch.isfinite(mk.slerp(torch.zeros(5), [torch.randn(5)], t=0.5)).all()
+    wide = torch.randn(9, 16)
+    torch.testing.assert_close(mk.slerp(wide.T, [v1], t=0.6), mk.slerp(wide.T.contiguous(), [v1], t=0.6))
+    with pytest.raises(ValueError, match="exactly one other model"):
+        mk.slerp(v0, [v1, v1], t=0.5)
+
+
+def stock_reference(base, fts, rows: bool) -> torch.Tensor:
+    """Model Stock in float64: per row (over the last dimension) when rows, else the whole tensor."""
+    b = base.double()
+    two_d = (-1, base.shape[-1]) if rows and base.dim() > 1 else (1, -1)
+
+    def shaped(x):
+        return x.reshape(two_d)
+
+    w0 = shaped(b)
+    taus = [shaped(x.double()) - w0 for x in fts]
+    k = len(fts)
+    cos = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            norm = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp_min(1e-6)
+            cos.append(((taus[i] * taus[j]).sum(-1) / norm).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    t = torch.where((1 + (k - 1) * c).abs() < 1e-6, 0.0, k * c / (1 + (k - 1) * c))
+    return (t * sum(shaped(x.double()) for x in fts) / k + (1 - t) * w0).reshape(base.shape)
+
+
+@pytest.mark.parametrize("shape", [(5,), (12, 7), (2, 3, 4)])
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_stock(shape, filter_wise, k, dtype):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g)
+    common = 0.1 * torch.randn(shape, generator=g)
+    fts = [(base + common + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(k)]
+    base = base.to(dtype)
+    out = mk.model_stock(base, fts, filter_wise=filter_wise)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), stock_reference(base, fts, filter_wise), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="at least two"):
+        mk.model_stock(base, fts[:1])
+
+
+def test_nearswap():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 9, generator=g)
+    b = a + 0.05 * torch.randn(40, 9, generator=g)
+    b[0, 0] = a[0, 0]  # equal entries: |a - b| clamps at 1e-6, weight 1
+    for t in (0.0, 0.01, 0.05, 1.0):
+        diff = (b.double() - a.double()).abs().clamp_min(1e-6)
+        w = (t / diff).clamp(0, 1)
+        want = w * b.double() + (1 - w) * a.double()
+        torch.testing.assert_close(mk.nearswap(a, [b], t=t).double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mk.nearswap(a, [b], t=10.0), b)
