@@ -170,7 +170,8 @@ class MergeConfig:
 
     Attributes:
         method: a key of :data:`mergekernels.methods.METHODS`.
-        base_model: the base model's path (for mergekit's ``linear`` without a base: the first model's).
+        base_model: the base model's path (without one, for mergekit's ``linear`` and the other methods
+            that need none: the first model's); the output's layout and side files follow it.
         models: the fine-tuned models in file order, without entries equal to the base (with
             slices: every model a slice reads, other than the base, in order of appearance).
         params: global method parameters in our names (mergekit configurations: every mergekit
@@ -204,6 +205,7 @@ class MergeConfig:
     settings: dict[str, Setting] = field(default_factory=dict)
     where: str = field(default="merge config", compare=False)
     ignored: list[str] = field(default_factory=list, compare=False)
+    given_base: str | None = None  # base_model as the file gives it (None: none given)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def tensor_params(self, slice_index: int, out_name: str, in_names: list[str], t: float) -> TensorParams:
@@ -265,7 +267,9 @@ SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
 MODULE_KEYS = ("models", "slices", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 # mergekit methods that do not merge task vectors, so need no base model.
-BASELESS_METHODS = ("linear", "passthrough")
+BASELESS_METHODS = ("linear", "passthrough", "karcher")
+# mergekit methods whose base model is optional: with one, it is the origin of the task vectors.
+BASE_OPTIONAL = ("nuslerp", "multislerp")
 # mergekit keys for features we do not have, with the reason given in the error.
 _UNSUPPORTED_KEYS = {
     "tokenizer": "the `tokenizer` block is not supported: the base model's tokenizer files are copied "
@@ -276,9 +280,6 @@ _UNSUPPORTED_KEYS = {
 # mergekit methods we do not implement (named so the error says "not supported", not "unknown").
 MERGEKIT_UNSUPPORTED = (
     "arcee_fusion",
-    "karcher",
-    "multislerp",
-    "nuslerp",
     "ram",
     "ramplus_tl",
     "sce",
@@ -468,7 +469,16 @@ MERGEKIT_METHODS = {
 }
 
 # Every mergekit method we run: the task-vector family above and the others of _INTERPOLATIONS.
-MERGEKIT_NAMES = (*MERGEKIT_METHODS, "passthrough", "slerp", "nearswap", "model_stock")
+MERGEKIT_NAMES = (
+    *MERGEKIT_METHODS,
+    "passthrough",
+    "slerp",
+    "nearswap",
+    "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+)
 
 
 @dataclass
@@ -505,7 +515,7 @@ def _tensor_params(
 ) -> TensorParams:
     """Translates one tensor's resolved values into the method's arguments (see tensor_params)."""
     translate = _mergekit if cfg.dialect == "mergekit" else _ours
-    base, models, params = translate(cfg.method, shared, entries, sl.base_model or cfg.base_model, fail)
+    base, models, params = translate(cfg.method, shared, entries, sl.base_model or cfg.given_base, fail)
     base_index = next((e.index for e in entries if e.path == base), None)
     if base_index is None:  # checked at load time; here for safety
         fail(f"{sl.where}: the base model {base!r} is not among its sources")
@@ -872,11 +882,15 @@ def _mergekit_rule(method: str, key: str, model: str | None, fail: _Fail) -> _Ru
 
 
 # mergekit methods outside the task-vector family: their per-model and shared parameters.
+_INT = _Rule(("int",), (1, math.inf, "[)"))
 _INTERPOLATIONS: dict[str, tuple[dict[str, _Rule], dict[str, _Rule]]] = {
     "passthrough": ({"scale": _NUMBER}, {}),
     "slerp": ({}, {"t": _NUMBER}),
     "nearswap": ({}, {"t": _NUMBER}),
     "model_stock": ({}, {"filter_wise": _BOOL}),
+    "nuslerp": ({"weight": _NUMBER}, {"nuslerp_row_wise": _BOOL, "nuslerp_flatten": _BOOL}),
+    "multislerp": ({"weight": _NUMBER}, {"normalize_weights": _BOOL, "eps": _NUMBER}),
+    "karcher": ({}, {"max_iter": _INT, "tol": _NUMBER}),
 }
 
 
@@ -885,6 +899,8 @@ def _mergekit_pairwise(
 ) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
     """slerp / nearswap: the base and exactly one other model, and `t`; model_stock: the base and at
     least two others."""
+    if method in ("nuslerp", "multislerp", "karcher"):
+        return _mergekit_spherical(method, raw, entries, base, fail)
     others = [e for e in entries if e.path != base]
     if method == "model_stock":
         if len(others) < 2:
@@ -903,6 +919,38 @@ def _mergekit_pairwise(
     if raw.get("t") is None:
         fail(f"{method} needs `t`, under `parameters` or a slice's parameters")
     return base, [ModelEntry(others[0].path)], {"t": _coerce(raw["t"], _NUMBER, "t", fail)}
+
+
+def _mergekit_spherical(
+    method: str, raw: dict, entries: list[_RawEntry], base: str | None, fail: _Fail
+) -> tuple[str | None, list[ModelEntry], dict[str, Any]]:
+    """nuslerp / multislerp (a base, if given, is the origin of the task vectors; every other model is
+    a point with a required weight) and karcher (every model, the base too, is a point)."""
+    if method == "karcher":
+        params = {"max_iter": raw.get("max_iter", 10), "tol": raw.get("tol", 1e-5)}
+        return entries[0].path, [ModelEntry(e.path) for e in entries[1:]], params
+    origin = base is not None
+    points = [e for e in entries if e.path != base] if origin else entries
+    if method == "nuslerp" and len(points) != 2:
+        fail(f"nuslerp interpolates between exactly two models besides the base, got {len(points)}")
+    weights = []
+    for entry in points:
+        weight = entry.params.get("weight", raw.get("weight"))
+        if weight is None:
+            fail(
+                f"{entry.where}: no `weight`; mergekit's {method} needs one for every model besides the base"
+            )
+        weights.append(_coerce(weight, _NUMBER, f"{entry.where} weight", fail))
+    params: dict[str, Any] = {"weights": weights, "origin": origin}
+    if method == "nuslerp":
+        params["row_wise"] = raw.get("nuslerp_row_wise", False)
+        params["flatten"] = raw.get("nuslerp_flatten", True)
+    else:
+        params["normalize_weights"] = raw.get("normalize_weights", True)
+        params["eps"] = raw.get("eps", 1e-8)
+    head = base if origin else points[0].path
+    rest = points if origin else points[1:]
+    return head, [ModelEntry(e.path) for e in rest], params
 
 
 def _mergekit_passthrough(
@@ -1216,7 +1264,7 @@ def load_config(
     if base_written is not None and (not isinstance(base_written, str) or not base_written):
         fail(f"base_model must be a path string, got {base_written!r}")
     base = _resolve_model(base_written, root) if base_written is not None else None
-    baseless = dialect == "mergekit" and method in BASELESS_METHODS
+    baseless = dialect == "mergekit" and method in (*BASELESS_METHODS, *BASE_OPTIONAL)
     if base is None and not baseless:
         fail(f"base_model is missing: {method} merges task vectors relative to a base model")
     raw = _params_mapping(data.get("parameters"), "parameters", fail)
@@ -1337,6 +1385,7 @@ def load_config(
     return MergeConfig(
         method=method,
         base_model=base,
+        given_base=_resolve_model(base_written, root) if base_written is not None else None,
         models=models,
         params=params,
         dtype=dtype,
@@ -1473,7 +1522,11 @@ def _check_slices(
                 fail(
                     f"passthrough takes exactly one model per slice; {sl.where} has {len(sl.sources)} {what}"
                 )
-        elif not (dialect == "mergekit" and method in BASELESS_METHODS) and slice_base not in paths:
+        elif (
+            not (dialect == "mergekit" and method in BASELESS_METHODS)
+            and not (dialect == "mergekit" and method in BASE_OPTIONAL and slice_base is None)
+            and slice_base not in paths
+        ):
             shown = base_written if sl.base_model is None else sl.base_model
             fail(
                 f"{sl.where}: the base model {shown!r} is not among its sources; {method} merges task "

@@ -88,3 +88,15 @@ def task_vector_stats(
         hist.cpu() if histogram else None,
         base.numel(),
     )
+
+
+def gram_matrix(tensors: Sequence[torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
+    """[K, K] float64 inner products <x_i, x_j> of K same-size tensors (flattened), summed over
+    chunks of ``chunk`` elements so that at most K float64 chunks exist at once (the task-vector
+    Gram relative to a base is :func:`task_vector_stats`, one fused pass)."""
+    flat = [t.reshape(-1) for t in tensors]
+    gram = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device if flat else "cpu")
+    for start in range(0, flat[0].numel() if flat else 0, chunk):
+        x = torch.stack([t[start : start + chunk].double() for t in flat])
+        gram += x @ x.T
+    return gram.cpu()

@@ -394,8 +394,8 @@ def _with(**changes):
         ),
         (_with(merge_method="tie"), r"unknown merge_method 'tie'; valid: linear, task_arithmetic, ties.*ace"),
         (
-            _with(merge_method="karcher"),
-            r"'karcher' \(mergekit\) is not supported; supported mergekit methods: linear",
+            _with(merge_method="sce"),
+            r"'sce' \(mergekit\) is not supported; supported mergekit methods: linear",
         ),
         (_with(merge_method=None), r"`merge_method` is missing; valid: linear"),
         (_with(dialect="fusionbench"), r"unknown dialect 'fusionbench'; valid: mergekit, mergekernels"),

@@ -103,3 +103,94 @@ def test_nearswap():
         want = w * b.double() + (1 - w) * a.double()
         torch.testing.assert_close(mk.nearswap(a, [b], t=t).double(), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(mk.nearswap(a, [b], t=10.0), b)
+
+
+def multislerp_reference(points, weights, eps=1e-8, origin=None, normalize=True):
+    """mergekit's documented steps in float64: unit vectors, their weighted mean, the tangent space at
+    it, the exponential map back, the weighted mean norm."""
+    x = torch.stack([p.double().reshape(-1) for p in points])
+    if origin is not None:
+        x = x - origin.double().reshape(-1)
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum() if normalize else w
+    norms = x.norm(dim=1, keepdim=True)
+    units = x / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / mean.norm()
+    tangent = ((units - (units @ mean)[:, None] * mean) * w[:, None]).sum(0)
+    tn = tangent.norm() + eps
+    out = (mean * torch.cos(tn) + tangent * torch.sin(tn) / tn) * (norms.squeeze(1) * w).sum()
+    out = out.reshape(points[0].shape)
+    return out + origin.double() if origin is not None else out
+
+
+def karcher_reference(points, max_iter=10, tol=1e-5):
+    """The weighted Karcher mean on the sphere, iterated on the vectors themselves (float64)."""
+    x = [p.double().reshape(-1) for p in points]
+    k = len(x)
+    norms = [v.norm() for v in x]
+    units = [v / n for v, n in zip(x, norms, strict=True)]
+    mean = sum(units) / k
+    mean = mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            dot = torch.clamp(mean @ u, -1, 1)
+            theta = torch.arccos(dot)
+            if theta < tol:
+                continue
+            tangent += (theta / torch.sin(theta)) * (u - dot * mean) / k
+        step = tangent.norm()
+        if step < tol:
+            break
+        mean = torch.cos(step) * mean + torch.sin(step) * tangent / step
+        mean = mean / mean.norm()
+    return (sum(norms) / k * mean).reshape(points[0].shape)
+
+
+def _points(k, shape=(17, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + 0.3 * torch.randn(shape, generator=g) for _ in range(k)]
+
+
+@pytest.mark.parametrize("origin", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_multislerp(origin, normalize):
+    base, fts = _points(3)
+    weights = [1.0, 0.5, 2.0] if origin else [1.0, 0.5, 2.0, 0.7]
+    out = mk.multislerp(base, fts, weights=weights, normalize_weights=normalize, origin=origin)
+    points = fts if origin else [base, *fts]
+    want = multislerp_reference(points, weights, origin=base if origin else None, normalize=normalize)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mk.multislerp(base, fts[:1], weights=[2.0]), fts[0])  # one input: itself
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_karcher(k):
+    base, fts = _points(k, seed=k)
+    out = mk.karcher(base, fts, max_iter=50, tol=1e-9)
+    torch.testing.assert_close(out.double(), karcher_reference([base, *fts], 50, 1e-9), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["flatten", "rows", "columns"])
+@pytest.mark.parametrize("origin", [True, False])
+def test_nuslerp(mode, origin):
+    base, fts = _points(2 if origin else 1, seed=5)
+    weights = [1.0, 3.0]
+    t = 0.75
+    out = mk.nuslerp(
+        base, fts, weights=weights, flatten=mode == "flatten", row_wise=mode == "columns", origin=origin
+    )
+    v0, v1 = (fts[0] - base, fts[1] - base) if origin else (base, fts[0])
+    v0, v1 = v0.double(), v1.double()
+    if mode == "flatten":
+        v0, v1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif mode == "columns":
+        v0, v1 = v0.T, v1.T
+    cos = ((v0 / v0.norm(dim=1, keepdim=True)) * (v1 / v1.norm(dim=1, keepdim=True))).sum(1, keepdim=True)
+    theta = torch.acos(cos.clamp(-1, 1))
+    want = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    want = want.T if mode == "columns" else want.reshape(base.shape)
+    want = want + base.double() if origin else want
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

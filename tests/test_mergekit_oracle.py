@@ -492,6 +492,80 @@ def _nearswap(m):
     }
 
 
+@case("methods", "nuslerp-base-llama", "llama")
+def _nuslerp_base(m):
+    return {
+        "merge_method": "nuslerp",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["a"], "parameters": {"weight": 0.3}},
+            {"model": m["b"], "parameters": {"weight": 0.9}},
+        ],
+        "dtype": "float32",
+    }
+
+
+@case("methods", "nuslerp-rows-nobase-mistral", "mistral")
+def _nuslerp_rows(m):
+    return {
+        "merge_method": "nuslerp",
+        "models": [
+            {"model": m["a"], "parameters": {"weight": 1.0}},
+            {"model": m["c"], "parameters": {"weight": 2.0}},
+        ],
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        "dtype": "float32",
+    }
+
+
+@case("methods", "nuslerp-columns-base-qwen2", "qwen2")
+def _nuslerp_columns(m):
+    return {
+        "merge_method": "nuslerp",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["b"], "parameters": {"weight": 0.5}},
+            {"model": m["c"], "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"nuslerp_flatten": False},
+        "dtype": "float32",
+    }
+
+
+@case("methods", "multislerp-base-llama", "llama")
+def _multislerp_base(m):
+    return {
+        "merge_method": "multislerp",
+        "base_model": m["base"],
+        "models": [
+            {"model": m[n], "parameters": {"weight": w}} for n, w in (("a", 1.0), ("b", 0.5), ("c", 2.0))
+        ],
+        "dtype": "float32",
+    }
+
+
+@case("methods", "multislerp-nobase-qwen2", "qwen2")
+def _multislerp_nobase(m):
+    return {
+        "merge_method": "multislerp",
+        "models": [{"model": m[n], "parameters": {"weight": w}} for n, w in (("a", 1.0), ("b", 3.0))],
+        "parameters": {"normalize_weights": False},
+        "dtype": "float32",
+    }
+
+
+@case("methods", "karcher-llama", "llama")
+def _karcher(m):
+    # the base is appended to the models (mergekit's models form): four points
+    return {
+        "merge_method": "karcher",
+        "base_model": m["base"],
+        "models": [{"model": m[n]} for n in ("a", "b", "c")],
+        "parameters": {"max_iter": 20, "tol": 1e-6},
+        "dtype": "float32",
+    }
+
+
 # --- fixtures --------------------------------------------------------------------------------------
 
 

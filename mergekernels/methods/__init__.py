@@ -26,8 +26,11 @@ from .breadcrumbs import breadcrumbs, breadcrumbs_prepass
 from .dare import dare, dare_prepass
 from .della import della
 from .iso import iso_c, iso_c_batched, iso_cts, iso_cts_batched
+from .karcher import karcher
 from .model_stock import model_stock
+from .multislerp import multislerp
 from .nearswap import nearswap
+from .nuslerp import nuslerp
 from .passthrough import passthrough
 from .regmean import collect_input_grams, regmean, regmean_batched
 from .slerp import slerp
@@ -128,6 +131,9 @@ METHODS: dict[str, MethodSpec] = {
     "passthrough": MethodSpec(passthrough, chunks="elements"),
     "slerp": MethodSpec(slerp),
     "model_stock": MethodSpec(model_stock),
+    "nuslerp": MethodSpec(nuslerp),
+    "multislerp": MethodSpec(multislerp),
+    "karcher": MethodSpec(karcher),
     "nearswap": MethodSpec(nearswap, chunks="elements", required=("t",)),
     "apl": MethodSpec(apl.apl, kind="needs_stats", uses_rng=True, required=("scores",)),
     "awd": MethodSpec(awd, kind="needs_stats", uses_rng=True, prepare_stats=_awd_stats),
@@ -151,8 +157,11 @@ __all__ = [
     "iso_c_batched",
     "iso_cts",
     "iso_cts_batched",
+    "karcher",
     "model_stock",
+    "multislerp",
     "nearswap",
+    "nuslerp",
     "passthrough",
     "regmean",
     "regmean_batched",

@@ -1,0 +1,89 @@
+"""Multi-SLERP (mergekit's ``multislerp``): a weighted mean of several models on the hypersphere.
+
+The inputs x_k are the task vectors τ_k = θ_k − θ_0 when a base is given (``origin``), else the
+models θ_k themselves. With weights w_k (normalised to sum 1 by default), norms n_k and unit vectors
+u_k = x_k / (n_k + eps), the weighted mean of the unit vectors m = Σ w_k u_k is projected back onto
+the sphere and given the weighted mean norm:
+
+    merged = (Σ w_k n_k) · m / |m|   (+ θ_0 with a base).
+
+(mergekit frames this as interpolating in the tangent space at m / |m|; the weighted tangent
+vectors sum to zero there, so the exponential map returns m / |m| itself.) Everything is a linear
+combination of the inputs, so it is computed from their K × K Gram matrix (float64) and one
+combine: the fused task-arithmetic pass with per-model weights when there is a base. A single input
+is returned as it is; |m| < eps is refused, except for two inputs, which then mix linearly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..stats import gram_matrix, task_vector_stats
+from .ta import task_arithmetic
+
+
+def _combine(
+    points: Sequence[torch.Tensor], coefficients: Sequence[float], like: torch.Tensor
+) -> torch.Tensor:
+    work = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = torch.zeros(like.shape, dtype=work, device=like.device)
+    for c, x in zip(coefficients, points, strict=True):
+        out.add_(x.to(work), alpha=c)
+    return out.to(like.dtype)
+
+
+def multislerp(
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: float | Sequence[float] | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    origin: bool = True,
+) -> torch.Tensor:
+    """Multi-SLERP of one tensor.
+
+    Args:
+        base: θ_0, the origin of the sphere (``origin=True``), else the first of the points.
+        finetuned: the other models' tensors.
+        weights: one per point (the fine-tuned models; with ``origin=False`` base's first), default 1.
+        normalize_weights: divide the weights by their sum.
+        eps: added to the norms; the smallest |m| accepted.
+        origin: whether ``base`` is the origin (mergekit: a ``base_model`` is given) or a point.
+    """
+    points = list(finetuned) if origin else [base, *finetuned]
+    k = len(points)
+    w = (
+        [1.0] * k
+        if weights is None
+        else ([float(weights)] * k if isinstance(weights, (int, float)) else list(weights))
+    )
+    if len(w) != k:
+        raise ValueError(f"multislerp: {len(w)} weights for {k} models")
+    if normalize_weights:
+        total = sum(w)
+        w = [x / total for x in w]
+    if k == 1:
+        return points[0].clone()
+    gram = task_vector_stats(base, finetuned).gram if origin else gram_matrix(points)
+    norms = torch.diagonal(gram).clamp_min(0).sqrt().tolist()
+    a = torch.tensor([wk / (nk + eps) for wk, nk in zip(w, norms, strict=True)], dtype=torch.float64)
+    mean_norm = math.sqrt(max(float(a @ gram @ a), 0.0))
+    if mean_norm < eps:
+        if k != 2:
+            raise ValueError(
+                "multislerp: the weighted mean of the unit inputs is zero (antipodal inputs whose weights "
+                "cancel); use other weights"
+            )
+        coefficients = w
+    else:
+        scale = sum(wk * nk for wk, nk in zip(w, norms, strict=True)) / mean_norm
+        coefficients = [scale * float(ak) for ak in a]
+    if origin:
+        return task_arithmetic(base, finetuned, weights=coefficients)
+    return _combine(points, coefficients, base)
+
+
+__all__ = ["multislerp"]
