@@ -82,7 +82,11 @@ def _merge(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    device = args.device or ("cuda" if args.cuda else "auto")
+    if args.device is not None and args.cuda is not None:
+        print("mergekernels merge: error: give --device or --cuda / --no-cuda, not both", file=sys.stderr)
+        return 2
+    # mergekit-yaml: --cuda computes on the GPU, --no-cuda on the CPU; without either, ours: auto
+    device = args.device or {True: "cuda", False: "cpu", None: "auto"}[args.cuda]
 
     def show(message, category, filename, lineno, file=None, line=None):
         prefix = "warning" if issubclass(category, ConfigWarning) else category.__name__
@@ -130,7 +134,7 @@ def _add_mergekit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--out-shard-size", default=None, metavar="SIZE", help="bytes per shard, mergekit's syntax: 5B, 500M"
     )
-    g.add_argument("--cuda", action=on_off, default=False, help="compute on the GPU (= --device cuda)")
+    g.add_argument("--cuda", action=on_off, default=None, help="--device cuda; --no-cuda: --device cpu")
     g.add_argument(
         "--copy-tokenizer", action=on_off, default=True, help="copy the base's tokenizer files (default)"
     )

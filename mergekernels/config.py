@@ -206,6 +206,7 @@ class MergeConfig:
     where: str = field(default="merge config", compare=False)
     ignored: list[str] = field(default_factory=list, compare=False)
     given_base: str | None = None  # base_model as the file gives it (None: none given)
+    per_model_keys: frozenset = frozenset()  # the method's parameters that are set per model
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def tensor_params(self, slice_index: int, out_name: str, in_names: list[str], t: float) -> TensorParams:
@@ -223,17 +224,21 @@ class MergeConfig:
             ValueError: naming the file and the tensor, for a combination of values the method
                 refuses (e.g. breadcrumbs' density + gamma > 1 at some layer).
         """
-        if self.uniform and "uniform" in self._cache:  # every tensor takes the same parameters
+        if self.uniform:  # every tensor takes the parameters translated at load time
+            if "uniform" not in self._cache:
+                self._cache["uniform"] = self._uniform_params()
             return self._cache["uniform"]
         sl = self.slices[slice_index]
-        shared = _evaluate_levels([sl.settings, sl.module_settings, self.settings], out_name, t)
+        levels = [sl.settings, sl.module_settings, self.settings]
+        # as mergekit: shared parameters match the output's name, per-model ones each input's name at
+        # every level (source, slice, module, global)
+        shared = {
+            k: v for k, v in _evaluate_levels(levels, out_name, t).items() if k not in self.per_model_keys
+        }
         per_source = []
         for source, name in zip(sl.sources, in_names, strict=True):
-            values = _evaluate_levels([source.settings], name, t)
-            if name != out_name:  # slice and global filters match each input's own name
-                own = _evaluate_levels([sl.settings, sl.module_settings, self.settings], name, t)
-                values.update({k: v for k, v in own.items() if k not in values and shared.get(k) != v})
-            per_source.append(values)
+            values = _evaluate_levels([source.settings, *levels], name, t)
+            per_source.append({k: v for k, v in values.items() if k in self.per_model_keys})
         key = (slice_index, _freeze(shared), tuple(_freeze(v) for v in per_source))
         if key not in self._cache:
             fail = _Fail(f"{self.where}: tensor {out_name!r}")
@@ -242,9 +247,17 @@ class MergeConfig:
                 for i, (src, values) in enumerate(zip(sl.sources, per_source, strict=True))
             ]
             self._cache[key] = _tensor_params(self, sl, shared, entries, fail)
-            if self.uniform:
-                self._cache["uniform"] = self._cache[key]
         return self._cache[key]
+
+    def _uniform_params(self) -> TensorParams:
+        paths = [src.path for src in self.slices[0].sources]
+        base = paths.index(self.base_model)
+        experts = tuple(paths.index(m.path) for m in self.models)
+        kwargs = {
+            **METHODS[self.method].implied,
+            **_kwargs(self.method, self.params, self.models, self.options),
+        }
+        return TensorParams(base, experts, kwargs)
 
 
 DIALECTS = ("mergekit", "mergekernels")
@@ -659,8 +672,9 @@ def _coerce(value: Any, rule: _Rule, what: str, fail: _Fail) -> Any:
     elif isinstance(value, (int, float)):
         if "number" in rule.types:
             ok, out = math.isfinite(value), float(value)
-        elif "int" in rule.types:
-            ok, out = isinstance(value, int), value
+        elif "int" in rule.types:  # an integral float too (a gradient's interpolated value)
+            ok, out = isinstance(value, int) or float(value).is_integer(), value
+            out = int(out) if ok else out
     elif isinstance(value, str):
         if "str" in rule.types and (rule.choices is None or value in rule.choices):
             ok, out = True, value
@@ -1341,9 +1355,10 @@ def load_config(
     else:
         slices = [models_slice(data.get("models"), "models")]
     _check_slices(method, dialect, slices, base, base_written, fail)
+    per_model_keys = _per_model_keys(method, dialect, raw, fail)
     uniform = (
         not layered
-        and len(slices) == 1
+        and data.get("modules") is None
         and all(
             is_scalar(v)
             for level in [settings, *(src.settings for src in slices[0].sources)]
@@ -1386,6 +1401,7 @@ def load_config(
         method=method,
         base_model=base,
         given_base=_resolve_model(base_written, root) if base_written is not None else None,
+        per_model_keys=per_model_keys,
         models=models,
         params=params,
         dtype=dtype,
@@ -1401,6 +1417,15 @@ def load_config(
         where=fail.where,
         ignored=ignored,
     )
+
+
+def _per_model_keys(method: str, dialect: str, raw: dict, fail: _Fail) -> frozenset:
+    """The parameters of a method that each model takes for itself (mergekit: its per-input ones)."""
+    if dialect == "mergekit":
+        if method in _INTERPOLATIONS:
+            return frozenset(_INTERPOLATIONS[method][0])
+        return frozenset(MERGEKIT_METHODS[method].model_params())
+    return frozenset(name for name, p in _full_schema(method, raw, fail).items() if p.per_model)
 
 
 def _base_weight_needed(method: str, raw: dict, fail: _Fail, base_written: str) -> None:

@@ -42,11 +42,14 @@ def resolve(
 ) -> Path:
     """The local directory of a model reference, fetching a hub id's files into the hub cache.
 
+    The configuration has already resolved local paths (relative to its own directory): a reference
+    of the hub-id form that reaches this function named no existing local path.
+
     Raises:
         ModelNotFound: naming the reference, when it is neither a local path nor a hub id that is
             cached or can be downloaded (and why: offline, not found, revision not found, ...).
     """
-    if os.path.exists(reference) or not is_hub_id(reference):
+    if not is_hub_id(reference):
         return Path(reference)
     repo, revision = split_revision(reference)
     path = _snapshot(reference, repo, revision, MODEL_PATTERNS, cache_dir)
@@ -71,12 +74,16 @@ def _snapshot(reference: str, repo: str, revision: str | None, patterns: list[st
         )
     except LocalEntryNotFoundError as exc:
         raise ModelNotFound(
-            f"model {reference!r}: not a local path, and not in the hub cache while the hub cannot be "
+            f"model {reference!r}: no such local directory (relative to the configuration's), and not in "
+            "the hub cache while the hub cannot be "
             f"reached (offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); "
             f"download it first or give a local directory ({type(exc).__name__})"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelNotFound(f"model {reference!r}: not a local path, and the hub refused it: {exc}") from None
+        raise ModelNotFound(
+            f"model {reference!r}: no such local directory (relative to the configuration's), and the hub "
+            f"refused it: {exc}"
+        ) from None
 
 
 __all__ = ["ModelNotFound", "is_hub_id", "resolve", "split_revision"]

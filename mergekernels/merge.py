@@ -153,7 +153,7 @@ def merge(
     merged: dict[str, torch.Tensor] = {}
     groups = matrix_groups(plan.tasks, lambda t: takes_matrix_path(spec, t.name, len(t.shape), kwargs))
     for group in groups.values():
-        _merge_matrices(base, finetuned, spec, group, inputs, kwargs, memory_cap, merged, diagnostics)
+        _merge_matrices(base, finetuned, spec, group, inputs, kwargs, memory_cap, merged, diagnostics, device)
     tensor_kwargs = {k: v for k, v in kwargs.items() if k not in spec.matrix_params}
     for task in plan.tasks:
         name = task.name
@@ -175,12 +175,21 @@ def merge(
 
 
 def _merge_matrices(
-    base, finetuned, spec, group: list[TensorTask], inputs, kwargs, memory_cap, merged, diagnostics
+    base,
+    finetuned,
+    spec,
+    group: list[TensorTask],
+    inputs,
+    kwargs,
+    memory_cap,
+    merged,
+    diagnostics,
+    target_device,
 ) -> None:
     """Merge same-shape 2-D tensors in batches under the memory cap."""
     first = base[group[0].name]
     shape, dtype = tuple(first.shape), first.dtype
-    device = inputs(group[0].name)[0].device
+    device = first.device if target_device is None else torch.device(target_device)
     cap = memory_cap if memory_cap is not None else default_memory_cap(device)
     size = batch_layers(spec, shape, len(finetuned), dtype, cap)
     names = [task.name for task in group]

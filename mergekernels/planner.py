@@ -10,9 +10,10 @@ Layers are found from tensor names alone, with no table of architectures: a name
 ``block.`` (``model.layers.3.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn.weight``) is
 tensor ``rest`` of layer N. Everything else lies outside the layers. With ``slices``, the output's
 layers are the slices' layers in order, renumbered from 0 (layer stacking and frankenmerges); the
-tensors outside the layers come from the first slice's sources when they feed the layers
-(embeddings: names containing ``embed``, ``wte`` or ``wpe``) and from the last slice's sources
-otherwise (final norm, lm_head), as mergekit takes its pre- and post-weights, with t = 0.
+tensors outside the layers come from the first slice's sources when they feed the layers (input
+embeddings: ``embed_tokens``, ``embed_in``, ``wte``, ``wpe``, ``word_embeddings`` ...) and from the
+last slice's sources otherwise (final norm, lm_head), as mergekit takes its pre- and post-weights,
+with t = 0.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ import torch
 from .config import MergeConfig, SliceConfig, TensorParams
 
 _LAYER = re.compile(r"^(?P<stem>(?:[^.]+\.)*?(?:layers|layer|h|blocks|block)\.)(?P<index>\d+)\.(?P<rest>.+)$")
-_EMBEDDING = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")
+# Input embeddings by name (not ``embed_out``: GPT-NeoX's output head).
+_EMBEDDING = re.compile(
+    r"(?:^|\.)(?:embed_tokens|embed_in|embed_positions|tok_embeddings|word_embeddings|position_embeddings"
+    r"|token_type_embeddings|embeddings|wte|wpe)(?:\.|$)"
+)
 
 
 class PlanError(ValueError):

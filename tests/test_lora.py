@@ -88,7 +88,7 @@ def test_updates_match_the_rules_whole_and_in_row_chunks(tmp_path):
             [ckpt.read(name, (r, min(r + 4, got.shape[0]))) for r in range(0, got.shape[0], 4)]
         )
         assert torch.equal(pieces, got), name  # row chunks: the same bytes
-    assert torch.equal(ckpt.read("lm_head.weight"), torch.zeros(13, 6))
+    assert torch.equal(ckpt.read("lm_head.weight"), torch.zeros(13, 6, dtype=torch.bfloat16))
     assert torch.equal(
         ckpt.read("model.layers.0.attn.c_attn.weight"), sd["model.layers.0.attn.c_attn.weight"]
     )
@@ -119,6 +119,11 @@ def test_fan_in_fan_out_transposes(tmp_path):
             "shape",
         ),
         ({}, {"use_dora": True}, "DoRA"),
+        (
+            {"base_model.model.lm_head.weight": torch.zeros(12, 6)},
+            {},
+            r"has shape \[12, 6\], 'lm_head.weight'",
+        ),
         ({}, {"peft_type": "IA3"}, "not a LoRA adapter"),
     ],
 )

@@ -77,7 +77,7 @@ def test_hub_ids_resolve_offline_from_the_cache(hub_cache, tmp_path):
 def test_an_unknown_hub_id_is_named(hub_cache, tmp_path):
     cache, _ = hub_cache
     with pytest.raises(
-        hub.ModelNotFound, match=r"model 'org/nothing': not a local path, and not in the hub cache"
+        hub.ModelNotFound, match=r"model 'org/nothing': no such local directory .*, and not in the hub cache"
     ):
         hub.resolve("org/nothing", cache_dir=cache)
     with pytest.raises(hub.ModelNotFound, match="org/base@v9"):
@@ -207,3 +207,55 @@ def test_multi_document_configs_run_in_order(local, capsys):
         (root / "bad.yml").write_text(yaml.safe_dump_all(bad))
         assert main(["merge", str(root / "bad.yml"), str(root / "o2"), "--quiet"]) == 2
         assert pattern in capsys.readouterr().err
+
+
+def test_multi_document_redo_modules_and_relative_output(local, capsys, monkeypatch):
+    root, sds = local
+    first = {
+        "name": "step",
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 0.5}}],
+    }
+    second = {
+        "name": "again",
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "modules": {"": {"models": [{"model": "step", "parameters": {"weight": 1.0}}]}},  # a module's model
+    }
+    final = {"merge_method": "passthrough", "models": ["nowhere"]}  # fails: no such model
+    (root / "configs").mkdir()
+    config = root / "configs" / "multi.yml"
+    config.write_text(yaml.safe_dump_all([first, second, final]))
+    for doc in (first, second):  # paths relative to the configuration's directory
+        doc["base_model"] = "../base"
+    first["models"][0]["model"] = "../a"
+    config.write_text(yaml.safe_dump_all([first, second, final]))
+    monkeypatch.chdir(root)
+    args = ["merge", str(config), "runs/out", "--device", "cpu", "--quiet"]  # OUT_DIR relative to cwd
+    assert main(args) == 2 and "nowhere" in capsys.readouterr().err
+    assert (root / "runs" / "out.parts" / "again").is_dir()  # the intermediates were kept
+    # fix the final document and change the first: both intermediates are redone
+    first["models"][0]["parameters"]["weight"] = 1.0
+    final["models"] = ["again"]
+    config.write_text(yaml.safe_dump_all([first, second, final]))
+    assert main(args) == 0, capsys.readouterr().err
+    out = _tensors(root / "runs" / "out")
+    for name in sds["base"]:
+        torch.testing.assert_close(out[name], sds["a"][name], rtol=1e-6, atol=1e-6)  # base + 1.0 (a - base)
+    assert sorted(p.name for p in (root / "runs" / "out").iterdir() if p.is_dir()) == ["again", "step"]
+
+
+def test_cuda_flags_and_local_paths_in_the_card(local, capsys):
+    root, sds = local
+    (root / "models").mkdir()
+    shutil.move(str(root / "base"), str(root / "models" / "base"))
+    cfg = {"merge_method": "task_arithmetic", "base_model": "models/base", "models": ["a"]}
+    (root / "m.yml").write_text(yaml.safe_dump(cfg))
+    args = ["merge", str(root / "m.yml"), str(root / "out"), "--quiet"]
+    assert main([*args, "--device", "cpu", "--cuda"]) == 2
+    assert "give --device or --cuda / --no-cuda, not both" in capsys.readouterr().err
+    assert main([*args, "--no-cuda"]) == 0  # mergekit's --no-cuda: the CPU
+    card = (root / "out" / "README.md").read_text()
+    front_matter = card.split("---")[1]
+    assert "base_model" not in front_matter and "- `models/base`" in card  # a local path, not a hub id

@@ -291,3 +291,78 @@ def test_modules_by_tensor_name_prefix(models):
         CheckpointError, match=r"3 tensor\(s\) of .* belong to no module, e.g. 'lm_head.weight'"
     ):
         _merge(root, cfg)
+
+
+def test_input_embeddings_by_name():
+    from mergekernels.planner import _EMBEDDING
+
+    for name in (
+        "model.embed_tokens.weight",
+        "gpt_neox.embed_in.weight",
+        "transformer.wte.weight",
+        "wpe.weight",
+    ):
+        assert _EMBEDDING.search(name), name
+    for name in ("embed_out.weight", "lm_head.weight", "model.norm.weight", "transformer.ln_f.bias"):
+        assert not _EMBEDDING.search(name), name
+
+
+def test_one_module_with_gradients_varies_per_layer(models):
+    root, sds = models
+    base, a = str(root / "base"), str(root / "a")
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "modules": {"": {"models": [a], "parameters": {"weight": [0.0, 1.0], "lambda": 0.5}}},
+    }
+    merged = _merge(root, cfg)
+    for name, tensor in sds["base"].items():
+        parts = split_layer(name)
+        w = 0.0 if parts is None else position(parts[1], LAYERS)
+        torch.testing.assert_close(
+            merged[name], _ta(tensor, [sds["a"][name]], [w], 0.5), rtol=1e-6, atol=1e-6
+        )
+
+
+def test_per_model_values_match_input_names_shared_ones_the_output_name(models):
+    """mergekit: per-model parameters are looked up at every level with the INPUT tensor's name,
+    shared ones with the OUTPUT tensor's name."""
+    root, sds = models
+    base, a = str(root / "base"), str(root / "a")
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "slices": [
+            {
+                "sources": [{"model": base, "layer_range": [2, 4]}, {"model": a, "layer_range": [2, 4]}],
+                "parameters": {"weight": [{"filter": "layers.3.", "value": 0.3}]},  # input names
+            }
+        ],
+        "parameters": {"weight": 1.0, "lambda": [{"filter": "layers.0.", "value": 0.5}, {"value": 2.0}]},
+    }
+    merged = _merge(root, cfg)
+    for out, source_layer, weight, lam in ((0, 2, 1.0, 0.5), (1, 3, 0.3, 2.0)):
+        rest = "mlp.up_proj.weight"
+        b = sds["base"][f"model.layers.{source_layer}.{rest}"]
+        x = sds["a"][f"model.layers.{source_layer}.{rest}"]
+        torch.testing.assert_close(
+            merged[f"model.layers.{out}.{rest}"], _ta(b, [x], [weight], lam), rtol=1e-6, atol=1e-6
+        )
+
+
+def test_linear_slices_without_a_base_use_each_slices_models(models):
+    root, sds = models
+    base, a, b = (str(root / n) for n in ("base", "a", "b"))
+    cfg = {
+        "merge_method": "linear",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]},
+            {"sources": [{"model": base, "layer_range": [2, 5]}, {"model": b, "layer_range": [2, 5]}]},
+        ],
+        "parameters": {"weight": 1.0},
+    }
+    merged = _merge(root, cfg)
+    name = "model.layers.3.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name], (sds["base"][name] + sds["b"][name]) / 2, rtol=1e-6, atol=1e-6)
+    name = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name], (sds["a"][name] + sds["b"][name]) / 2, rtol=1e-6, atol=1e-6)

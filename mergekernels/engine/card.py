@@ -25,19 +25,20 @@ _METHOD_LINES = {
 }
 
 
-def _models(cfg: MergeConfig) -> list[str]:
-    """The models as written, the base first."""
+def _models(cfg: MergeConfig) -> dict[str, bool]:
+    """The models as written, the base first, each with whether it is a hub id (the configuration
+    keeps a hub id unresolved; a local path it resolves)."""
     sources = [src for sl in cfg.slices for src in sl.sources]
-    base = [src.written for src in sources if src.path == cfg.base_model]
-    return list(dict.fromkeys([*base, *(src.written for src in sources)]))
+    ordered = sorted(sources, key=lambda src: src.path != cfg.base_model)
+    return {src.written: src.path == src.written and is_hub_id(src.written) for src in ordered}
 
 
 def model_card(cfg: MergeConfig, name: str, config_yaml: str) -> str:
     """The card's text: YAML front matter (``base_model``: the inputs' hub ids; ``tags``), the method,
     the models, and the configuration that made it."""
     models = _models(cfg)
-    base = models[0]
-    hub_ids = [m for m in models if is_hub_id(m)]
+    base = next(iter(models))
+    hub_ids = [m for m, on_hub in models.items() if on_hub]
     meta: dict = {}
     if hub_ids:
         meta["base_model"] = hub_ids
@@ -62,8 +63,8 @@ def model_card(cfg: MergeConfig, name: str, config_yaml: str) -> str:
         lines.append(f"The output's layers follow {len(cfg.slices)} slice(s) of the inputs' layers.")
     lines += ["", "## Models", ""]
     lines += [
-        f"- [{m}](https://huggingface.co/{m.partition('@')[0]})" if is_hub_id(m) else f"- `{m}`"
-        for m in models
+        f"- [{m}](https://huggingface.co/{m.partition('@')[0]})" if on_hub else f"- `{m}`"
+        for m, on_hub in models.items()
     ]
     lines += ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)

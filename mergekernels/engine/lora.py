@@ -47,7 +47,8 @@ class LoraCheckpoint:
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
         self.replaced: dict[str, torch.Tensor] = {}
         self._load(allow_pickle)
-        self.files = [*model.files, *self._weight_files]
+        # the adapter's files count in the resume fingerprint (its config sets alpha, rsLoRA ...)
+        self.files = [*model.files, *self._weight_files, self.adapter / ADAPTER_CONFIG]
 
     def _config(self) -> dict:
         file = self.adapter / ADAPTER_CONFIG
@@ -82,7 +83,13 @@ class LoraCheckpoint:
             if match:
                 factors.setdefault(match["module"], {})[match["kind"]] = value
             elif name in self.model.tensors:
-                self.replaced[name] = value
+                info = self.model.tensors[name]
+                if tuple(value.shape) != tuple(info.shape):
+                    raise CheckpointError(
+                        f"{weights}: adapter tensor {key!r} has shape {list(value.shape)}, {name!r} of "
+                        f"{self.model.path} {list(info.shape)}"
+                    )
+                self.replaced[name] = value.to(info.dtype)  # stored in the model's dtype, as merged
             elif "lora_magnitude_vector" in name:
                 raise CheckpointError(f"{weights}: DoRA adapters are not supported ({key!r})")
             else:

@@ -5,8 +5,9 @@ A named document is merged into ``OUT_DIR.parts/<name>`` while the run goes on, 
 document may use its name as a model reference (``model: <name>``, also ``<name>+lora``). The
 final document (the unnamed one, else the last) is merged into ``OUT_DIR``; then the intermediate
 merges move to ``OUT_DIR/<name>``. An intermediate merge already finished by an earlier run of the
-same document is kept (its ``merge_config.yml`` must match), so a re-run after a failure resumes
-where it stopped.
+same document is kept (its ``merge_config.yml`` must match) unless an earlier document was redone
+or ``overwrite`` is given, so a re-run after a failure resumes where it stopped. Changed input
+files are not detected there: give ``overwrite`` (``--overwrite``) after changing them.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def _with_outputs(doc: dict, outputs: dict[str, str]) -> dict:
             {**m, "model": _rewrite(m.get("model"), outputs)} if isinstance(m, dict) else _rewrite(m, outputs)
             for m in doc["models"]
         ]
+    if isinstance(doc.get("modules"), dict):
+        doc["modules"] = {
+            prefix: _with_outputs(spec, outputs) if isinstance(spec, dict) else spec
+            for prefix, spec in doc["modules"].items()
+        }
     if isinstance(doc.get("slices"), list):
         slices = []
         for sl in doc["slices"]:
@@ -114,6 +120,8 @@ def merge_documents(
     strict = kwargs.pop("strict", False)
     outputs: dict[str, str] = {}
     report = None
+    # Once one intermediate merge is redone, every later one is too: it may read the redone one.
+    redo = bool(kwargs.get("overwrite"))
     for i, (name, doc) in enumerate(plan):
         final = i == len(plan) - 1
         label = f"{path} (document {i + 1}{f', {name!r}' if name else ''})"
@@ -121,19 +129,30 @@ def merge_documents(
         if final:
             report = merge(cfg, out_dir, **kwargs)
             break
-        target = parts / name
+        target = (parts / name).resolve()
         outputs[name] = str(target)
-        if _finished(target, cfg.source):
+        if not redo and _finished(target, cfg.source):
             continue
+        redo = True
         merge(cfg, target, **{**kwargs, "overwrite": True, "resume": True})
-    for name in outputs:  # the intermediates join the published output
-        destination = out_dir / name
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(parts / name, destination)
-    if parts.exists():
-        shutil.rmtree(parts)
+    if _rank() == 0:  # the intermediates join the published output (one process moves them)
+        for name in outputs:
+            destination = out_dir / name
+            if destination.exists():
+                shutil.rmtree(destination)
+            os.replace(parts / name, destination)
+        if parts.exists():
+            shutil.rmtree(parts)
     return report
+
+
+def _rank() -> int:
+    """This process's rank under torch.distributed (torchrun's RANK when the group is closed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _finished(directory: Path, source: dict) -> bool:

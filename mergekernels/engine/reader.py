@@ -42,8 +42,12 @@ class InputReader:
     def read(self, task: TensorTask, rows: tuple[int, int] | None = None):
         """(base, [fine-tuned]) of one task, whole or rows [start, stop)."""
         sources = [task.base, *task.inputs]
-        tensors = [self.checkpoints[s.model].read(s.name, rows) for s in sources]
-        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+        base = self.checkpoints[task.base.model].read(task.base.name, rows)
+        tensors = [base]
+        for source in task.inputs:  # an input missing from its model (allow_missing: base) is the base's
+            same = source == task.base
+            tensors.append(base if same else self.checkpoints[source.model].read(source.name, rows))
+        self.bytes_read += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
         if self.work.converts(task):
             if self.dtype is not None:
                 tensors = [t.to(self.dtype) for t in tensors]

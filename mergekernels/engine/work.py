@@ -107,7 +107,7 @@ class WorkPlan:
         nbytes = _nbytes(task)
         if rows is not None:
             nbytes = nbytes // task.shape[0] * (rows[1] - rows[0])
-        return nbytes * (1 + len(task.inputs))
+        return nbytes * (1 + sum(source != task.base for source in task.inputs))
 
     def out_dtype(self, name: str) -> torch.dtype:
         task = self.tasks[name]
