@@ -291,12 +291,7 @@ _UNSUPPORTED_KEYS = {
     "the base model's tokenizer files are copied as they are",
 }
 # mergekit methods we do not implement (named so the error says "not supported", not "unknown").
-MERGEKIT_UNSUPPORTED = (
-    "arcee_fusion",
-    "ram",
-    "ramplus_tl",
-    "sce",
-)
+MERGEKIT_UNSUPPORTED: tuple[str, ...] = ()
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -480,18 +475,6 @@ MERGEKIT_METHODS = {
     "della": _MergekitMethod(normalize=True, rescale=True, consensus=True, sparsify="magprune"),
     "della_linear": _MergekitMethod(normalize=False, rescale=True, sparsify="magprune"),
 }
-
-# Every mergekit method we run: the task-vector family above and the others of _INTERPOLATIONS.
-MERGEKIT_NAMES = (
-    *MERGEKIT_METHODS,
-    "passthrough",
-    "slerp",
-    "nearswap",
-    "model_stock",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-)
 
 
 @dataclass
@@ -905,6 +888,18 @@ _INTERPOLATIONS: dict[str, tuple[dict[str, _Rule], dict[str, _Rule]]] = {
     "nuslerp": ({"weight": _NUMBER}, {"nuslerp_row_wise": _BOOL, "nuslerp_flatten": _BOOL}),
     "multislerp": ({"weight": _NUMBER}, {"normalize_weights": _BOOL, "eps": _NUMBER}),
     "karcher": ({}, {"max_iter": _INT, "tol": _NUMBER}),
+    "sce": ({}, {"select_topk": _NUMBER, "int8_mask": _BOOL}),
+    "arcee_fusion": ({}, {}),
+    "ram": ({}, {"epsilon": _NUMBER}),
+    "ramplus_tl": ({}, {"r": _NUMBER, "alpha": _NUMBER, "epsilon": _NUMBER}),
+}
+# Every mergekit method we run: the task-vector family above and the others of _INTERPOLATIONS.
+MERGEKIT_NAMES = (*MERGEKIT_METHODS, *_INTERPOLATIONS)
+# Their parameters' mergekit defaults, written out (int8_mask only changes mergekit's memory use).
+_INTERPOLATION_DEFAULTS = {
+    "sce": {"select_topk": 1.0},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
 }
 
 
@@ -916,6 +911,9 @@ def _mergekit_pairwise(
     if method in ("nuslerp", "multislerp", "karcher"):
         return _mergekit_spherical(method, raw, entries, base, fail)
     others = [e for e in entries if e.path != base]
+    if method in _INTERPOLATION_DEFAULTS:  # sce, ram, ramplus_tl: the base and any other models
+        params = {k: raw.get(k, v) for k, v in _INTERPOLATION_DEFAULTS[method].items()}
+        return base, [ModelEntry(e.path) for e in others], params
     if method == "model_stock":
         if len(others) < 2:
             fail(f"model_stock needs at least two models besides the base, got {len(others)}")
@@ -930,6 +928,8 @@ def _mergekit_pairwise(
             f"{method} takes the base and exactly one other model, got {len(others)} other(s) "
             f"({', '.join(e.written for e in others) or 'none'})"
         )
+    if method == "arcee_fusion":
+        return base, [ModelEntry(others[0].path)], {}
     if raw.get("t") is None:
         fail(f"{method} needs `t`, under `parameters` or a slice's parameters")
     return base, [ModelEntry(others[0].path)], {"t": _coerce(raw["t"], _NUMBER, "t", fail)}

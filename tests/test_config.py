@@ -393,10 +393,6 @@ def _with(**changes):
             r"unknown top-level key 'modles'; valid: merge_method, base_model, models, parameters",
         ),
         (_with(merge_method="tie"), r"unknown merge_method 'tie'; valid: linear, task_arithmetic, ties.*ace"),
-        (
-            _with(merge_method="sce"),
-            r"'sce' \(mergekit\) is not supported; supported mergekit methods: linear",
-        ),
         (_with(merge_method=None), r"`merge_method` is missing; valid: linear"),
         (_with(dialect="fusionbench"), r"unknown dialect 'fusionbench'; valid: mergekit, mergekernels"),
         (_with(merge_method="ace", dialect="mergekit"), r"'ace' is not a mergekit method; .*one of: linear"),

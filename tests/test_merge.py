@@ -40,7 +40,7 @@ def test_every_method_merges_a_model(method):
         }
     if method == "apl":  # needs calibration scores (tests/test_apl.py); here its explicit DARE fallback
         params.update(scores=None, fallback="dare")
-    if method in ("slerp", "nearswap"):  # between the base and one other model
+    if method in ("slerp", "nearswap", "arcee_fusion"):  # between the base and one other model
         fts = fts[:1]
     if method == "nuslerp":  # between two models
         fts = fts[:2]

@@ -194,3 +194,61 @@ def test_nuslerp(mode, origin):
     want = want.T if mode == "columns" else want.reshape(base.shape)
     want = want + base.double() if origin else want
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _taus(k=3, shape=(23, 8), seed=9, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + scale * torch.randn(shape, generator=g) for _ in range(k)]
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3, 0.0])
+def test_sce(topk):
+    base, fts = _taus()
+    taus = torch.stack([x.double() - base.double() for x in fts])
+    if topk < 1:
+        var = taus.var(dim=0, unbiased=False).reshape(-1)
+        k = int(int((var != 0).sum()) * topk)
+        keep = torch.zeros_like(var, dtype=torch.bool)
+        keep[torch.argsort(var, descending=True, stable=True)[:k]] = True
+        taus = taus * keep.reshape(base.shape)
+    w = taus.square().reshape(3, -1).mean(1)
+    w = torch.full_like(w, 1 / 3) if w.sum() < 1e-6 else w / w.sum()
+    agree = torch.sign(taus) == torch.where(taus.sum(0) >= 0, 1.0, -1.0).double()
+    kept = w[:, None, None] * agree
+    want = base.double() + (taus * kept).sum(0) / kept.sum(0).clamp(min=1e-6)
+    torch.testing.assert_close(mk.sce(base, fts, select_topk=topk).double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.04])
+def test_ram_and_ramplus(epsilon):
+    base, fts = _taus()
+    taus = torch.stack([x.double() - base.double() for x in fts])
+    active = taus.abs() > epsilon
+    counts = active.sum(0)
+    taus = taus * active
+    want = base.double() + taus.sum(0) / counts.clamp(min=1)
+    torch.testing.assert_close(mk.ram(base, fts, epsilon=epsilon).double(), want, rtol=1e-5, atol=1e-6)
+    r, alpha = 0.5, 0.8
+    lam = []
+    for k in range(3):
+        shared = int((active[k] & (counts > 1)).sum())
+        alone = int((active[k] & (counts == 1)).sum())
+        lam.append(1 + r * min(max(shared / max(alone, epsilon), 0), alpha))
+    lam = torch.tensor(lam, dtype=torch.float64)[:, None, None]
+    want = base.double() + (taus * torch.where(counts == 1, lam, 1 / counts.clamp(min=1))).sum(0)
+    got = mk.ramplus_tl(base, fts, r=r, alpha=alpha, epsilon=epsilon)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_arcee_fusion():
+    base, fts = _taus(k=1, scale=0.3)
+    a, b = base.double(), fts[0].double()
+    p, q = torch.softmax(b, -1) + 1e-8, torch.softmax(a, -1) + 1e-8
+    importance = (b - a).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)
+    ordered = importance.reshape(-1).sort().values
+    q1, med, q3 = (ordered[int(x * (ordered.numel() - 1))] for x in (0.25, 0.5, 0.75))
+    mask = importance >= med + 1.5 * (q3 - q1)
+    assert 0 < int(mask.sum()) < mask.numel()  # some entries taken from b, not all
+    want = a + (b - a) * mask
+    torch.testing.assert_close(mk.arcee_fusion(base, fts).double(), want, rtol=1e-5, atol=1e-6)

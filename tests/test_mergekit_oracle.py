@@ -566,6 +566,65 @@ def _karcher(m):
     }
 
 
+def _listed(m: dict, *names: str) -> list[dict]:
+    """`models` entries (mergekit takes only mappings there, not plain paths)."""
+    return [{"model": m[n]} for n in names]
+
+
+@case("methods", "sce-llama", "llama")
+def _sce(m):
+    return {
+        "merge_method": "sce",
+        "base_model": m["base"],
+        "models": [{"model": m[n]} for n in ("a", "b", "c")],
+        "parameters": {"select_topk": 0.3},
+        "dtype": "float32",
+    }
+
+
+@case("methods", "sce-all-mistral", "mistral")
+def _sce_all(m):
+    return {
+        "merge_method": "sce",
+        "base_model": m["base"],
+        "models": _listed(m, "a", "c"),
+        "dtype": "float32",
+    }
+
+
+@case("methods", "arcee_fusion-qwen2", "qwen2")
+def _arcee_fusion(m):
+    return {
+        "merge_method": "arcee_fusion",
+        "base_model": m["base"],
+        "models": _listed(m, "b"),
+        "dtype": "float32",
+    }
+
+
+@case("methods", "ram-llama", "llama")
+def _ram(m):
+    # epsilon near the perturbations' scale, so that entries are active for some models only
+    return {
+        "merge_method": "ram",
+        "base_model": m["base"],
+        "models": _listed(m, "a", "b", "c"),
+        "parameters": {"epsilon": 0.008},
+        "dtype": "float32",
+    }
+
+
+@case("methods", "ramplus_tl-mistral", "mistral")
+def _ramplus(m):
+    return {
+        "merge_method": "ramplus_tl",
+        "base_model": m["base"],
+        "models": _listed(m, "a", "b", "c"),
+        "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.9},
+        "dtype": "float32",
+    }
+
+
 # --- fixtures --------------------------------------------------------------------------------------
 
 

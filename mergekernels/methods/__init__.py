@@ -20,6 +20,7 @@ import torch
 from . import ace as _ace
 from . import apl
 from .ace import AceInfo, ace, ace_batched
+from .arcee_fusion import arcee_fusion
 from .awd import AwdInfo, awd, awd_coefficients
 from .awd import prepare_stats as _awd_stats
 from .breadcrumbs import breadcrumbs, breadcrumbs_prepass
@@ -32,7 +33,9 @@ from .multislerp import multislerp
 from .nearswap import nearswap
 from .nuslerp import nuslerp
 from .passthrough import passthrough
+from .ram import ram, ramplus_tl
 from .regmean import collect_input_grams, regmean, regmean_batched
+from .sce import sce
 from .slerp import slerp
 from .ta import task_arithmetic
 from .ties import ties, ties_prepass
@@ -134,6 +137,10 @@ METHODS: dict[str, MethodSpec] = {
     "nuslerp": MethodSpec(nuslerp),
     "multislerp": MethodSpec(multislerp),
     "karcher": MethodSpec(karcher),
+    "sce": MethodSpec(sce),
+    "arcee_fusion": MethodSpec(arcee_fusion),
+    "ram": MethodSpec(ram, chunks="elements"),
+    "ramplus_tl": MethodSpec(ramplus_tl),
     "nearswap": MethodSpec(nearswap, chunks="elements", required=("t",)),
     "apl": MethodSpec(apl.apl, kind="needs_stats", uses_rng=True, required=("scores",)),
     "awd": MethodSpec(awd, kind="needs_stats", uses_rng=True, prepare_stats=_awd_stats),
@@ -141,6 +148,10 @@ METHODS: dict[str, MethodSpec] = {
 
 __all__ = [
     "METHODS",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+    "sce",
     "AceInfo",
     "MethodSpec",
     "ace",
