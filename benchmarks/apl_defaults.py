@@ -104,9 +104,7 @@ def main() -> None:
                 "max_rescale_vs_dare": rescale,
             }
             rows.append(row)
-            print(
-                f"{drop:>5}  {label:<46}{scale:>7}{val:>8.3f}{test:>8.3f}{rescale:>12.2f}x", flush=True
-            )
+            print(f"{drop:>5}  {label:<46}{scale:>7}{val:>8.3f}{test:>8.3f}{rescale:>12.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"testbed": tb.describe(), "rows": rows}, f, indent=2, default=str)

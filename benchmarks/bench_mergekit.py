@@ -41,6 +41,18 @@ METHOD_PARAMS = {
     "linear": {"model": lambda i: {"weight": 1.0 + 0.5 * i}, "global": {"normalize": True}},
     "task_arithmetic": {"model": lambda i: {"weight": 0.5 + 0.25 * i}, "global": {}},
     "ties": {"model": lambda i: {"weight": 1.0, "density": 0.2 + 0.1 * i}, "global": {"normalize": True}},
+    # the other mergekit methods; "count": how many fine-tuned models they take (None: all)
+    "slerp": {"model": lambda i: {}, "global": {"t": [0.2, 0.8]}, "count": 1},
+    "nuslerp": {"model": lambda i: {"weight": 1.0 + i}, "global": {}, "count": 2},
+    "multislerp": {"model": lambda i: {"weight": 1.0 + 0.5 * i}, "global": {}},
+    "karcher": {"model": lambda i: {}, "global": {}},
+    "model_stock": {"model": lambda i: {}, "global": {}},
+    "nearswap": {"model": lambda i: {}, "global": {"t": 0.001}, "count": 1},
+    "sce": {"model": lambda i: {}, "global": {"select_topk": 0.5}},
+    "arcee_fusion": {"model": lambda i: {}, "global": {}, "count": 1},
+    "ram": {"model": lambda i: {}, "global": {"epsilon": 0.001}},
+    "ramplus_tl": {"model": lambda i: {}, "global": {"epsilon": 0.001}},
+    "passthrough": {"model": lambda i: {}, "global": {}, "count": 0},
 }
 
 # Runs mergekit-yaml in this process and records VmHWM when the interpreter exits.
@@ -58,13 +70,18 @@ main()
 
 
 def write_yaml(path: Path, method: str, models: list[Path], dtype: str) -> None:
-    """mergekit's ``linear`` averages the listed models and takes no base (it would need a weight)."""
+    """mergekit's ``linear`` averages the listed models and takes no base (it would need a weight);
+    passthrough copies the base (a model of its own: no base_model)."""
     spec = METHOD_PARAMS[method]
-    listed = models if method == "linear" else models[1:]
+    count = spec.get("count")
+    listed = models if method == "linear" else models[1:] if count is None else models[1 : 1 + count]
     cfg = {"merge_method": method}
-    if method != "linear":
+    if method not in ("linear", "passthrough"):
         cfg["base_model"] = str(models[0])
+    if method == "passthrough":
+        listed = models[:1]
     cfg["models"] = [{"model": str(m), "parameters": spec["model"](i)} for i, m in enumerate(listed)]
+    cfg["models"] = [m if m["parameters"] else {"model": m["model"]} for m in cfg["models"]]
     cfg["dtype"] = dtype
     cfg["out_dtype"] = "bfloat16"
     if spec["global"]:

@@ -1306,7 +1306,7 @@ def load_config(
         def rule(key: str, model: str | None) -> _Rule:
             return _our_rule(method, schema, key, model, fail)
 
-    settings = _settings(raw, "parameters", None, rule, fail, root)
+    settings = _settings(raw, "parameters", None, rule, fail, root, ignored if lenient else None)
     layered = "slices" in data
     given = [key for key in ("models", "slices", "modules") if data.get(key) is not None]
     if len(given) > 1:
@@ -1320,7 +1320,7 @@ def load_config(
                 e.path,
                 e.written,
                 None,
-                _settings(e.params, f"{e.where} parameters", e.where, rule, fail, root),
+                _settings(e.params, f"{e.where} parameters", e.where, rule, fail, root, lenient_list),
                 e.where,
             )
             for e in entries
@@ -1350,7 +1350,9 @@ def load_config(
             if spec.get("slices") is not None:
                 fail(f"{where}.slices: slices inside modules are not supported; give the module's `models`")
             _unknown_keys(spec, MODULE_KEYS, where, fail, lenient_list)
-            module_settings = _settings(spec.get("parameters"), f"{where}.parameters", None, rule, fail, root)
+            module_settings = _settings(
+                spec.get("parameters"), f"{where}.parameters", None, rule, fail, root, lenient_list
+            )
             slices.append(models_slice(spec.get("models"), where, prefix, module_settings))
     else:
         slices = [models_slice(data.get("models"), "models")]
@@ -1445,8 +1447,10 @@ def _settings(
     rule: Callable[[str, str | None], _Rule | None],
     fail: _Fail,
     root: Path | None,
+    ignored: list[str] | None = None,
 ) -> dict[str, Setting]:
-    """Parses and checks a mapping of parameter settings (scalars, gradients, filters)."""
+    """Parses and checks a mapping of parameter settings (scalars, gradients, filters); with
+    ``ignored`` (lenient), unknown keys of filtered entries are noted there instead of refused."""
     out = {}
     for key, value in _params_mapping(raw, what, fail).items():
         key_rule = rule(key, model)
@@ -1460,7 +1464,10 @@ def _settings(
             # numbers as the method takes them (YAML's "1e-5" strings too); other values as written
             return checked if isinstance(checked, float) else leaf
 
-        out[key] = parse_setting(value, f"{what}.{key}", check, fail)
+        ignore = (
+            None if ignored is None else (lambda where: ignored.append(f"{where} (no filter: matches all)"))
+        )
+        out[key] = parse_setting(value, f"{what}.{key}", check, fail, ignore)
     return out
 
 
@@ -1506,14 +1513,14 @@ def _slices(
                     f"{at}: layer_range must be [START, STOP] with 0 <= START < STOP (STOP excluded), "
                     f"got {span!r}"
                 )
-            settings = _settings(src.get("parameters"), f"{at} parameters", at, rule, fail, root)
+            settings = _settings(src.get("parameters"), f"{at} parameters", at, rule, fail, root, ignored)
             sources.append(
                 SliceSource(_resolve_model(written, root), written, (span[0], span[1]), settings, at)
             )
         slice_base = item.get("base_model")
         if slice_base is not None and (not isinstance(slice_base, str) or not slice_base):
             fail(f"{where}.base_model must be a path string, got {slice_base!r}")
-        settings = _settings(item.get("parameters"), f"{where}.parameters", None, rule, fail, root)
+        settings = _settings(item.get("parameters"), f"{where}.parameters", None, rule, fail, root, ignored)
         slice_base = _resolve_model(slice_base, root) if slice_base is not None else None
         slices.append(SliceConfig(sources, settings, slice_base, where))
     return slices

@@ -91,7 +91,13 @@ def is_scalar(setting: Setting) -> bool:
     return not isinstance(setting, (Gradient, Filtered))
 
 
-def parse(value: Any, what: str, check: Callable[[Any, str], Any], fail: Callable[[str], None]) -> Setting:
+def parse(
+    value: Any,
+    what: str,
+    check: Callable[[Any, str], Any],
+    fail: Callable[[str], None],
+    ignore: Callable[[str], None] | None = None,
+) -> Setting:
     """Reads one parameter value as written in YAML into a :data:`Setting`.
 
     Args:
@@ -102,12 +108,17 @@ def parse(value: Any, what: str, check: Callable[[Any, str], Any], fail: Callabl
             called on every anchor and filtered value, so a gradient is valid wherever it is read
             (intervals are convex: interpolated values stay inside).
         fail: raises the configuration error.
+        ignore: if given, keys of a filtered entry other than ``filter`` and ``value`` are reported
+            to it and ignored, as mergekit ignores them (e.g. the old ``pattern:``: the entry then
+            has no filter and matches every tensor); otherwise they are an error.
     """
     if isinstance(value, dict):
-        return Filtered((_conditional(value, what, check, fail),))
+        return Filtered((_conditional(value, what, check, fail, ignore),))
     if isinstance(value, list):
         if value and all(isinstance(v, dict) for v in value):
-            return Filtered(tuple(_conditional(v, f"{what}[{i}]", check, fail) for i, v in enumerate(value)))
+            return Filtered(
+                tuple(_conditional(v, f"{what}[{i}]", check, fail, ignore) for i, v in enumerate(value))
+            )
         return _gradient(value, what, check, fail)
     return check(value, what)
 
@@ -129,10 +140,11 @@ def _gradient(value: list, what: str, check, fail) -> Gradient:
     return Gradient(tuple(anchors))
 
 
-def _conditional(entry: dict, what: str, check, fail) -> tuple[str | None, Scalar | Gradient]:
-    unknown = sorted(set(entry) - {"filter", "value"}, key=str)
-    if unknown:
-        fail(f"{what}: unknown key {unknown[0]!r} in a filtered value; valid: filter, value")
+def _conditional(entry: dict, what: str, check, fail, ignore) -> tuple[str | None, Scalar | Gradient]:
+    for key in sorted(set(entry) - {"filter", "value"}, key=str):
+        if ignore is None:
+            fail(f"{what}: unknown key {key!r} in a filtered value; valid: filter, value")
+        ignore(f"{what}.{key}")
     if "value" not in entry:
         fail(f"{what}: a filtered entry needs `value` (and optionally `filter`, a substring of tensor names)")
     pattern = entry.get("filter")

@@ -553,7 +553,26 @@ def assert_same_model(
 # --- mergekit's own example configs -------------------------------------------------------------------
 
 # The methods whose examples both tools run exactly (the random ones and trimming ties are left out).
-EXAMPLE_METHODS = ("linear", "task_arithmetic", "ties", "passthrough")
+# Methods whose examples are compared: every deterministic mergekit method (DARE and DELLA draw
+# their masks from another generator); ties / breadcrumbs only without trimming (see below).
+EXAMPLE_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "passthrough",
+    "slerp",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "model_stock",
+    "nearswap",
+    "sce",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+)
 
 
 class UnsupportedExample(Exception):
@@ -676,9 +695,11 @@ def adapt_example(text: str, paths: Mapping[str, str], layers: int) -> dict:
             entries.append(sl)
             slices.append(sl)
         cfg["slices"] = slices
-    if method == "ties":
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         for scope in [*entries, cfg]:
             density = (scope.get("parameters") or {}).get("density")
             if density is not None and any(float(v) < 1 for v in _values(density)):
-                raise UnsupportedExample("ties with density < 1 (exactly-k trimming is not reproduced)")
+                raise UnsupportedExample(
+                    f"{method} with density < 1 (exactly-k trimming is not reproduced yet)"
+                )
     return cfg

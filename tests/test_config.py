@@ -645,6 +645,16 @@ def test_what_mergekit_ignores_is_ignored_with_one_warning():
     for name in ("'name'", "'select_topk'", "'normalize' (models[0]", "'densty'", "models[0].x"):
         assert name in message
     assert method_kwargs(cfg) == method_kwargs(load_config(clean))
+    # an old `pattern:` instead of `filter:`: mergekit ignores the key, so the entry matches everything
+    slerp = {
+        "merge_method": "slerp",
+        "base_model": "b",
+        "models": ["a"],
+        "parameters": {"t": [{"pattern": "self_attn", "value": 0.3}, {"value": 0.5}]},
+    }
+    with pytest.warns(ConfigWarning, match=r"parameters.t\[0\].pattern \(no filter: matches all\)"):
+        cfg = load_config(slerp)
+    assert cfg.tensor_params(0, "model.layers.0.mlp.up_proj.weight", ["x", "x"], 0.0).kwargs["t"] == 0.3
     # our own dialect refuses them: a typo there is ours to catch
     with pytest.raises(ValueError, match="unknown parameter 'densty' for ties"):
         load_config({**clean, "dialect": "mergekernels", "parameters": {"densty": 0.3}})
