@@ -36,9 +36,12 @@ def sce(base: torch.Tensor, finetuned: Sequence[torch.Tensor], select_topk: floa
         variance = taus.var(dim=0, unbiased=False).reshape(-1)
         k = int(int(torch.count_nonzero(variance)) * select_topk)
         keep = torch.zeros_like(variance, dtype=torch.bool)
-        if k > 0:
-            order = torch.sort(variance, descending=True, stable=True).indices
-            keep[order[:k]] = True
+        if k > 0:  # the k largest: all above the k-th largest, then its ties by lowest index
+            kth = torch.kthvalue(variance, variance.numel() - k + 1).values
+            keep = variance > kth
+            quota = k - int(keep.sum())
+            if quota > 0:
+                keep[(variance == kth).nonzero().squeeze(1)[:quota]] = True
         taus = taus * keep.reshape(base.shape)
     weights = taus.square().reshape(len(finetuned), -1).mean(dim=1)
     total = float(weights.sum())
