@@ -2,6 +2,8 @@
 // translation of op arguments into the plain-data configs of csrc/common.
 #pragma once
 
+#include <limits>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -67,6 +69,7 @@ struct PipelineArgs {
   c10::optional<at::Tensor> row_keep;
   std::vector<at::Tensor> ranks;
   int64_t seed = 0, key = 0, element_offset = 0, row_len = 1;
+  c10::ArrayRef<int64_t> tie_cuts = {};
 };
 
 // Builds the config; the tensors it points into (thresholds, row_keep, ranks) are kept alive
@@ -96,6 +99,18 @@ inline MergeConfig make_config(const Inputs& in, const PipelineArgs& a, const ch
                 ": thresholds must have shape [2, ", k, "], got ", thr.sizes());
     keep_alive.push_back(thr);
     c.thresholds = thr.data_ptr<float>();
+    for (int t = 0; t < k; ++t) {  // every tie kept (trim) / the lower ones kept, none at the top (band)
+      c.tie_lo[t] = a.sparsify == kSparsifyTrim ? std::numeric_limits<int64_t>::max() : 0;
+      c.tie_hi[t] = 0;
+    }
+    if (!a.tie_cuts.empty()) {
+      TORCH_CHECK(static_cast<int>(a.tie_cuts.size()) == 2 * k, op, ": tie_cuts needs 2 x ", k,
+                  " element indices, got ", a.tie_cuts.size());
+      for (int t = 0; t < k; ++t) {
+        c.tie_lo[t] = a.tie_cuts[t];
+        c.tie_hi[t] = a.tie_cuts[k + t];
+      }
+    }
     if (thr.is_cpu()) {
       for (int t = 0; t < k; ++t) {
         c.lower[t] = c.thresholds[t];
@@ -200,10 +215,11 @@ at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10:
                           const c10::optional<at::Tensor>& thresholds, int64_t keep_source, c10::ArrayRef<double> keep,
                           c10::ArrayRef<double> step, c10::ArrayRef<double> post, bool rescale_inverse,
                           const c10::optional<at::Tensor>& row_keep, at::TensorList ranks, int64_t seed, int64_t key,
-                          int64_t element_offset, int64_t row_len, c10::optional<at::ScalarType> out_dtype) {
+                          int64_t element_offset, int64_t row_len, c10::optional<at::ScalarType> out_dtype,
+                          c10::ArrayRef<int64_t> tie_cuts) {
   const Inputs in = check_inputs(base, finetuned, "fused_merge");
   PipelineArgs a{sparsify, thresholds, keep_source, keep, step, post, rescale_inverse, row_keep, ranks.vec(),
-                 seed, key, element_offset, row_len};
+                 seed, key, element_offset, row_len, tie_cuts};
   std::vector<at::Tensor> keep_alive;
   const MergeConfig c = make_merge_config(in, a, weights, scale, reduce, ties, weighted_election, keep_alive);
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(output_dtype(in, out_dtype, "fused_merge")));

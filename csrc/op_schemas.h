@@ -25,7 +25,9 @@ inline void define_ops(torch::Library& m) {
       "fused_merge(Tensor base, Tensor[] finetuned, float[] weights, float scale, int reduce, bool ties, "
       "bool weighted_election, int sparsify, Tensor? thresholds, int keep_source, float[] keep, "
       "float[] step, float[] post, bool rescale_inverse, Tensor? row_keep, Tensor[] ranks, int seed, "
-      "int key, int element_offset, int row_len, ScalarType? out_dtype) -> Tensor");
+      "int key, int element_offset, int row_len, ScalarType? out_dtype, int[] tie_cuts=[]) -> Tensor");
+  // tie_cuts: [] or 2K element indices (tie_lo per task, then tie_hi): exact-k tie breaking at the
+  // trim / band thresholds (see MergeConfig in csrc/common/merge_element.h).
   // The sparsified task vector of one expert (float32), with the same masks as fused_merge.
   m.def(
       "masked_drop(Tensor base, Tensor finetuned, int expert, int sparsify, Tensor? thresholds, "

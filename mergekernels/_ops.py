@@ -80,6 +80,7 @@ def _fused_merge_fake(
     element_offset,
     row_len,
     out_dtype=None,
+    tie_cuts=(),
 ):
     # The schema's parameters by name, so keyword calls work as well as positional ones.
     return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
@@ -273,8 +274,12 @@ def fused_merge(
     element_offset: int = 0,
     row_len: int = 1,
     out_dtype: torch.dtype | None = None,
+    tie_cuts: Sequence[int] = (),
 ) -> torch.Tensor:
-    """One fused pass: base + scale * reduce_t(sparsify(tau_t)). See csrc/common/merge_element.h."""
+    """One fused pass: base + scale * reduce_t(sparsify(tau_t)). See csrc/common/merge_element.h.
+
+    ``tie_cuts`` (2K element indices, or empty): which entries equal to a trim / band threshold are
+    kept, for an exact count (see :func:`mergekernels.selection.tie_cuts`)."""
     if reduce not in REDUCE:
         raise ValueError(f"merge/reduce must be one of {sorted(REDUCE)}, got {reduce!r}")
     kernel_dtype, want = _check_out_dtype(out_dtype, prepared.out_dtype)
@@ -300,6 +305,7 @@ def fused_merge(
         int(element_offset),
         int(row_len),
         kernel_dtype,
+        [int(x) for x in tie_cuts],
     )
     return out if out.dtype == want else out.to(want)
 

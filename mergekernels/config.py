@@ -80,7 +80,9 @@ global ``weight`` (mergekit adds it to the average and finds no weight for it). 
 that stay: random masks come from our counter-based generator, not ``torch.bernoulli``, so DARE/DELLA
 keep different (equally distributed) entries; DELLA divides survivors by their keep probability (the
 paper) where mergekit matches the L1 norm, and ranks a tensor's rows over all trailing dimensions;
-TIES keeps entries tied with the k-th largest magnitude where mergekit's argsort keeps exactly k.
+TIES and Breadcrumbs keep exactly mergekit's count (``exact_k``), choosing among entries tied with
+a cut by element index as a stable sort in mergekit's direction would (mergekit's sort is unstable,
+so its own choice among them is arbitrary).
 
 An entry of ``models`` equal to ``base_model`` is dropped (mergekit skips the base's task vector;
 for ``linear`` its weight still counts, see above); for ``linear``, a ``base_model`` not listed joins
@@ -331,6 +333,7 @@ _NOT_CONFIGURABLE = {
     "key",
     "element_offset",
     "thresholds",
+    "tie_cuts",
     "return_info",
     "return_loss",
     "out_dtype",
@@ -1052,6 +1055,8 @@ def _mergekit(
         fail(f"parameters.rescale: false is not supported for {method}: survivors are always rescaled")
     if mk.sparsify == "random":
         params["rescale"] = "l1" if rescale else False
+    if mk.sparsify in ("magnitude", "outliers"):  # mergekit keeps exactly k (its sort, made stable)
+        params["exact_k"] = True
 
     # density: ties / breadcrumbs / della take it as is, DARE as drop = 1 - density (mergekit's
     # density is the fraction kept; >= 1 means no sparsification).

@@ -132,31 +132,57 @@ class MagnitudeThreshold:
             reduce(self._hist1)
 
     def thresholds(self) -> torch.Tensor:
+        return self.thresholds_and_ties()[0]
+
+    def thresholds_and_ties(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the rank-th largest |tau| per task, how many entries equal to it lie within the top rank,
+        how many entries equal it in all): the last two say which ties an exact count keeps."""
         if self._hist1 is None:
             raise RuntimeError("MagnitudeThreshold.thresholds before refine")
-        low, _ = _locate(self._hist1, self._rank_in_bin)
+        low, within = _locate(self._hist1, self._rank_in_bin)
         value = _bits_to_float(self._prefix, low)
-        return torch.where(self._empty, torch.full_like(value, math.inf), value)
+        bins = self._hist1.shape[1]
+        equal = self._hist1.gather(1, low.clamp(0, bins - 1)[:, None]).squeeze(1)
+        equal = torch.where(low >= 0, equal, 0)  # an empty tensor has no bin
+        zero = torch.zeros_like(equal)
+        return (
+            torch.where(self._empty, torch.full_like(value, math.inf), value),
+            torch.where(self._empty, zero, within),
+            torch.where(self._empty, zero, equal),
+        )
 
 
-def _kth_largest_small(p: _ops.Prepared, ranks: Iterable[Sequence[int]]) -> list[torch.Tensor]:
+def _kth_largest_small(p: _ops.Prepared, ranks: Iterable[Sequence[int]], ties: bool = False) -> list:
     n = p.base.numel()
     mags = torch.stack([(x.float() - p.base.float()).reshape(-1).abs() for x in p.finetuned])
     out = []
     for query in ranks:
-        values = [
-            mags[t].kthvalue(n - int(r) + 1).values if r > 0 else mags.new_tensor(math.inf)
-            for t, r in enumerate(query)
-        ]
-        out.append(torch.stack(values).to(torch.float32))
+        values = torch.stack(
+            [
+                mags[t].kthvalue(n - int(r) + 1).values if r > 0 else mags.new_tensor(math.inf)
+                for t, r in enumerate(query)
+            ]
+        ).to(torch.float32)
+        if not ties:
+            out.append(values)
+            continue
+        equal = (mags == values[:, None]).sum(1)
+        within = torch.tensor(query, dtype=torch.int64) - (mags > values[:, None]).sum(1)
+        out.append((values, torch.where(values.isinf(), 0, within), torch.where(values.isinf(), 0, equal)))
     return out
 
 
 def kth_largest_abs(
-    base: torch.Tensor, finetuned: Sequence[torch.Tensor], ranks: Iterable[Sequence[int]]
-) -> list[torch.Tensor]:
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    ranks: Iterable[Sequence[int]],
+    *,
+    ties: bool = False,
+) -> list:
     """For one tensor: the exact rank-th largest |tau| of every task, for several rank queries that
-    share one coarse pass. `ranks` holds one per-task rank list per query (1-based, 0 = +inf)."""
+    share one coarse pass. `ranks` holds one per-task rank list per query (1-based, 0 = +inf). With
+    ``ties``, each query gives (values, ties within the rank, ties in all) as
+    :meth:`MagnitudeThreshold.thresholds_and_ties`."""
     p = _ops.prepare(base, finetuned, "kth_largest_abs")
     ranks = [list(q) for q in ranks]
     n = p.base.numel()
@@ -164,14 +190,14 @@ def kth_largest_abs(
         if len(query) != len(p.finetuned) or any(not 0 <= int(r) <= n for r in query):
             raise ValueError(f"ranks must be {len(p.finetuned)} values in [0, {n}], got {query}")
     if 0 < n <= SMALL_SELECT and p.base.device.type == "cpu":
-        return _kth_largest_small(p, ranks)
+        return _kth_largest_small(p, ranks, ties)
     sel = MagnitudeThreshold(len(p.finetuned), p.base.device)
     sel.count(p.base, p.finetuned)
     out = []
     for query in ranks:
         sel.set_rank(query)
         sel.refine(p.base, p.finetuned)
-        out.append(sel.thresholds())
+        out.append(sel.thresholds_and_ties() if ties else sel.thresholds())
     return out
 
 
@@ -205,29 +231,83 @@ class ThresholdPrepass:
         device: torch.device | str,
         assemble,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
+        tie_requests: Callable[[list], list] | None = None,
     ):
         self.selector = MagnitudeThreshold(num_tasks, device)
         self.all_reduce = all_reduce
         self.queries = [list(q) for q in queries]
-        self.passes = 1 + len(self.queries)
+        # exact-k: one more pass locates the ties an exact count keeps (tie_requests turns the
+        # queries' (values, within, equal) into TieLocator requests; assemble then gets the cuts)
+        self.tie_requests = tie_requests
+        self.passes = 1 + len(self.queries) + (tie_requests is not None)
         self.assemble = assemble
-        self.results: list[torch.Tensor] = []
+        self.results: list = []
+        self.locator: TieLocator | None = None
 
     def update(
         self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int
     ) -> None:
         if index == 0:
             self.selector.count(base, finetuned)
-        else:
+        elif index <= len(self.queries):
             self.selector.refine(base, finetuned)
+        else:
+            self.locator.update(base, finetuned, element_offset)
 
     def end_pass(self, index: int) -> None:
+        if index > len(self.queries):
+            return
         if self.all_reduce is not None:
             self.selector.all_reduce(self.all_reduce)
         if index > 0:
-            self.results.append(self.selector.thresholds())
+            found = self.selector.thresholds_and_ties()
+            self.results.append(found if self.tie_requests is not None else found[0])
         if index < len(self.queries):
             self.selector.set_rank(self.queries[index])
+        elif self.tie_requests is not None:
+            self.locator = TieLocator(self.tie_requests(self.results))
 
     def params(self) -> dict:
-        return self.assemble(self.results)
+        if self.tie_requests is None:
+            return self.assemble(self.results)
+        return self.assemble(self.results, self.locator.cuts())
+
+
+NO_CUT = 2**63 - 1  # a tie cut that keeps every tie (trim)
+
+
+class TieLocator:
+    """Where the m-th entry equal to a value lies, by element index, over a tensor read in chunks
+    in index order (or whole): for exact-k selection with ties broken by index.
+
+    ``requests[t]`` lists (value, m) pairs for task t (m >= 1: the m-th tie, 1-based; m = 0: none).
+    :meth:`cuts` gives, per request, the global index of that tie + 1 (0 for m = 0), so that the
+    ties with index < cut are the first m.
+    """
+
+    def __init__(self, requests: Sequence[Sequence[tuple[float, int]]]):
+        self.requests = [list(r) for r in requests]
+        self.seen = [[0] * len(r) for r in self.requests]
+        self.found: list[list[int | None]] = [[0 if m == 0 else None for _, m in r] for r in self.requests]
+
+    def update(self, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int) -> None:
+        b = base.reshape(-1).float()
+        for t, x in enumerate(finetuned):
+            pending = [i for i, f in enumerate(self.found[t]) if f is None]
+            if not pending:
+                continue
+            mags = (x.reshape(-1).float() - b).abs()
+            for i in pending:
+                value, m = self.requests[t][i]
+                equal = mags == value
+                count = int(equal.sum())
+                if self.seen[t][i] + count >= m:
+                    position = equal.nonzero().squeeze(1)[m - self.seen[t][i] - 1]
+                    self.found[t][i] = element_offset + int(position) + 1
+                self.seen[t][i] += count
+
+    def cuts(self) -> list[list[int]]:
+        missing = [(t, i) for t, f in enumerate(self.found) for i, c in enumerate(f) if c is None]
+        if missing:
+            raise RuntimeError(f"TieLocator: ties not found for (task, request) {missing[:3]}")
+        return [[int(c) for c in f] for f in self.found]

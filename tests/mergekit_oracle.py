@@ -339,6 +339,12 @@ MERGEKIT_FLAGS = (
 # the traceback of its failure. Each run goes through mergekit-yaml's own click command.
 _BATCH_DRIVER = """
 import json, sys, traceback
+import torch
+# mergekit's magnitude sparsification sorts with torch.argsort / torch.sort, unstable among equal
+# values; made stable, it keeps the ties a defined rule keeps (ours: lowest index first in its order)
+_argsort, _sort = torch.argsort, torch.sort
+torch.argsort = lambda *a, **k: _argsort(*a, **{**k, "stable": True})
+torch.sort = lambda *a, **k: _sort(*a, **{**k, "stable": True})
 from mergekit.scripts.run_yaml import main
 results = []
 for args in json.load(open(sys.argv[1])):
@@ -554,7 +560,8 @@ def assert_same_model(
 
 # The methods whose examples both tools run exactly (the random ones and trimming ties are left out).
 # Methods whose examples are compared: every deterministic mergekit method (DARE and DELLA draw
-# their masks from another generator); ties / breadcrumbs only without trimming (see below).
+# their masks from another generator); ties / breadcrumbs trim exactly as mergekit with its sort made
+# stable (the batch driver does that).
 EXAMPLE_METHODS = (
     "linear",
     "task_arithmetic",
@@ -627,14 +634,16 @@ def adapt_example(text: str, paths: Mapping[str, str], layers: int) -> dict:
     """An example config rewritten to run on the tiny models: ``paths`` maps "base", "a", "b", "c" to
     four models of one architecture with ``layers`` layers. Raise UnsupportedExample for configs left
     out: several YAML documents (mergekit-multi), no merge_method or one outside EXAMPLE_METHODS,
-    ``modules``, tokenizer settings or a chat template, LoRA references, ties with a density < 1, more
-    than four distinct models.
+    ``modules``, tokenizer settings or a chat template, LoRA references, more than four distinct
+    models.
 
     Rewrites: each distinct model reference becomes one tiny model, base_model -> "base", the others
     in order of first appearance -> the next of base, a, b, c; when a layer_range ends beyond
     ``layers``, every range is scaled by f = layers / (largest end): a slice keeps
     n = max(1, round(f * its length)) layers, each source starts at min(floor(f * start), layers - n);
-    ``out_path`` (mergekit-multi's) is dropped. Everything else (parameters, dtype, out_dtype) is kept."""
+    ``out_path`` (mergekit-multi's) is dropped; a 16-bit ``dtype`` becomes ``out_dtype`` with
+    ``dtype: float32`` (mergekit rounds intermediate values to it, we do not). Everything else
+    (parameters) is kept."""
     docs = [d for d in yaml.safe_load_all(text) if d is not None]
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise UnsupportedExample("not a single merge config (several YAML documents: mergekit-multi)")
@@ -646,6 +655,11 @@ def adapt_example(text: str, paths: Mapping[str, str], layers: int) -> dict:
         if cfg.get(key) is not None:
             raise UnsupportedExample(f"uses {key}")
     cfg.pop("out_path", None)
+    if cfg.get("dtype") in ("float16", "bfloat16", "fp16", "bf16", "half"):
+        # mergekit rounds task vectors and sums to a 16-bit dtype where we compute in float32 (a
+        # documented difference): both compute in float32 and write the example's 16-bit dtype
+        cfg["out_dtype"] = cfg.get("out_dtype") or cfg["dtype"]
+        cfg["dtype"] = "float32"
 
     mapping: dict[str, str] = {}
     names = iter(["base", "a", "b", "c"])
@@ -695,11 +709,4 @@ def adapt_example(text: str, paths: Mapping[str, str], layers: int) -> dict:
             entries.append(sl)
             slices.append(sl)
         cfg["slices"] = slices
-    if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
-        for scope in [*entries, cfg]:
-            density = (scope.get("parameters") or {}).get("density")
-            if density is not None and any(float(v) < 1 for v in _values(density)):
-                raise UnsupportedExample(
-                    f"{method} with density < 1 (exactly-k trimming is not reproduced yet)"
-                )
     return cfg

@@ -156,6 +156,52 @@ def ties(
     return _finish(base, merged, scale, out_dtype)
 
 
+def exact_trim_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k of a stable descending sort of |tau| (ties: lowest indices first)."""
+    keep = torch.zeros_like(magnitudes, dtype=torch.bool)
+    keep[torch.sort(magnitudes, descending=True, stable=True).indices[:k]] = True
+    return keep
+
+
+def exact_band_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's band made stable: positions [n_bot, n_bot + target) of a stable ascending sort."""
+    n = magnitudes.numel()
+    target, top = math.floor(density * n), math.floor(gamma * n)
+    bottom = max(0, n - target - top)
+    keep = torch.zeros_like(magnitudes, dtype=torch.bool)
+    keep[torch.sort(magnitudes, stable=True).indices[bottom : bottom + target]] = True
+    return keep
+
+
+def ties_exact(base, finetuned, density=0.2, weights=None, scale=1.0, merge="mean", weighted_election=False):
+    """TIES keeping exactly k = max(1, floor(density n)) entries per task (stable tie-breaking)."""
+    t = tau32(base, finetuned)
+    dens = [density] * len(finetuned) if isinstance(density, (int, float)) else density
+    trimmed = torch.stack(
+        [
+            torch.where(exact_trim_mask(t[i].abs(), keep_count(d, t.shape[1])), t[i], 0.0)
+            for i, d in enumerate(dens)
+        ]
+    ).double()
+    merged = reduce_ties(trimmed, _weights(weights, len(finetuned)), merge, weighted_election)
+    return _finish(base, merged, scale)
+
+
+def breadcrumbs_exact(
+    base, finetuned, density=0.9, gamma=0.01, weights=None, scale=1.0, consensus=None, merge=None
+):
+    """Breadcrumbs keeping exactly the band's count (mergekit's ascending sort, made stable)."""
+    t = tau32(base, finetuned)
+    vals = torch.stack(
+        [torch.where(exact_band_mask(t[e].abs(), density, gamma), t[e], 0.0) for e in range(len(t))]
+    )
+    w = _weights(weights, len(finetuned))
+    merge = merge or ("mean" if consensus else "sum")
+    vals = vals.double()
+    merged = reduce_ties(vals, w, merge, False) if consensus else reduce_plain(vals, w, merge)
+    return _finish(base, merged, scale)
+
+
 def dare_masks(n: int, k: int, drop, seed: int, key) -> torch.Tensor:
     drops = [drop] * k if isinstance(drop, (int, float)) else drop
     return torch.stack(

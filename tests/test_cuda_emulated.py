@@ -161,6 +161,7 @@ def fused_args(base, fts, **kw):
         kw.get("element_offset", 0),
         kw.get("row_len", 1),
         kw.get("out_dtype"),
+        kw.get("tie_cuts", []),
     )
 
 
@@ -182,6 +183,18 @@ def mode_kwargs(mode, base, fts, offset):
     if mode.startswith("ta_"):
         reduce = {"ta_sum": SUM, "ta_mean": MEAN, "ta_weighted": WEIGHTED}[mode]
         return dict(weights=w, scale=0.7, reduce=reduce)
+    if mode in ("ties_exact", "breadcrumbs_exact"):  # exact-k tie cuts by global element index
+        trim = mode == "ties_exact"
+        cuts = [offset + (n * (t + 1)) // (k + 2) for t in range(k)]
+        return dict(
+            weights=w,
+            reduce=WEIGHTED,
+            ties=True,
+            weighted_election=True,
+            sparsify=TRIM if trim else BAND,
+            thresholds=thresholds(base, fts, 0.6) if trim else thresholds(base, fts, 0.3, 0.9),
+            tie_cuts=cuts + ([0] * k if trim else [offset + n - c for c in cuts]),
+        )
     if mode.startswith("ties_"):
         _, reduce, election = mode.split("_")
         return dict(
@@ -237,6 +250,8 @@ MODES = [
     "dare_l1_ties",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "ties_exact",
+    "breadcrumbs_exact",
     "della",
     "della_ties",
     "rows",

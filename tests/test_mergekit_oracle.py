@@ -566,6 +566,48 @@ def _karcher(m):
     }
 
 
+@case("methods", "ties-trimmed-bf16-llama", "llama-bf16", out_dtype=torch.bfloat16)
+def _ties_trimmed(m):
+    # bf16 storage: the norms' task vectors take few distinct values, so many entries tie with the
+    # trim threshold; mergekit (its sort made stable) and ours keep exactly k, the same ones
+    return {
+        "merge_method": "ties",
+        "base_model": m["base"],
+        "models": [
+            {"model": m[n], "parameters": {"weight": w, "density": d}}
+            for n, w, d in (("a", 1.0, 0.3), ("b", 0.6, 0.5), ("c", 1.2, 0.1))
+        ],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+
+
+@case("methods", "breadcrumbs_ties-bf16-llama", "llama-bf16", out_dtype=torch.bfloat16)
+def _breadcrumbs_trimmed(m):
+    return {
+        "merge_method": "breadcrumbs_ties",
+        "base_model": m["base"],
+        "models": [
+            {"model": m[n], "parameters": {"weight": 1.0, "density": 0.4, "gamma": 0.05}} for n in ("a", "b")
+        ],
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+
+
+@case("methods", "breadcrumbs-float32-mistral", "mistral")
+def _breadcrumbs_float(m):
+    return {
+        "merge_method": "breadcrumbs",
+        "base_model": m["base"],
+        "models": [
+            {"model": m[n], "parameters": {"weight": 0.7, "density": 0.5, "gamma": 0.1}} for n in ("a", "c")
+        ],
+        "dtype": "float32",
+    }
+
+
 def _listed(m: dict, *names: str) -> list[dict]:
     """`models` entries (mergekit takes only mappings there, not plain paths)."""
     return [{"model": m[n]} for n in names]

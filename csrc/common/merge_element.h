@@ -70,6 +70,12 @@ struct MergeConfig {
   // out of vectorised loops (a load through `thresholds` might alias the accumulators).
   float lower[kMaxExperts];
   float upper[kMaxExperts];
+  // Exact-k at the thresholds (mergekit's sort, made stable): by global element index, which of the
+  // entries equal to a threshold are kept. Trim keeps ties at the lower threshold with index <
+  // tie_lo (default: all); band keeps ties at the lower threshold with index >= tie_lo (default 0:
+  // all) and ties at the upper threshold with index < tie_hi (default 0: none).
+  int64_t tie_lo[kMaxExperts];
+  int64_t tie_hi[kMaxExperts];
   const float* row_keep;    // [K, num_rows] keep probabilities (kKeepPerRow)
   const int32_t* ranks[kMaxExperts];  // per-row magnitude ranks of this call's elements (kKeepRank)
   float weight[kMaxExperts];
@@ -138,10 +144,13 @@ MK_HD float upper_threshold(const MergeConfig& c, int t) {
 template <int kMode, int kSource = kKeepConstant>
 MK_HD float sparsify_as(const MergeConfig& c, int t, int64_t global, int64_t local, float tau, uint32_t word) {
   if constexpr (kMode == kSparsifyTrim) {
-    return abs_f(tau) >= lower_threshold(c, t) ? tau : 0.0f;
+    const float m = abs_f(tau), lo = lower_threshold(c, t);
+    return (m > lo) | ((m == lo) & (global < c.tie_lo[t])) ? tau : 0.0f;
   } else if constexpr (kMode == kSparsifyBand) {
-    const float m = abs_f(tau);
-    return (m >= lower_threshold(c, t)) & (m < upper_threshold(c, t)) ? tau : 0.0f;
+    const float m = abs_f(tau), lo = lower_threshold(c, t), hi = upper_threshold(c, t);
+    const bool above = (m > lo) | ((m == lo) & (global >= c.tie_lo[t]));
+    const bool below = (m < hi) | ((m == hi) & (global < c.tie_hi[t]));
+    return above & below ? tau : 0.0f;
   } else if constexpr (kMode == kSparsifyDrop) {
     return drop_with(c, t, tau, keep_probability_as<kSource>(c, t, global, local), word);
   } else {

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
-from ..selection import ThresholdPrepass, magnitude_threshold, rank_for_density
+from ..selection import (
+    NO_CUT,
+    ThresholdPrepass,
+    TieLocator,
+    kth_largest_abs,
+    magnitude_threshold,
+    rank_for_density,
+)
 
 MERGE_MODES = ("mean", "sum", "weighted")
 
@@ -64,6 +71,9 @@ def ties(
     merge: str = "mean",
     weighted_election: bool = False,
     thresholds: torch.Tensor | None = None,
+    exact_k: bool = False,
+    tie_cuts: Sequence[int] | None = None,
+    element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by TIES.
@@ -79,13 +89,25 @@ def ties(
             sum_t trimmed tau_t (paper). An election sum of exactly 0 elects +.
         thresholds: per-task trim thresholds ([K] float32) computed elsewhere, e.g. a model-wide
             threshold from :class:`mergekernels.selection.MagnitudeThreshold`; overrides density.
+        exact_k: keep exactly k entries per task (mergekit's count): among the entries equal to the
+            threshold, the lowest indices first, as a stable descending sort would; by default every
+            entry tied with the threshold is kept.
+        tie_cuts: exact-k cuts computed elsewhere (the engine's chunked pre-pass), with thresholds.
+        element_offset: the global index of this tensor's first element (a row chunk's), which the
+            tie cuts refer to.
         out_dtype: dtype of the result (default: base's dtype).
     """
     _check_merge(merge)
     p = _ops.prepare(base, finetuned, "ties")
     k = len(p.finetuned)
     w = _ops.per_task(weights, k, "weights", 1.0)
-    if thresholds is None:
+    if thresholds is None and exact_k:
+        ranks = [rank_for_density(d, p.base.numel()) for d in _ops.per_task(density, k, "density")]
+        found = kth_largest_abs(p.base, p.finetuned, [ranks], ties=True)[0]
+        locator = TieLocator(trim_requests(found))
+        locator.update(p.base, p.finetuned, 0)
+        thresholds, tie_cuts = found[0], trim_cuts(found, locator.cuts())
+    elif thresholds is None:
         thresholds = magnitude_threshold(p.base, p.finetuned, density)
     elif thresholds.numel() != k:
         raise ValueError(f"ties: thresholds has {thresholds.numel()} entries for {k} fine-tuned tensors")
@@ -99,8 +121,23 @@ def ties(
         weighted_election=weighted_election,
         sparsify="trim",
         thresholds=thr,
+        tie_cuts=tie_cuts or (),
+        element_offset=element_offset,
         out_dtype=out_dtype,
     )
+
+
+def trim_requests(found) -> list[list[tuple[float, int]]]:
+    """Exact k for TIES: per task, locate the q-th entry equal to the threshold (q: the ties within
+    the top k), unless every tie is kept. ``found``: (values, within, equal) of the threshold."""
+    values, within, equal = (x.tolist() for x in found)
+    return [[(v, int(q))] if q < e else [] for v, q, e in zip(values, within, equal, strict=True)]
+
+
+def trim_cuts(found, cuts: list[list[int]]) -> list[int]:
+    """The fused merge's tie_cuts for trim: keep ties with index < cut (NO_CUT: all); no upper."""
+    lower = [c[0] if c else NO_CUT for c in cuts]
+    return lower + [0] * len(lower)
 
 
 def ties_prepass(num_tasks: int, numel: int, params: dict, device: torch.device, *, all_reduce=None):
@@ -111,6 +148,14 @@ def ties_prepass(num_tasks: int, numel: int, params: dict, device: torch.device,
         return None
     densities = _ops.per_task(params.get("density", 0.2), num_tasks, "density")
     ranks = [rank_for_density(d, numel) for d in densities]
+    if params.get("exact_k") and all_reduce is None:  # exact k per tensor: one more pass, for the ties
+        return ThresholdPrepass(
+            num_tasks,
+            [ranks],
+            device,
+            lambda found, cuts: {"thresholds": found[0][0], "tie_cuts": trim_cuts(found[0], cuts)},
+            tie_requests=lambda found: trim_requests(found[0]),
+        )
     return ThresholdPrepass(
         num_tasks, [ranks], device, lambda found: {"thresholds": found[0]}, all_reduce=all_reduce
     )
