@@ -67,8 +67,15 @@ def test_mergekit_ties_example_translates(tmp_path):
         ModelEntry(p(tmp_path, "orca"), {"weights": 1.0, "density": 0.5}),
         ModelEntry(p(tmp_path, "platypus"), {"weights": 0.5, "density": 0.3}),
     ]
-    # mergekit's defaults are explicit: no trim unless asked, weighted election, weighted mean
-    assert cfg.params == {"scale": 1.0, "merge": "weighted", "weighted_election": True, "density": 1.0}
+    # mergekit's defaults are explicit: no trim unless asked, weighted election, weighted mean, and
+    # exactly k entries kept
+    assert cfg.params == {
+        "scale": 1.0,
+        "merge": "weighted",
+        "weighted_election": True,
+        "density": 1.0,
+        "exact_k": True,
+    }
     assert cfg.dtype == torch.float16 and cfg.out_dtype == torch.float16  # out_dtype follows dtype
     assert method_kwargs(cfg) == {
         "scale": 1.0,
@@ -76,6 +83,7 @@ def test_mergekit_ties_example_translates(tmp_path):
         "weighted_election": True,
         "density": [0.5, 0.3],
         "weights": [1.0, 0.5],
+        "exact_k": True,
     }
 
 
@@ -593,7 +601,7 @@ def _with(**changes):
         (
             _with(merge_method="ties", dialect="mergekernels", parameters={"normalize": True}),
             r"unknown parameter 'normalize' for ties; "
-            r"valid: density, weights, scale, merge, weighted_election$",
+            r"valid: density, weights, scale, merge, weighted_election, exact_k$",
         ),
         (
             _with(
