@@ -285,26 +285,32 @@ class TieLocator:
     ties with index < cut are the first m.
     """
 
+    STEP = 1 << 20
+
     def __init__(self, requests: Sequence[Sequence[tuple[float, int]]]):
         self.requests = [list(r) for r in requests]
         self.seen = [[0] * len(r) for r in self.requests]
         self.found: list[list[int | None]] = [[0 if m == 0 else None for _, m in r] for r in self.requests]
 
     def update(self, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int) -> None:
-        b = base.reshape(-1).float()
+        # in pieces of STEP elements, stopping once every request of a task is found: the cut tie
+        # usually lies well before the end, and the pieces keep the float32 |tau| temporaries small
+        b = base.reshape(-1)
         for t, x in enumerate(finetuned):
-            pending = [i for i, f in enumerate(self.found[t]) if f is None]
-            if not pending:
-                continue
-            mags = (x.reshape(-1).float() - b).abs()
-            for i in pending:
-                value, m = self.requests[t][i]
-                equal = mags == value
-                count = int(equal.sum())
-                if self.seen[t][i] + count >= m:
-                    position = equal.nonzero().squeeze(1)[m - self.seen[t][i] - 1]
-                    self.found[t][i] = element_offset + int(position) + 1
-                self.seen[t][i] += count
+            x = x.reshape(-1)
+            for start in range(0, b.numel(), self.STEP):
+                pending = [i for i, f in enumerate(self.found[t]) if f is None]
+                if not pending:
+                    break
+                mags = (x[start : start + self.STEP].float() - b[start : start + self.STEP].float()).abs_()
+                for i in pending:
+                    value, m = self.requests[t][i]
+                    equal = mags == value
+                    count = int(equal.sum())
+                    if self.seen[t][i] + count >= m:
+                        position = equal.nonzero().squeeze(1)[m - self.seen[t][i] - 1]
+                        self.found[t][i] = element_offset + start + int(position) + 1
+                    self.seen[t][i] += count
 
     def cuts(self) -> list[list[int]]:
         missing = [(t, i) for t, f in enumerate(self.found) for i, c in enumerate(f) if c is None]

@@ -74,3 +74,17 @@ def test_row_chunks_cut_the_same_ties(tmp_path, method):
     chunks = load_file(str(tmp_path / "chunks" / "model-00001-of-00001.safetensors"))
     for name in whole:
         assert torch.equal(whole[name], chunks[name]), name
+
+
+def test_tie_cut_is_found_in_any_piece_size(monkeypatch):
+    from mergekernels import selection
+
+    base, fts = tied((300, 41), seed=1)
+    whole = mk.ties(base, fts, density=0.3, exact_k=True)
+    monkeypatch.setattr(selection.TieLocator, "STEP", 97)  # pieces that split the ties anywhere
+    assert torch.equal(mk.ties(base, fts, density=0.3, exact_k=True), whole)
+    assert torch.equal(mk.breadcrumbs(base, fts, density=0.3, gamma=0.2, exact_k=True), ref_band(base, fts))
+
+
+def ref_band(base, fts):
+    return ref.breadcrumbs_exact(base, fts, 0.3, 0.2).to(base.dtype)
