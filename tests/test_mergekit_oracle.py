@@ -83,6 +83,7 @@ GROUPS: dict[str, list[str]] = {
     "bf16": [],
     "lora": [],
     "methods": [],
+    "random": [],
 }
 
 
@@ -608,6 +609,42 @@ def _breadcrumbs_float(m):
     }
 
 
+# --- (h) the random methods: equal in distribution ---------------------------------------------------
+# DARE and DELLA draw their masks from our counter-based generator, mergekit from torch.bernoulli:
+# other entries, the same distribution. One fine-tuned model, so the update is its masked, rescaled
+# task vector: the kept fraction and the update's L1 norm must agree (see test_random_methods).
+
+
+@case("random", "dare_linear-llama", "llama")
+def _dare_linear(m):
+    return {
+        "merge_method": "dare_linear",
+        "base_model": m["base"],
+        "models": [{"model": m["a"], "parameters": {"weight": 1.0, "density": 0.3}}],
+        "dtype": "float32",
+    }
+
+
+@case("random", "dare_ties-mistral", "mistral")
+def _dare_ties(m):
+    return {
+        "merge_method": "dare_ties",
+        "base_model": m["base"],
+        "models": [{"model": m["b"], "parameters": {"weight": 1.0, "density": 0.6}}],
+        "dtype": "float32",
+    }
+
+
+@case("random", "della_linear-qwen2", "qwen2")
+def _della_linear(m):
+    return {
+        "merge_method": "della_linear",
+        "base_model": m["base"],
+        "models": [{"model": m["c"], "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.1}}],
+        "dtype": "float32",
+    }
+
+
 def _listed(m: dict, *names: str) -> list[dict]:
     """`models` entries (mergekit takes only mappings there, not plain paths)."""
     return [{"model": m[n]} for n in names]
@@ -765,11 +802,50 @@ def _check(name: str, mergekit_runs, tmp_path: Path) -> None:
     oracle.assert_same_model(ours, theirs, out_dtype=out_dtype)
 
 
+def _update_statistics(directory: Path, base_dir: str) -> tuple[float, float, int]:
+    """(fraction of entries changed from the base, L1 norm of the update, entries) over the model."""
+    merged, base = oracle.load_dir(directory), oracle.load_dir(base_dir)
+    changed = total = 0
+    l1 = 0.0
+    for name, value in merged.items():
+        update = value.double() - base[name].double()
+        changed += int((update != 0).sum())
+        total += update.numel()
+        l1 += float(update.abs().sum())
+    return changed / total, l1, total
+
+
+@pytest.mark.parametrize("name", GROUPS["random"])
+def test_random_methods_agree_in_distribution(name, mergekit_runs, tmp_path, zoo):
+    """DARE / DELLA: the fraction of entries kept agrees within 4 standard deviations of a binomial
+    draw, and (DARE's L1 rescale keeps each tensor's L1 norm) the update's L1 norm within 1%;
+    DELLA's survivors are divided by their keep probability here, matched in L1 by mergekit, so its
+    L1 norms agree in expectation (within 5%)."""
+    cfg, theirs, error, _ = mergekit_runs[name]
+    if error is not None:
+        pytest.fail(f"mergekit rejects {cfg.name}:\n{error}", pytrace=False)
+    ours = tmp_path / "ours"
+    oracle.run_ours(cfg, ours)
+    base_dir = zoo[CASES[name].models]["base"]
+    kept_ours, l1_ours, n = _update_statistics(ours, base_dir)
+    kept_theirs, l1_theirs, _ = _update_statistics(theirs, base_dir)
+    p = (kept_ours + kept_theirs) / 2
+    assert abs(kept_ours - kept_theirs) <= 4 * (2 * p * (1 - p) / n) ** 0.5, (kept_ours, kept_theirs)
+    tolerance = 0.05 if name.startswith("della") else 0.01
+    assert abs(l1_ours - l1_theirs) <= tolerance * l1_theirs, (l1_ours, l1_theirs)
+
+
 # --- the cases -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(name, id=f"{group}-{name}") for group, names in GROUPS.items() for name in names]
+    "name",
+    [
+        pytest.param(name, id=f"{group}-{name}")
+        for group, names in GROUPS.items()
+        if group != "random"
+        for name in names
+    ],
 )
 def test_same_model_as_mergekit(name, mergekit_runs, tmp_path):
     """Each case's YAML: mergekit's output and ours hold the same tensors (float32 rounding, 1 ulp
