@@ -70,19 +70,18 @@ The rest of mergekit's language (see the README's table of mergekit features):
   one :class:`ConfigWarning` naming it; ``strict=True`` (``--strict``) refuses it. Our own dialect
   always refuses it.
 
-Not reproduced, hence refused with an error: the mergekit methods of :data:`MERGEKIT_UNSUPPORTED`,
-tokenizer merging (``tokenizer``, ``chat_template``, ``tokenizer_source`` other than ``base``),
-``slices`` inside ``modules``, ``rescale: true`` for ties and breadcrumbs (mergekit's L1 rescale of
-trimmed vectors) and ``rescale: false`` for della, breadcrumbs with density + gamma > 1 (mergekit
-silently shrinks gamma), negative weights with a sign consensus (mergekit compares the signs of
-weighted task vectors), and a ``linear`` base model that is not listed under ``models`` without a
-global ``weight`` (mergekit adds it to the average and finds no weight for it). Known differences
-that stay: random masks come from our counter-based generator, not ``torch.bernoulli``, so DARE/DELLA
-keep different (equally distributed) entries; DELLA divides survivors by their keep probability (the
-paper) where mergekit matches the L1 norm, and ranks a tensor's rows over all trailing dimensions;
-TIES and Breadcrumbs keep exactly mergekit's count (``exact_k``), choosing among entries tied with
-a cut by element index as a stable sort in mergekit's direction would (mergekit's sort is unstable,
-so its own choice among them is arbitrary).
+Not reproduced, hence refused with an error: tokenizer merging (``tokenizer``, ``chat_template``,
+``tokenizer_source`` other than ``base``), ``slices`` inside ``modules``, ``rescale: true`` for ties
+and breadcrumbs (mergekit's L1 rescale of trimmed vectors) and ``rescale: false`` for della,
+breadcrumbs with density + gamma > 1 (mergekit silently shrinks gamma), negative weights with a sign
+consensus (mergekit compares the signs of weighted task vectors), and a ``linear`` base model that
+is not listed under ``models`` without a global ``weight`` (mergekit adds it to the average and
+finds no weight for it). Known differences that stay: random masks come from our counter-based
+generator, not ``torch.bernoulli``, so DARE/DELLA keep different (equally distributed) entries;
+DELLA divides survivors by their keep probability (the paper) where mergekit matches the L1 norm,
+and ranks a tensor's rows over all trailing dimensions; TIES and Breadcrumbs keep exactly mergekit's
+count (``exact_k``), choosing among entries tied with a cut by element index as a stable sort in
+mergekit's direction would (mergekit's sort is unstable, so its own choice among them is arbitrary).
 
 An entry of ``models`` equal to ``base_model`` is dropped (mergekit skips the base's task vector;
 for ``linear`` its weight still counts, see above); for ``linear``, a ``base_model`` not listed joins
@@ -292,8 +291,6 @@ _UNSUPPORTED_KEYS = {
     "chat_template": "`chat_template` is not supported: "
     "the base model's tokenizer files are copied as they are",
 }
-# mergekit methods we do not implement (named so the error says "not supported", not "unknown").
-MERGEKIT_UNSUPPORTED: tuple[str, ...] = ()
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -1251,8 +1248,6 @@ def load_config(
     shared = ", ".join(MERGEKIT_NAMES)
     if method is None:
         fail(f"`merge_method` is missing; valid: {shared} (mergekit) and {', '.join(ours)} (mergekernels)")
-    if method in MERGEKIT_UNSUPPORTED:
-        fail(f"merge_method {method!r} (mergekit) is not supported; supported mergekit methods: {shared}")
     if not isinstance(method, str) or method not in METHODS:
         fail(
             f"unknown merge_method {method!r}; valid: {shared} (mergekit) "

@@ -18,6 +18,7 @@ with t = 0.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -292,8 +293,6 @@ def _check_fit(name: str, info: object, base_info: object) -> None:
 
 def is_excluded(name: str, patterns: Sequence[str]) -> bool:
     """Whether a tensor name matches one of the exclude globs (it stays at the base's value)."""
-    import fnmatch
-
     return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import queue
 import resource
 import threading
 import time
@@ -464,8 +465,6 @@ def _stream(work, units, reader, dev, writer, pending, ranks, per_tensor_params,
 
 def _next_unit(prefetch: Prefetcher, output: ShardOutput):
     """The next unit the reader has read (None at the end), raising the reader's or the writer's error."""
-    import queue
-
     while True:
         try:
             unit = prefetch.queue.get(timeout=0.1)

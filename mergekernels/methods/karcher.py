@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..stats import gram_matrix
+from .ta import weighted_sum
 
 
 def karcher_coefficients(gram: torch.Tensor, max_iter: int = 10, tol: float = 1e-5) -> list[float]:
@@ -75,12 +76,7 @@ def karcher(
     points = [base, *finetuned]
     if len(points) == 1:
         return base.clone()
-    coefficients = karcher_coefficients(gram_matrix(points), max_iter, tol)
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    out = torch.zeros(base.shape, dtype=work, device=base.device)
-    for c, x in zip(coefficients, points, strict=True):
-        out.add_(x.to(work), alpha=c)
-    return out.to(base.dtype)
+    return weighted_sum(points, karcher_coefficients(gram_matrix(points), max_iter, tol), base)
 
 
 __all__ = ["karcher", "karcher_coefficients"]

@@ -22,17 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..stats import gram_matrix, task_vector_stats
-from .ta import task_arithmetic
-
-
-def _combine(
-    points: Sequence[torch.Tensor], coefficients: Sequence[float], like: torch.Tensor
-) -> torch.Tensor:
-    work = torch.float64 if like.dtype == torch.float64 else torch.float32
-    out = torch.zeros(like.shape, dtype=work, device=like.device)
-    for c, x in zip(coefficients, points, strict=True):
-        out.add_(x.to(work), alpha=c)
-    return out.to(like.dtype)
+from .ta import task_arithmetic, weighted_sum
 
 
 def multislerp(
@@ -83,7 +73,7 @@ def multislerp(
         coefficients = [scale * float(ak) for ak in a]
     if origin:
         return task_arithmetic(base, finetuned, weights=coefficients)
-    return _combine(points, coefficients, base)
+    return weighted_sum(points, coefficients, base)
 
 
 __all__ = ["multislerp"]

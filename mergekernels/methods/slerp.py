@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..stats import gram_matrix
+
 DOT_THRESHOLD = 0.9995
 
 
@@ -70,20 +72,10 @@ def slerp(
         raise ValueError(f"slerp: shapes differ, base {list(base.shape)} and {list(v1.shape)}")
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
     a, b = base.reshape(-1), v1.reshape(-1)
-    sq0, sq1, dot = pair_moments(a, b)
+    gram = gram_matrix([a, b])
+    sq0, sq1, dot = float(gram[0, 0]), float(gram[1, 1]), float(gram[0, 1])
     c0, c1 = slerp_coefficients(sq0, sq1, dot, float(t), dot_threshold, eps)
     return (c0 * a.to(work) + c1 * b.to(work)).reshape(base.shape).to(base.dtype)
 
 
-def pair_moments(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> tuple[float, float, float]:
-    """(|a|², |b|², <a, b>) of two flat tensors, summed in float64 over chunks (bounded memory)."""
-    sq0 = sq1 = dot = 0.0
-    for start in range(0, a.numel(), chunk):
-        x, y = a[start : start + chunk].double(), b[start : start + chunk].double()
-        sq0 += float(torch.dot(x, x))
-        sq1 += float(torch.dot(y, y))
-        dot += float(torch.dot(x, y))
-    return sq0, sq1, dot
-
-
-__all__ = ["DOT_THRESHOLD", "pair_moments", "slerp", "slerp_coefficients"]
+__all__ = ["DOT_THRESHOLD", "slerp", "slerp_coefficients"]

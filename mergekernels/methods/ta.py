@@ -36,3 +36,15 @@ def task_arithmetic(
     return _ops.fused_merge(
         p, weights=w, scale=scale, reduce="weighted" if normalize else "sum", out_dtype=out_dtype
     )
+
+
+def weighted_sum(
+    points: Sequence[torch.Tensor], coefficients: Sequence[float], like: torch.Tensor
+) -> torch.Tensor:
+    """sum_k c_k x_k of whole tensors (no base: the methods whose result is a combination of the
+    models themselves), in float32 (float64 for float64 inputs), rounded once to ``like``'s dtype."""
+    work = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = torch.zeros(like.shape, dtype=work, device=like.device)
+    for c, x in zip(coefficients, points, strict=True):
+        out.add_(x.to(work), alpha=c)
+    return out.to(like.dtype)
