@@ -15,10 +15,13 @@
 namespace mk {
 
 // The inputs of one op call, validated and made contiguous.
+// `base` is undefined for the statistics of the points themselves (tv_stats without a base: the
+// origin is the base); `reference()` is then the first point.
 struct Inputs {
   at::Tensor base;
   std::vector<at::Tensor> finetuned;
-  int64_t numel() const { return base.numel(); }
+  const at::Tensor& reference() const { return base.defined() ? base : finetuned.front(); }
+  int64_t numel() const { return reference().numel(); }
   int num_experts() const { return static_cast<int>(finetuned.size()); }
 };
 
@@ -83,16 +86,18 @@ inline MergeConfig make_config(const Inputs& in, const PipelineArgs& a, const ch
   c.keep_source = static_cast<int32_t>(a.keep_source);
   c.reduce = kReduceSum;
   c.scale = 1.0f;
+  c.points = false;
+  c.base_scale = 1.0f;
   c.rescale_inverse = a.rescale_inverse;
   c.key = philox_key(static_cast<uint64_t>(a.seed), static_cast<uint64_t>(a.key));
   TORCH_CHECK(a.element_offset >= 0, op, ": element_offset must be >= 0, got ", a.element_offset);
   c.element_offset = a.element_offset;
-  TORCH_CHECK(a.sparsify >= kSparsifyNone && a.sparsify <= kSparsifyDrop, op, ": unknown sparsify mode ",
+  TORCH_CHECK(a.sparsify >= kSparsifyNone && a.sparsify <= kSparsifyClip, op, ": unknown sparsify mode ",
               a.sparsify);
   for (int t = 0; t < k; ++t) c.weight[t] = 1.0f;
   fill_per_task(c.post, a.post, k, 1.0f, op, "post");
-  if (a.sparsify == kSparsifyTrim || a.sparsify == kSparsifyBand) {
-    TORCH_CHECK(a.thresholds.has_value(), op, ": trim and band modes need thresholds");
+  if (a.sparsify == kSparsifyTrim || a.sparsify == kSparsifyBand || a.sparsify == kSparsifyClip) {
+    TORCH_CHECK(a.thresholds.has_value(), op, ": trim, band and clip modes need thresholds");
     const auto& thr = *a.thresholds;
     check_aux(thr, in.base, at::kFloat, op, "thresholds");
     TORCH_CHECK(thr.dim() == 2 && thr.size(0) == 2 && thr.size(1) == k, op,
@@ -173,11 +178,14 @@ inline at::ScalarType output_dtype(const Inputs& in, c10::optional<at::ScalarTyp
 // Fused merge op arguments -> config (merge-specific fields on top of the pipeline ones).
 inline MergeConfig make_merge_config(const Inputs& in, const PipelineArgs& a, c10::ArrayRef<double> weights,
                                      double scale, int64_t reduce, bool ties, bool weighted_election,
-                                     std::vector<at::Tensor>& keep_alive) {
+                                     c10::optional<double> base_scale, std::vector<at::Tensor>& keep_alive) {
   constexpr const char* op = "fused_merge";
   MergeConfig c = make_config(in, a, op, keep_alive);
   fill_per_task(c.weight, weights, in.num_experts(), 1.0f, op, "weights");
-  TORCH_CHECK(reduce >= kReduceSum && reduce <= kReduceWeighted, op, ": unknown reduce mode ", reduce);
+  TORCH_CHECK(reduce >= kReduceSum && reduce <= kReduceActive, op, ": unknown reduce mode ", reduce);
+  TORCH_CHECK(!(ties && reduce == kReduceActive), op, ": the active-mean reduction takes no TIES consensus");
+  c.points = base_scale.has_value();
+  c.base_scale = static_cast<float>(base_scale.value_or(1.0));
   c.reduce = static_cast<int32_t>(reduce);
   c.ties = ties;
   c.weighted_election = weighted_election;
@@ -216,12 +224,13 @@ at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10:
                           c10::ArrayRef<double> step, c10::ArrayRef<double> post, bool rescale_inverse,
                           const c10::optional<at::Tensor>& row_keep, at::TensorList ranks, int64_t seed, int64_t key,
                           int64_t element_offset, int64_t row_len, c10::optional<at::ScalarType> out_dtype,
-                          c10::ArrayRef<int64_t> tie_cuts) {
+                          c10::ArrayRef<int64_t> tie_cuts, c10::optional<double> base_scale) {
   const Inputs in = check_inputs(base, finetuned, "fused_merge");
   PipelineArgs a{sparsify, thresholds, keep_source, keep, step, post, rescale_inverse, row_keep, ranks.vec(),
                  seed, key, element_offset, row_len, tie_cuts};
   std::vector<at::Tensor> keep_alive;
-  const MergeConfig c = make_merge_config(in, a, weights, scale, reduce, ties, weighted_election, keep_alive);
+  const MergeConfig c =
+      make_merge_config(in, a, weights, scale, reduce, ties, weighted_election, base_scale, keep_alive);
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(output_dtype(in, out_dtype, "fused_merge")));
   run(c, in, out);
   return out;
@@ -262,12 +271,14 @@ at::Tensor drop_l1_op(const at::Tensor& base, at::TensorList finetuned, c10::Arr
 }
 
 template <StatsRunner run>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tv_stats_op(const at::Tensor& base,
-                                                                                   at::TensorList finetuned,
-                                                                                   bool histogram) {
-  const Inputs in = check_inputs(base, finetuned, "tv_stats");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tv_stats_op(
+    const c10::optional<at::Tensor>& base, at::TensorList finetuned, bool histogram) {
+  TORCH_CHECK(base.has_value() || !finetuned.empty(), "tv_stats: expected at least one tensor, got an empty list");
+  // Without a base the statistics are those of the points themselves (the origin is the base).
+  Inputs in = check_inputs(base.has_value() ? *base : finetuned[0], finetuned, "tv_stats");
+  if (!base.has_value()) in.base = at::Tensor();
   const int64_t k = in.num_experts();
-  const auto opt = base.options();
+  const auto opt = in.reference().options();
   StatsOutputs o{at::zeros({k, k}, opt.dtype(at::kDouble)), at::zeros({k}, opt.dtype(at::kFloat)),
                  at::zeros({k}, opt.dtype(at::kLong)), at::zeros({2}, opt.dtype(at::kLong)),
                  at::zeros({k, histogram ? kExponentBins : 0}, opt.dtype(at::kLong))};

@@ -10,9 +10,10 @@ namespace mk {
 inline void define_ops(torch::Library& m) {
   // One pass over base and finetuned: Gram matrix of the task vectors (float64, diagonal = squared
   // norms), per-task max |tau| and non-zero count, sign agreement counts [agree, any non-zero], and
-  // optionally a per-task histogram of the IEEE exponent of |tau| (256 bins).
+  // optionally a per-task histogram of the IEEE exponent of |tau| (256 bins). Without a base, the
+  // same statistics of the tensors themselves (tau_t = finetuned_t).
   m.def(
-      "tv_stats(Tensor base, Tensor[] finetuned, bool histogram) -> "
+      "tv_stats(Tensor? base, Tensor[] finetuned, bool histogram) -> "
       "(Tensor gram, Tensor absmax, Tensor nnz, Tensor sign_counts, Tensor hist)");
   // Radix-select histogram over |tau| bit patterns, accumulated into `hist` ([K, 65536] at level 0,
   // [K, 32768] at level 1 counting only elements whose level-0 digit equals prefix[t]).
@@ -20,12 +21,15 @@ inline void define_ops(torch::Library& m) {
       "magnitude_histogram_(Tensor(a!) hist, Tensor base, Tensor[] finetuned, int level, "
       "Tensor? prefix) -> ()");
   // Fused merge: base + scale * reduce_t(sparsify(w_t * (finetuned_t - base))), one read of every
-  // input and one write of the output. See csrc/common/merge_element.h for the modes.
+  // input and one write of the output. See csrc/common/merge_element.h for the modes. With
+  // base_scale, a combination of the inputs themselves: base_scale * base + scale * reduce_t(w_t *
+  // finetuned_t).
   m.def(
       "fused_merge(Tensor base, Tensor[] finetuned, float[] weights, float scale, int reduce, bool ties, "
       "bool weighted_election, int sparsify, Tensor? thresholds, int keep_source, float[] keep, "
       "float[] step, float[] post, bool rescale_inverse, Tensor? row_keep, Tensor[] ranks, int seed, "
-      "int key, int element_offset, int row_len, ScalarType? out_dtype, int[] tie_cuts=[]) -> Tensor");
+      "int key, int element_offset, int row_len, ScalarType? out_dtype, int[] tie_cuts=[], "
+      "float? base_scale=None) -> Tensor");
   // tie_cuts: [] or 2K element indices (tie_lo per task, then tie_hi): exact-k tie breaking at the
   // trim / band thresholds (see MergeConfig in csrc/common/merge_element.h).
   // The sparsified task vector of one expert (float32), with the same masks as fused_merge.

@@ -27,9 +27,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt ch
 _lib = torch.ops.mergekernels
 
 # Mirrors of the enums in csrc/common/merge_element.h.
-SPARSIFY = {"none": 0, "trim": 1, "band": 2, "drop": 3}
+SPARSIFY = {"none": 0, "trim": 1, "band": 2, "drop": 3, "clip": 4}
 KEEP_SOURCE = {"constant": 0, "row": 1, "rank": 2}
-REDUCE = {"sum": 0, "mean": 1, "weighted": 2}
+REDUCE = {"sum": 0, "mean": 1, "weighted": 2, "active": 3}
 MAX_EXPERTS = 64
 LEVEL0_BINS = 1 << 16
 LEVEL1_BITS = 15
@@ -42,13 +42,13 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fake (meta) kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing.
 @torch.library.register_fake("mergekernels::tv_stats")
 def _tv_stats_fake(base, finetuned, histogram):
-    k = len(finetuned)
+    k, like = len(finetuned), base if base is not None else finetuned[0]
     return (
-        base.new_empty((k, k), dtype=torch.float64),
-        base.new_empty((k,), dtype=torch.float32),
-        base.new_empty((k,), dtype=torch.int64),
-        base.new_empty((2,), dtype=torch.int64),
-        base.new_empty((k, EXPONENT_BINS if histogram else 0), dtype=torch.int64),
+        like.new_empty((k, k), dtype=torch.float64),
+        like.new_empty((k,), dtype=torch.float32),
+        like.new_empty((k,), dtype=torch.int64),
+        like.new_empty((2,), dtype=torch.int64),
+        like.new_empty((k, EXPONENT_BINS if histogram else 0), dtype=torch.int64),
     )
 
 
@@ -81,6 +81,7 @@ def _fused_merge_fake(
     row_len,
     out_dtype=None,
     tie_cuts=(),
+    base_scale=None,
 ):
     # The schema's parameters by name, so keyword calls work as well as positional ones.
     return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
@@ -241,7 +242,15 @@ def per_task(
 
 # ----------------------------------------------------------------------------------------------
 # Thin wrappers.
-def tv_stats(base: torch.Tensor, finetuned: Sequence[torch.Tensor], histogram: bool = False):
+def tv_stats(base: torch.Tensor | None, finetuned: Sequence[torch.Tensor], histogram: bool = False):
+    """The fused statistics of tau_t = finetuned_t - base; with ``base=None``, of the tensors
+    themselves (their Gram matrix, absolute maxima, ...)."""
+    if base is None:
+        finetuned = list(finetuned)
+        if not finetuned:
+            raise ValueError("task_vector_stats: no tensors given")
+        p = prepare(finetuned[0], finetuned, "task_vector_stats")
+        return _lib.tv_stats(None, p.finetuned, histogram)
     p = prepare(base, finetuned, "task_vector_stats")
     return _lib.tv_stats(p.base, p.finetuned, histogram)
 
@@ -275,11 +284,13 @@ def fused_merge(
     row_len: int = 1,
     out_dtype: torch.dtype | None = None,
     tie_cuts: Sequence[int] = (),
+    base_scale: float | None = None,
 ) -> torch.Tensor:
     """One fused pass: base + scale * reduce_t(sparsify(tau_t)). See csrc/common/merge_element.h.
 
     ``tie_cuts`` (2K element indices, or empty): which entries equal to a trim / band threshold are
-    kept, for an exact count (see :func:`mergekernels.selection.tie_cuts`)."""
+    kept, for an exact count (see :func:`mergekernels.selection.tie_cuts`). With ``base_scale`` the
+    pass combines the inputs themselves: base_scale * base + scale * reduce_t(w_t * finetuned_t)."""
     if reduce not in REDUCE:
         raise ValueError(f"merge/reduce must be one of {sorted(REDUCE)}, got {reduce!r}")
     kernel_dtype, want = _check_out_dtype(out_dtype, prepared.out_dtype)
@@ -306,6 +317,7 @@ def fused_merge(
         int(row_len),
         kernel_dtype,
         [int(x) for x in tie_cuts],
+        None if base_scale is None else float(base_scale),
     )
     return out if out.dtype == want else out.to(want)
 

@@ -317,3 +317,65 @@ class TieLocator:
         if missing:
             raise RuntimeError(f"TieLocator: ties not found for (task, request) {missing[:3]}")
         return [[int(c) for c in f] for f in self.found]
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """float32 values -> int64 keys in [0, 2^32) that order like the values (-0 below +0; NaN with a
+    clear sign bit above +inf)."""
+    bits = values.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 1 << 31, (1 << 32) - 1 - bits, bits + (1 << 31))
+
+
+def _key_to_float(key: int) -> float:
+    bits = (1 << 32) - 1 - key if key < 1 << 31 else key - (1 << 31)
+    return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32))
+
+
+class ValueSelect:
+    """Exact order statistics of float32 values that arrive in pieces (any sign; two passes of
+    16-bit digits of their order-preserving keys): the selection for quantities the kernels do not
+    form themselves (SCE's variances, Arcee Fusion's importances).
+
+    Usage: ``count(piece)`` for every piece, ``set_ranks([r, ...])`` (1-based, from the largest),
+    ``refine(piece)`` for every piece again, then ``results()``: per rank, the value and how many
+    entries equal to it lie within the top r."""
+
+    BITS = 16
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = devices.concrete(device)
+        self.numel = 0
+        self._hist0 = torch.zeros(1 << self.BITS, dtype=torch.int64, device=self.device)
+        self._prefixes: list[int] | None = None
+        self._within: list[int] = []
+        self._hist1: torch.Tensor | None = None
+
+    def count(self, values: torch.Tensor) -> None:
+        keys = _order_keys(values.reshape(-1))
+        self._hist0 += torch.bincount(keys >> self.BITS, minlength=1 << self.BITS)
+        self.numel += values.numel()
+
+    def set_ranks(self, ranks: Sequence[int]) -> None:
+        if any(not 1 <= r <= self.numel for r in ranks):
+            raise ValueError(f"ranks must lie in [1, {self.numel}], got {list(ranks)}")
+        r = torch.tensor(list(ranks), dtype=torch.int64, device=self.device)
+        prefix, within = _locate(self._hist0.expand(len(ranks), -1), r)
+        self._prefixes, self._within = prefix.tolist(), within.tolist()
+        self._hist1 = torch.zeros(len(ranks), 1 << self.BITS, dtype=torch.int64, device=self.device)
+
+    def refine(self, values: torch.Tensor) -> None:
+        keys = _order_keys(values.reshape(-1))
+        high, low = keys >> self.BITS, keys & ((1 << self.BITS) - 1)
+        for i, prefix in enumerate(self._prefixes):
+            self._hist1[i] += torch.bincount(low[high == prefix], minlength=1 << self.BITS)
+
+    def results(self) -> list[tuple[float, int, int]]:
+        """Per rank: (the value, how many entries equal to it lie within the top rank, how many entries
+        equal it in all)."""
+        rank = torch.tensor(self._within, dtype=torch.int64, device=self.device)
+        low, within = _locate(self._hist1, rank)
+        equal = self._hist1.gather(1, low[:, None]).squeeze(1)
+        return [
+            (_key_to_float((p << self.BITS) | int(lo)), int(w), int(e))
+            for p, lo, w, e in zip(self._prefixes, low.tolist(), within.tolist(), equal.tolist(), strict=True)
+        ]

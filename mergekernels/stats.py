@@ -73,9 +73,10 @@ class TaskVectorStats:
 
 
 def task_vector_stats(
-    base: torch.Tensor, finetuned: Sequence[torch.Tensor], *, histogram: bool = False
+    base: torch.Tensor | None, finetuned: Sequence[torch.Tensor], *, histogram: bool = False
 ) -> TaskVectorStats:
-    """One pass over base and the fine-tuned tensors; no task vector is materialised.
+    """One pass over base and the fine-tuned tensors; no task vector is materialised. With
+    ``base=None`` the statistics are those of the tensors themselves (the origin as the base).
     Results are returned on the CPU."""
     gram, absmax, nnz, signs, hist = _ops.tv_stats(base, finetuned, histogram)
     signs = signs.cpu().tolist()
@@ -86,17 +87,45 @@ def task_vector_stats(
         int(signs[0]),
         int(signs[1]),
         hist.cpu() if histogram else None,
-        base.numel(),
+        (base if base is not None else finetuned[0]).numel(),
     )
 
 
 def gram_matrix(tensors: Sequence[torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
-    """[K, K] float64 inner products <x_i, x_j> of K same-size tensors (flattened), summed over
-    chunks of ``chunk`` elements so that at most K float64 chunks exist at once (the task-vector
-    Gram relative to a base is :func:`task_vector_stats`, one fused pass)."""
+    """[K, K] float64 inner products <x_i, x_j> of K same-size tensors (flattened), in the fused
+    statistics pass (float32 values, float64 products and sums; no copy of the inputs). float64
+    tensors keep every bit: torch ops over ``chunk`` elements at a time. The task-vector Gram
+    relative to a base is :func:`task_vector_stats`."""
+    if not any(t.dtype == torch.float64 for t in tensors):
+        return _ops.tv_stats(None, tensors)[0].cpu()
     flat = [t.reshape(-1) for t in tensors]
-    gram = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device if flat else "cpu")
-    for start in range(0, flat[0].numel() if flat else 0, chunk):
+    gram = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device)
+    for start in range(0, flat[0].numel(), chunk):
         x = torch.stack([t[start : start + chunk].double() for t in flat])
         gram += x @ x.T
     return gram.cpu()
+
+
+class GramPrepass:
+    """The engine's pre-pass for the methods that combine whole tensors by coefficients taken from
+    a Gram matrix (slerp, nuslerp, multislerp, karcher, model_stock): the Gram summed over a
+    tensor's row chunks, handed to the method's chunk calls as ``gram``. ``points`` selects the
+    Gram of the models themselves ([base, *finetuned]) instead of the task vectors'."""
+
+    passes = 1
+
+    def __init__(self, points: bool):
+        self.points = points
+        self.gram: torch.Tensor | None = None
+
+    def update(
+        self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int
+    ) -> None:
+        part = gram_matrix([base, *finetuned]) if self.points else task_vector_stats(base, finetuned).gram
+        self.gram = part if self.gram is None else self.gram + part
+
+    def end_pass(self, index: int) -> None:
+        pass
+
+    def params(self) -> dict:
+        return {"gram": self.gram}

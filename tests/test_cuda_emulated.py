@@ -162,6 +162,7 @@ def fused_args(base, fts, **kw):
         kw.get("row_len", 1),
         kw.get("out_dtype"),
         kw.get("tie_cuts", []),
+        kw.get("base_scale"),
     )
 
 
@@ -169,8 +170,8 @@ def per_task(k, lo, hi):
     return [lo + (hi - lo) * t / max(k - 1, 1) for t in range(k)]
 
 
-SUM, MEAN, WEIGHTED = 0, 1, 2
-TRIM, BAND, DROP = 1, 2, 3
+SUM, MEAN, WEIGHTED, ACTIVE = 0, 1, 2, 3
+TRIM, BAND, DROP, CLIP = 1, 2, 3, 4
 CONSTANT, ROW, RANK = 0, 1, 2
 
 
@@ -183,6 +184,14 @@ def mode_kwargs(mode, base, fts, offset):
     if mode.startswith("ta_"):
         reduce = {"ta_sum": SUM, "ta_mean": MEAN, "ta_weighted": WEIGHTED}[mode]
         return dict(weights=w, scale=0.7, reduce=reduce)
+    if mode == "points":  # slerp / karcher: a combination of the inputs themselves
+        return dict(weights=w, base_scale=-0.4)
+    if mode == "clip":  # nearswap: each tau moved at most the task's threshold
+        return dict(weights=w, sparsify=CLIP, thresholds=thresholds(base, fts, 0.5))
+    if mode in ("active", "active_weighted"):  # RAM / RAM+: strict trim, mean of the active entries
+        kw = dict(sparsify=TRIM, thresholds=thresholds(base, fts, 0.4), tie_cuts=[0] * (2 * k), reduce=ACTIVE)
+        kw["weights"] = w if mode == "active_weighted" else [1.0] * k
+        return kw
     if mode in ("ties_exact", "breadcrumbs_exact"):  # exact-k tie cuts by global element index
         trim = mode == "ties_exact"
         cuts = [offset + (n * (t + 1)) // (k + 2) for t in range(k)]
@@ -256,6 +265,10 @@ MODES = [
     "della_ties",
     "rows",
     "rows_ties",
+    "points",
+    "clip",
+    "active",
+    "active_weighted",
 ]
 
 
@@ -364,13 +377,15 @@ def test_drop_l1(dev, dtype, kind, k, grid):
 # Task-vector statistics and radix histograms
 @pytest.mark.parametrize("grid", ["fit", "capped", "surplus"])
 @pytest.mark.parametrize("histogram", [False, True])
+@pytest.mark.parametrize("with_base", [True, False], ids=["tau", "points"])
 @pytest.mark.parametrize("k", [1, 2, 7, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tv_stats(dev, dtype, k, histogram, grid):
+def test_tv_stats(dev, dtype, k, with_base, histogram, grid):
     use_grid(dev, grid, seed=k)
     for kind in ("randn", "dyadic"):
         for n in [1, 3, 257, 4095] if k < 64 else [3, 4097]:
             base, fts = inputs(kind, k, n, dtype, seed=n + k)
+            base = base if with_base else None  # without a base: the statistics of the points
             got, want = dev.tv_stats(base, fts, histogram), CPU.tv_stats(base, fts, histogram)
             what = f"{kind} n={n}"
             for name, g, w in zip(["absmax", "nnz", "signs", "histogram"], got[1:], want[1:], strict=True):

@@ -12,9 +12,19 @@
 
 namespace mk {
 
-enum Sparsify : int32_t { kSparsifyNone = 0, kSparsifyTrim = 1, kSparsifyBand = 2, kSparsifyDrop = 3 };
+// kSparsifyClip (mergekit's nearswap): tau * clamp(d / max(|tau|, 1e-6), 0, 1) with d the task's lower
+// threshold, so |tau| <= d passes whole and larger entries move only d.
+enum Sparsify : int32_t {
+  kSparsifyNone = 0,
+  kSparsifyTrim = 1,
+  kSparsifyBand = 2,
+  kSparsifyDrop = 3,
+  kSparsifyClip = 4
+};
 enum KeepSource : int32_t { kKeepConstant = 0, kKeepPerRow = 1, kKeepRank = 2 };
-enum Reduce : int32_t { kReduceSum = 0, kReduceMean = 1, kReduceWeighted = 2 };
+// kReduceActive (RAM): the mean of the non-zero values, except that an element with exactly one
+// non-zero value gets that value times its task's weight (RAM+'s lambda; 1 for plain RAM).
+enum Reduce : int32_t { kReduceSum = 0, kReduceMean = 1, kReduceWeighted = 2, kReduceActive = 3 };
 
 // mergekit's rule for a vanishing normaliser: divide by 1 instead.
 constexpr float kMinDivisor = 1e-8f;
@@ -61,6 +71,10 @@ struct MergeConfig {
   bool weighted_election;  // elect on w_t * tau_t (mergekit) instead of tau_t (paper)
   bool rescale_inverse;    // divide kept values by their keep probability
   float scale;             // lambda
+  // A linear combination of the inputs themselves, base_scale * x_0 + reduce_t(w_t * x_t): the
+  // fine-tuned values enter as they are instead of as tau_t = x_t - x_0 (slerp, karcher, ...).
+  bool points;
+  float base_scale;
   PhiloxKey key;
   int64_t element_offset;  // global index of the first element of this call (chunking)
   int64_t row_len;         // elements per row, for per-row keep rates
@@ -114,6 +128,14 @@ MK_HD float drop_with(const MergeConfig& c, int t, float tau, float q, uint32_t 
   return keep ? kept : 0.0f;
 }
 
+// nearswap's move towards the other model: all of tau within `limit`, else `limit` of it (selects
+// only; a NaN tau stays NaN).
+MK_HD float clip_to(float tau, float limit) {
+  const float m = abs_f(tau);
+  const float w = fdiv(limit, m > 1e-6f ? m : 1e-6f);
+  return fmul(tau, w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w));
+}
+
 // The CUDA kernels read the thresholds through the device pointer (so does their host emulation,
 // csrc/cuda/emulation.h, so the tests run that path); the CPU kernels read the by-value copies.
 #if defined(__CUDA_ARCH__) || defined(MK_CUDA_EMULATION)
@@ -153,6 +175,8 @@ MK_HD float sparsify_as(const MergeConfig& c, int t, int64_t global, int64_t loc
     return above & below ? tau : 0.0f;
   } else if constexpr (kMode == kSparsifyDrop) {
     return drop_with(c, t, tau, keep_probability_as<kSource>(c, t, global, local), word);
+  } else if constexpr (kMode == kSparsifyClip) {
+    return clip_to(tau, lower_threshold(c, t));
   } else {
     return tau;
   }
@@ -166,6 +190,8 @@ MK_HD float sparsify(const MergeConfig& c, int t, int64_t global, int64_t local,
       return sparsify_as<kSparsifyBand>(c, t, global, local, tau, word);
     case kSparsifyDrop:
       return drop_with(c, t, tau, keep_probability(c, t, global, local), word);
+    case kSparsifyClip:
+      return sparsify_as<kSparsifyClip>(c, t, global, local, tau, word);
     default:
       return tau;
   }
@@ -178,6 +204,7 @@ struct ElementAccumulator {
   float count_pos = 0.0f, count_neg = 0.0f;    // number of such tasks
   float weight_pos = 0.0f, weight_neg = 0.0f;  // sum of their weights
   float all = 0.0f, weight_all = 0.0f;         // sum of w*v and of w over every task
+  float plain = 0.0f, count_all = 0.0f;        // sum of v and number of non-zero v (kReduceActive)
 };
 
 // Weight sums of the weighted reduction (kept apart so the CPU kernels can run them as a
@@ -196,10 +223,16 @@ MK_HD void accumulate_weights(const MergeConfig& c, ElementAccumulator& a, int t
 // Adds task t's sparsified value v. Only the fields the merge reads are updated: the consensus
 // sums with TIES, the plain sum without; weight sums only for the weighted reduction. The CPU
 // kernels instantiate the variant they need so unused fields cost nothing.
-template <bool kTies, bool kWeights>
+template <bool kTies, bool kWeights, bool kActive = false>
 MK_HD void accumulate_as(const MergeConfig& c, ElementAccumulator& a, int t, float v) {
   const float w = c.weight[t];
   const float wv = fmul(w, v);
+  if constexpr (kActive) {
+    a.all = fadd(a.all, wv);
+    a.plain = fadd(a.plain, v);
+    a.count_all = fadd(a.count_all, v != 0.0f ? 1.0f : 0.0f);
+    return;
+  }
   if constexpr (kTies) {
     // 1 * v == v exactly, so a multiplier keeps the loop branch-free without changing the sum.
     a.elect = fadd(a.elect, fmul(c.weighted_election ? w : 1.0f, v));
@@ -218,7 +251,9 @@ MK_HD void accumulate_as(const MergeConfig& c, ElementAccumulator& a, int t, flo
 
 MK_HD void accumulate(const MergeConfig& c, ElementAccumulator& a, int t, float v) {
   const bool weights = c.reduce == kReduceWeighted;
-  if (c.ties) {
+  if (c.reduce == kReduceActive) {
+    accumulate_as<false, false, true>(c, a, t, v);
+  } else if (c.ties) {
     if (weights) accumulate_as<true, true>(c, a, t, v);
     else accumulate_as<true, false>(c, a, t, v);
   } else {
@@ -240,8 +275,17 @@ MK_HD float finish(const MergeConfig& c, const ElementAccumulator& a) {
   const float weight = c.ties ? (positive ? a.weight_pos : a.weight_neg) : a.weight_all;
   const float mean = count > 0.0f ? fdiv(sum, count) : 0.0f;
   const float weighted = normalise(sum, weight);
-  return c.reduce == kReduceMean ? mean : (c.reduce == kReduceWeighted ? weighted : sum);
+  const float active =
+      a.count_all == 1.0f ? a.all : (a.count_all > 0.0f ? fdiv(a.plain, a.count_all) : 0.0f);
+  return c.reduce == kReduceMean       ? mean
+         : c.reduce == kReduceWeighted ? weighted
+         : c.reduce == kReduceActive   ? active
+                                       : sum;
 }
+
+// The value a fine-tuned input contributes: tau = x - x_0, or x itself for a combination of points
+// (x - 0 would give the same bits; the select keeps the CPU loops vectorised).
+MK_HD float task_value(const MergeConfig& c, float x, float base) { return c.points ? x : fsub(x, base); }
 
 // Every NaN a kernel writes is this one (sign clear, quiet, no payload): CPUs and GPUs make different
 // NaN bit patterns (x86 0xFFC00000 for an invalid operation, CUDA 0x7FFFFFFF; CUDA's fp16 / bf16
@@ -250,7 +294,7 @@ constexpr uint32_t kCanonicalNaN = 0x7FC00000u;
 MK_HD float canonical_nan(float v) { return v != v ? bits_float(kCanonicalNaN) : v; }
 
 MK_HD float merged_output(const MergeConfig& c, float base, const ElementAccumulator& a) {
-  return canonical_nan(fadd(base, fmul(c.scale, finish(c, a))));
+  return canonical_nan(fadd(c.points ? fmul(c.base_scale, base) : base, fmul(c.scale, finish(c, a))));
 }
 
 }  // namespace mk

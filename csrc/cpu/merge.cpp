@@ -1,4 +1,4 @@
-// CPU fused merges (task arithmetic, TIES, DARE, Breadcrumbs, DELLA, APL): one read of every input,
+// CPU fused merges (task arithmetic, TIES, DARE, Breadcrumbs, DELLA, APL, RAM, nearswap, the slerps): one read of every input,
 // one write of the output. Loops run task-outer over an L1-sized block with structure-of-arrays
 // accumulators so the compiler vectorises them; the arithmetic per element is the shared
 // csrc/common/merge_element.h, in the same order as on the GPU, so results match bit for bit.
@@ -18,12 +18,14 @@ namespace {
 // is the same for every element and is computed once per block instead.)
 struct BlockAccumulators {
   alignas(64) float elect[kBlock], pos[kBlock], neg[kBlock], cpos[kBlock], cneg[kBlock];
-  alignas(64) float wpos[kBlock], wneg[kBlock], all[kBlock];
+  alignas(64) float wpos[kBlock], wneg[kBlock], all[kBlock], plain[kBlock], cnt[kBlock];
 
-  template <bool kTies, bool kWeights>
+  template <bool kTies, bool kWeights, bool kActive = false>
   ElementAccumulator load(int64_t j) const {
     ElementAccumulator a;
-    if constexpr (kTies) {
+    if constexpr (kActive) {
+      a.all = all[j], a.plain = plain[j], a.count_all = cnt[j];
+    } else if constexpr (kTies) {
       a.elect = elect[j], a.pos = pos[j], a.neg = neg[j], a.count_pos = cpos[j], a.count_neg = cneg[j];
       if constexpr (kWeights) a.weight_pos = wpos[j], a.weight_neg = wneg[j];
     } else {
@@ -32,9 +34,11 @@ struct BlockAccumulators {
     return a;
   }
 
-  template <bool kTies, bool kWeights>
+  template <bool kTies, bool kWeights, bool kActive = false>
   void store(int64_t j, const ElementAccumulator& a) {
-    if constexpr (kTies) {
+    if constexpr (kActive) {
+      all[j] = a.all, plain[j] = a.plain, cnt[j] = a.count_all;
+    } else if constexpr (kTies) {
       elect[j] = a.elect, pos[j] = a.pos, neg[j] = a.neg, cpos[j] = a.count_pos, cneg[j] = a.count_neg;
       if constexpr (kWeights) wpos[j] = a.weight_pos, wneg[j] = a.weight_neg;
     } else {
@@ -43,7 +47,8 @@ struct BlockAccumulators {
   }
 };
 
-template <int kMode, int kSource, bool kTies, bool kWeights, typename in_t, typename out_t>
+// kActive: RAM's active-mean reduction (no consensus, no weight sums).
+template <int kMode, int kSource, bool kTies, bool kWeights, bool kActive, typename in_t, typename out_t>
 void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<const in_t*>& ft, out_t* out,
                   int64_t n) {
   const int64_t offset = c.element_offset;
@@ -58,7 +63,7 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     const ElementAccumulator zero;
     alignas(64) float base_buf[kBlock], x_buf[kBlock];
     const float* __restrict__ base_f = as_float(base + local0, base_buf, len);
-    for (int64_t j = 0; j < len; ++j) acc.store<kTies, kWeights && kTies>(j, zero);
+    for (int64_t j = 0; j < len; ++j) acc.store<kTies, kWeights && kTies, kActive>(j, zero);
     for (int t = 0; t < cl.num_experts; ++t) {
       if constexpr (kMode == kSparsifyDrop) fill_words(words, cl.key, g0, cl.expert_offset + t);
       const float* __restrict__ x = as_float(ft[t] + local0, x_buf, len);
@@ -75,18 +80,18 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
           j += seg;
         }
         for (int64_t j = 0; j < len; ++j) {
-          sparse[j] = drop_with(cl, t, fsub(x[j], base_f[j]), rate[j], words[w0 + j]);
+          sparse[j] = drop_with(cl, t, task_value(cl, x[j], base_f[j]), rate[j], words[w0 + j]);
         }
       } else {
         for (int64_t j = 0; j < len; ++j) {
-          const float tau = fsub(x[j], base_f[j]);
+          const float tau = task_value(cl, x[j], base_f[j]);
           sparse[j] = sparsify_as<kMode, kSource>(cl, t, lo + j, local0 + j, tau, words[w0 + j]);
         }
       }
       for (int64_t j = 0; j < len; ++j) {
-        ElementAccumulator a = acc.load<kTies, false>(j);
-        accumulate_as<kTies, false>(cl, a, t, sparse[j]);
-        acc.store<kTies, false>(j, a);
+        ElementAccumulator a = acc.load<kTies, false, kActive>(j);
+        accumulate_as<kTies, false, kActive>(cl, a, t, sparse[j]);
+        acc.store<kTies, false, kActive>(j, a);
       }
       if constexpr (kWeights && kTies) {
         for (int64_t j = 0; j < len; ++j) {
@@ -101,7 +106,7 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     for (int t = 0; t < cl.num_experts; ++t) weight_all = fadd(weight_all, cl.weight[t]);
     out_t* __restrict__ o = out + local0;
     for (int64_t j = 0; j < len; ++j) {
-      ElementAccumulator a = acc.load<kTies, kWeights && kTies>(j);
+      ElementAccumulator a = acc.load<kTies, kWeights && kTies, kActive>(j);
       if constexpr (kWeights && !kTies) a.weight_all = weight_all;
       o[j] = static_cast<out_t>(merged_output(cl, base_f[j], a));
     }
@@ -112,12 +117,13 @@ template <int kMode, int kSource, typename in_t, typename out_t>
 void merge_variant(const MergeConfig& c, const in_t* base, const std::vector<const in_t*>& ft, out_t* out,
                    int64_t n) {
   const bool weights = c.reduce == kReduceWeighted;
+  if (c.reduce == kReduceActive) return merge_kernel<kMode, kSource, false, false, true>(c, base, ft, out, n);
   if (c.ties) {
-    if (weights) return merge_kernel<kMode, kSource, true, true>(c, base, ft, out, n);
-    return merge_kernel<kMode, kSource, true, false>(c, base, ft, out, n);
+    if (weights) return merge_kernel<kMode, kSource, true, true, false>(c, base, ft, out, n);
+    return merge_kernel<kMode, kSource, true, false, false>(c, base, ft, out, n);
   }
-  if (weights) return merge_kernel<kMode, kSource, false, true>(c, base, ft, out, n);
-  return merge_kernel<kMode, kSource, false, false>(c, base, ft, out, n);
+  if (weights) return merge_kernel<kMode, kSource, false, true, false>(c, base, ft, out, n);
+  return merge_kernel<kMode, kSource, false, false, false>(c, base, ft, out, n);
 }
 
 template <typename in_t, typename out_t>
@@ -132,6 +138,8 @@ void merge_dispatch_mode(const MergeConfig& c, const Inputs& in, at::Tensor& out
       return merge_variant<kSparsifyTrim, kKeepConstant>(c, base, ft, o, n);
     case kSparsifyBand:
       return merge_variant<kSparsifyBand, kKeepConstant>(c, base, ft, o, n);
+    case kSparsifyClip:
+      return merge_variant<kSparsifyClip, kKeepConstant>(c, base, ft, o, n);
     case kSparsifyDrop:
       if (c.keep_source == kKeepPerRow) return merge_variant<kSparsifyDrop, kKeepPerRow>(c, base, ft, o, n);
       if (c.keep_source == kKeepRank) return merge_variant<kSparsifyDrop, kKeepRank>(c, base, ft, o, n);

@@ -42,8 +42,8 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
     p.nnz.assign(k, 0);
     if (histogram) p.hist.assign(static_cast<size_t>(k) * kExponentBins, 0);
   }
-  MK_DISPATCH_FLOAT(in.base.scalar_type(), "tv_stats", [&] {
-    const scalar_t* b = in.base.data_ptr<scalar_t>();
+  MK_DISPATCH_FLOAT(in.reference().scalar_type(), "tv_stats", [&] {
+    const scalar_t* b = in.base.defined() ? in.base.data_ptr<scalar_t>() : nullptr;  // none: the origin
     std::vector<const scalar_t*> ft;
     for (const auto& x : in.finetuned) ft.push_back(x.data_ptr<scalar_t>());
     for_each_block_chunked(0, n, [&](int64_t ch, int64_t, int64_t lo, int64_t hi) {
@@ -56,7 +56,9 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
       StatsPartial& p = parts[ch];
       const int64_t len = hi - lo;
       alignas(64) float x_buf[kBlock];
-      const float* __restrict__ base_f = as_float(b + lo, base_buf, len);
+      if (b == nullptr)
+        for (int64_t j = 0; j < len; ++j) base_buf[j] = 0.0f;
+      const float* __restrict__ base_f = b ? as_float(b + lo, base_buf, len) : base_buf;
       for (int64_t j = 0; j < len; ++j) has_pos[j] = has_neg[j] = 0;
       for (int t = 0; t < k; ++t) {
         float* tau = scratch.data() + static_cast<size_t>(t) * kBlock;

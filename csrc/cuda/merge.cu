@@ -30,7 +30,7 @@ __global__ void fused_merge_kernel(const MergeConfig c, const in_t* __restrict__
       for (int l = 0; l < 4; ++l) {
         if (!valid[l]) continue;
         const int64_t g = 4 * q + l;
-        const float tau = fsub(to_float(x[g - offset]), base_f[l]);
+        const float tau = task_value(c, to_float(x[g - offset]), base_f[l]);
         accumulate(c, acc[l], t, sparsify(c, t, g, g - offset, tau, words.w[l]));
       }
     }

@@ -69,12 +69,13 @@ void run_drop_l1(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
 
 template <typename Device>
 void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
-  const typename Device::Guard guard(in.base.device());
+  const typename Device::Guard guard(in.reference().device());
   const int k = in.num_experts();
   const TvStatsPlan plan = plan_tv_stats(k, in.numel(), histogram);
   if (plan.grid == 0) return;
   at::Tensor partials = at::empty({plan.grid, plan.parts, plan.pairs}, out.gram.options());
-  launch_tv_stats(plan, k, dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in), in.numel(), histogram,
+  const void* base = in.base.defined() ? in.base.data_ptr() : nullptr;  // none: the origin
+  launch_tv_stats(plan, k, dtype_of(in.reference().scalar_type()), base, pointers(in), in.numel(), histogram,
                   partials.data_ptr<double>(), reinterpret_cast<uint32_t*>(out.absmax.data_ptr<float>()),
                   reinterpret_cast<unsigned long long*>(out.nnz.data_ptr<int64_t>()),
                   reinterpret_cast<unsigned long long*>(out.signs.data_ptr<int64_t>()),

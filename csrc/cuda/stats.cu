@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
        start += static_cast<int64_t>(gridDim.x) * kTile) {
     const int64_t e = start + threadIdx.x;
     const bool valid = e < n;
-    const float b = valid ? to_float(base[e]) : 0.0f;
+    const float b = valid && base != nullptr ? to_float(base[e]) : 0.0f;  // no base: the origin
     bool pos = false, neg = false;
     for (int t = 0; t < k; ++t) {
       const float v = valid ? fsub(to_float(static_cast<const in_t*>(ft.p[t])[e]), b) : 0.0f;

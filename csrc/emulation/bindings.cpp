@@ -51,7 +51,7 @@ class Staging {
   }
 
   Inputs inputs(const Inputs& in) {
-    Inputs staged{input(in.base), {}};
+    Inputs staged{in.base.defined() ? input(in.base) : at::Tensor(), {}};
     for (const auto& x : in.finetuned) staged.finetuned.push_back(input(x));
     return staged;
   }

@@ -73,7 +73,7 @@ class Computer:
         }
         if unit.kind != "rows":
             return [(task, self.spec.function(b, fts, **call))]
-        if self.spec.uses_rng or "tie_cuts" in call:  # masks and tie cuts go by global element index
+        if self.spec.uses_rng or self.spec.offsets or "tie_cuts" in call:  # by global element index
             call["element_offset"] = unit.rows[0] * numel_of(task.shape[1:])
         piece = self.spec.function(b, fts, **call)
         full = self._partial.setdefault(

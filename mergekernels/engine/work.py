@@ -75,7 +75,7 @@ class WorkPlan:
             nbytes = _nbytes(task)
             if not task.merge:
                 self.units.append(WorkUnit((task,), "copy"))
-            elif nbytes > chunk_bytes and self._splits(task.shape):
+            elif nbytes > chunk_bytes and self._splits(task):
                 step = max(1, chunk_bytes // max(1, nbytes // task.shape[0]))
                 for r0 in range(0, task.shape[0], step):
                     self.units.append(WorkUnit((task,), "rows", (r0, min(task.shape[0], r0 + step))))
@@ -93,10 +93,11 @@ class WorkPlan:
             (self.read_bytes(self.tasks[n], r) for n in self.order for r in self.pieces[n]), default=0
         )
 
-    def _splits(self, shape: tuple[int, ...]) -> bool:
-        if self.spec.chunks == "elements":
+    def _splits(self, task: TensorTask) -> bool:
+        shape, chunks = task.shape, self.spec.chunks_for(task.params)
+        if chunks == "elements":
             return len(shape) >= 1 and shape[0] > 1
-        return self.spec.chunks == "rows" and len(shape) >= 2 and shape[0] > 1
+        return chunks == "rows" and len(shape) >= 2 and shape[0] > 1
 
     def converts(self, task: TensorTask) -> bool:
         """Whether the config's dtype and out_dtype apply to a tensor (floating, not excluded)."""

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..stats import GramPrepass
 from . import ace as _ace
 from . import apl
 from .ace import AceInfo, ace, ace_batched
-from .arcee_fusion import arcee_fusion
+from .arcee_fusion import arcee_fusion, fusion_prepass
 from .awd import AwdInfo, awd, awd_coefficients
 from .awd import prepare_stats as _awd_stats
 from .breadcrumbs import breadcrumbs, breadcrumbs_prepass
@@ -33,9 +34,9 @@ from .multislerp import multislerp
 from .nearswap import nearswap
 from .nuslerp import nuslerp
 from .passthrough import passthrough
-from .ram import ram, ramplus_tl
+from .ram import ram, ramplus_prepass, ramplus_tl
 from .regmean import collect_input_grams, regmean, regmean_batched
-from .sce import sce
+from .sce import sce, sce_prepass
 from .slerp import slerp
 from .ta import task_arithmetic
 from .ties import ties, ties_prepass
@@ -59,8 +60,12 @@ class MethodSpec:
     matrix_params: tuple[str, ...] = ()
     required: tuple[str, ...] = ()  # model-level parameters without a default
     # How the checkpoint engine may split one tensor: "" (whole tensors only), "elements" (any row
-    # range; random methods take the element offset) or "rows" (blocks of whole rows, ndim >= 2).
-    chunks: str = ""
+    # range; random methods take the element offset) or "rows" (blocks of whole rows, ndim >= 2); or
+    # a function of the tensor's parameters giving one of those (options that change it).
+    chunks: str | Callable[[dict], str] = ""
+    # whether a chunk's call takes ``element_offset``, its first element's index in the whole tensor
+    # (random masks and exact-k tie cuts go by it; so does SCE's tie cut)
+    offsets: bool = False
     # prepass(num_tasks, numel, params, device) -> None or an object with ``passes``,
     # ``update(pass, base, finetuned, element_offset)``, ``end_pass(pass)`` and ``params()``: what a
     # chunked tensor needs from all of its chunks first (a per-tensor threshold, DARE's L1 norms).
@@ -69,6 +74,10 @@ class MethodSpec:
     # params for that tensor}, diagnostics), run once over the merged tensors before the merge
     # (read(name) -> (base, finetuned) on the compute device). AWD: the Gram pass and its solve.
     prepare_stats: Callable | None = None
+
+    def chunks_for(self, params: dict) -> str:
+        """How a tensor with these parameters may be split (see ``chunks``)."""
+        return self.chunks(params) if callable(self.chunks) else self.chunks
 
 
 def _generic_layer_bytes(m: int, n: int, experts: int, dtype_bytes: int) -> int:
@@ -105,6 +114,26 @@ def _matrix(
     return MethodSpec(function, kind="matrix", batched=run, layer_bytes=layer_bytes, **extra)
 
 
+def _gram_prepass(points: Callable[[dict], bool]) -> Callable:
+    """The pre-pass of a method that combines whole tensors by Gram coefficients: the Gram of the
+    points (``points(params)``) or of the task vectors, unless the call does not need one."""
+
+    def prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
+        if params.get("gram") is not None or not params.get("flatten", True) or params.get("filter_wise"):
+            return None
+        return GramPrepass(points(params))
+
+    return prepass
+
+
+def _nuslerp_chunks(params: dict) -> str:
+    if params.get("flatten", True):
+        return "elements"
+    return "" if params.get("row_wise") else "rows"  # columns need whole tensors
+
+
+_gram_of_points = {"chunks": "elements", "prepass": _gram_prepass(lambda p: True)}
+_gram_from_origin = {"chunks": "elements", "prepass": _gram_prepass(lambda p: not p.get("origin", True))}
 _dare_chunks = {"chunks": "elements", "prepass": dare_prepass}
 _band_chunks = {"chunks": "elements", "prepass": breadcrumbs_prepass}
 
@@ -132,15 +161,19 @@ METHODS: dict[str, MethodSpec] = {
         required=("grams",),
     ),
     "passthrough": MethodSpec(passthrough, chunks="elements"),
-    "slerp": MethodSpec(slerp),
-    "model_stock": MethodSpec(model_stock),
-    "nuslerp": MethodSpec(nuslerp),
-    "multislerp": MethodSpec(multislerp),
-    "karcher": MethodSpec(karcher),
-    "sce": MethodSpec(sce),
-    "arcee_fusion": MethodSpec(arcee_fusion),
+    "slerp": MethodSpec(slerp, **_gram_of_points),
+    "model_stock": MethodSpec(
+        model_stock,
+        chunks=lambda p: "rows" if p.get("filter_wise") else "elements",
+        prepass=_gram_prepass(lambda p: False),
+    ),
+    "nuslerp": MethodSpec(nuslerp, chunks=_nuslerp_chunks, prepass=_gram_from_origin["prepass"]),
+    "multislerp": MethodSpec(multislerp, **_gram_from_origin),
+    "karcher": MethodSpec(karcher, **_gram_of_points),
+    "sce": MethodSpec(sce, chunks="elements", prepass=sce_prepass, offsets=True),
+    "arcee_fusion": MethodSpec(arcee_fusion, chunks="rows", prepass=fusion_prepass),
     "ram": MethodSpec(ram, chunks="elements"),
-    "ramplus_tl": MethodSpec(ramplus_tl),
+    "ramplus_tl": MethodSpec(ramplus_tl, chunks="elements", prepass=ramplus_prepass),
     "nearswap": MethodSpec(nearswap, chunks="elements", required=("t",)),
     "apl": MethodSpec(apl.apl, kind="needs_stats", uses_rng=True, required=("scores",)),
     "awd": MethodSpec(awd, kind="needs_stats", uses_rng=True, prepare_stats=_awd_stats),

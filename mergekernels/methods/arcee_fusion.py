@@ -10,13 +10,23 @@ median + 1.5 (q3 − q1), the quartiles of the importances, and from a elsewhere
 Quantiles are read as the ⌊q (n − 1)⌋-th smallest importance over all n entries; mergekit does the
 same on a random sample of 10⁶ entries when a tensor has more, so on such tensors the two thresholds
 differ by that sampling (ours is exact and deterministic).
+
+The importances are formed a block of whole rows at a time (about 2^20 entries), never for the whole
+tensor: :class:`FusionThreshold` reads the tensor twice to select the three quartiles exactly (two
+radix passes, :class:`mergekernels.selection.ValueSelect`; over every row chunk when the engine
+streams a tensor), then the merge reads it once more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+
+from ..selection import ValueSelect
+
+QUARTILES = (0.25, 0.5, 0.75)
+_PIECE = 1 << 20
 
 
 def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -28,17 +38,83 @@ def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (b - a).abs() * kl
 
 
-def arcee_fusion(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Arcee Fusion of one tensor towards the one fine-tuned tensor; base's dtype."""
+def _row_blocks(
+    base: torch.Tensor, other: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(rows, a, b) over blocks of whole rows (vectors along the last dimension) of about 2^20 entries;
+    a 0-d or 1-D tensor is one row."""
+    row_len = base.shape[-1] if base.dim() else 1
+    a = base.reshape(-1, row_len)
+    b = other.reshape(-1, row_len)
+    step = max(1, _PIECE // max(row_len, 1))
+    for r0 in range(0, a.shape[0], step):
+        rows = slice(r0, r0 + step)
+        yield rows, a[rows], b[rows]
+
+
+class FusionThreshold:
+    """The importance threshold median + 1.5 (q3 − q1) of one tensor, from two passes over it (whole,
+    or its row chunks in any order): ``params()`` is what :func:`arcee_fusion` takes for a chunk."""
+
+    passes = 2
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu"):
+        self.numel = numel
+        self.select = ValueSelect(device)
+        self.threshold: float | None = None
+
+    def update(self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int):
+        for _, a, b in _row_blocks(base, finetuned[0]):
+            importance = fusion_importance(a, b)
+            if index == 0:
+                self.select.count(importance)
+            else:
+                self.select.refine(importance)
+
+    def end_pass(self, index: int) -> None:
+        if index == 0:  # the k-th smallest is the (n - k + 1)-th largest
+            self.select.set_ranks([self.numel - int(q * (self.numel - 1)) for q in QUARTILES])
+            return
+        q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v, _, _ in self.select.results())
+        self.threshold = float(median + 1.5 * (q3 - q1))
+
+    def params(self) -> dict:
+        return {"threshold": self.threshold}
+
+
+def fusion_prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
+    if params.get("threshold") is not None or num_tasks != 1 or numel == 0:
+        return None
+    return FusionThreshold(numel, device)
+
+
+def arcee_fusion(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], threshold: float | None = None
+) -> torch.Tensor:
+    """Arcee Fusion of one tensor towards the one fine-tuned tensor; base's dtype. ``threshold``: the
+    whole tensor's importance threshold when this call merges one row chunk of it (the engine's
+    pre-pass); computed here by default."""
     if len(finetuned) != 1:
         raise ValueError(f"arcee_fusion takes the base and exactly one other model, got {len(finetuned)}")
-    importance = fusion_importance(base, finetuned[0])
-    flat = importance.reshape(-1)
-    n = flat.numel()
-    q1, median, q3 = (torch.kthvalue(flat, int(q * (n - 1)) + 1).values for q in (0.25, 0.5, 0.75))
-    threshold = median + 1.5 * (q3 - q1)
-    a, b = base.float(), finetuned[0].float()
-    return (a + (b - a) * (importance >= threshold)).to(base.dtype)
+    other = finetuned[0]
+    if other.shape != base.shape:
+        raise ValueError(f"arcee_fusion: shapes differ, base {list(base.shape)} and {list(other.shape)}")
+    if base.numel() == 0:
+        return base.clone()
+    if threshold is None:
+        finder = FusionThreshold(base.numel(), base.device)
+        for index in range(finder.passes):
+            finder.update(index, base, [other], 0)
+            finder.end_pass(index)
+        threshold = finder.threshold
+    limit = torch.tensor(threshold, dtype=torch.float32)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    rows_out = out.reshape(-1, base.shape[-1] if base.dim() else 1)
+    for rows, a, b in _row_blocks(base, other):
+        take = fusion_importance(a, b) >= limit
+        af, bf = a.float(), b.float()
+        rows_out[rows] = (af + (bf - af) * take).to(base.dtype)
+    return out
 
 
-__all__ = ["arcee_fusion", "fusion_importance"]
+__all__ = ["FusionThreshold", "arcee_fusion", "fusion_importance", "fusion_prepass"]

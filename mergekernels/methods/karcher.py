@@ -8,8 +8,9 @@ weighted sum of the log maps, Σ α_k θ_k / sin θ_k (u_k − cos θ_k μ) with
 ``max_iter`` times, until that step is shorter than ``tol``; the result is (Σ α_k n_k) μ.
 
 μ stays a linear combination of the u_k, so the iteration runs on its K coefficients and the K × K
-Gram matrix of the models (float64); the tensors are read once for the Gram and once for the final
-combination (float32, rounded once).
+Gram matrix of the models (float64); the tensors are read once for the Gram (the fused statistics
+pass, summed over the row chunks first when the engine streams a tensor: ``gram``) and once for the
+final fused combination (float32, rounded once).
 """
 
 from __future__ import annotations
@@ -70,13 +71,20 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int = 10, tol: float = 1e
 
 
 def karcher(
-    base: torch.Tensor, finetuned: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    max_iter: int = 10,
+    tol: float = 1e-5,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Karcher mean of ``base`` and ``finetuned`` (all points, equally weighted); base's dtype."""
+    """The Karcher mean of ``base`` and ``finetuned`` (all points, equally weighted); base's dtype.
+    ``gram``: the points' Gram matrix over the whole tensor when this call merges a row chunk."""
     points = [base, *finetuned]
     if len(points) == 1:
         return base.clone()
-    return weighted_sum(points, karcher_coefficients(gram_matrix(points), max_iter, tol), base)
+    if gram is None:
+        gram = gram_matrix(points)
+    return weighted_sum(points, karcher_coefficients(gram, max_iter, tol), base)
 
 
 __all__ = ["karcher", "karcher_coefficients"]

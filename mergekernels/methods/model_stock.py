@@ -8,8 +8,9 @@ With K fine-tuned models, task vectors τ_k = θ_k − θ_0 and cos θ the mean 
 
 with t = 0 (the base) where 1 + (K − 1) cos θ is within 1e-6 of 0. ``filter_wise`` computes cos θ and
 t per row (over the last dimension; a 1-D tensor is one row). The whole-tensor version runs on the
-fused kernels: one statistics pass (the Gram of the task vectors, float64) and one task-arithmetic
-pass with scale t / K.
+fused kernels: one statistics pass (the Gram of the task vectors, float64; summed over the row
+chunks first when the engine streams a tensor: ``gram``) and one task-arithmetic pass with scale
+t / K. The per-row version is float32 torch ops with float64 moments, streamed in row chunks.
 """
 
 from __future__ import annotations
@@ -38,14 +39,20 @@ def stock_ratio(gram: torch.Tensor) -> torch.Tensor:
 
 
 def model_stock(
-    base: torch.Tensor, finetuned: Sequence[torch.Tensor], filter_wise: bool = False
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    filter_wise: bool = False,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Model Stock of one tensor (at least two fine-tuned models); returns base's dtype."""
+    """Model Stock of one tensor (at least two fine-tuned models); returns base's dtype. ``gram``:
+    the task vectors' Gram over the whole tensor when this call merges a row chunk of it."""
     k = len(finetuned)
     if k < 2:
         raise ValueError(f"model_stock needs at least two fine-tuned models besides the base, got {k}")
     if not filter_wise:
-        t = float(stock_ratio(task_vector_stats(base, finetuned).gram))
+        if gram is None:
+            gram = task_vector_stats(base, finetuned).gram
+        t = float(stock_ratio(gram))
         return task_arithmetic(base, finetuned, scale=t / k)
     rows = base.reshape(1, -1) if base.dim() <= 1 else base.reshape(-1, base.shape[-1])
     b = rows.float()

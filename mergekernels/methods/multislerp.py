@@ -10,8 +10,10 @@ the sphere and given the weighted mean norm:
 (mergekit frames this as interpolating in the tangent space at m / |m|; the weighted tangent
 vectors sum to zero there, so the exponential map returns m / |m| itself.) Everything is a linear
 combination of the inputs, so it is computed from their K × K Gram matrix (float64) and one
-combine: the fused task-arithmetic pass with per-model weights when there is a base. A single input
-is returned as it is; |m| < eps is refused, except for two inputs, which then mix linearly.
+combine: the fused task-arithmetic pass with per-model weights (a fused weighted sum without a
+base). When the engine streams a tensor in row chunks, the Gram is summed over them first
+(``gram``). A single input is returned as it is; |m| < eps is refused, except for two inputs, which
+then mix linearly.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def multislerp(
     normalize_weights: bool = True,
     eps: float = 1e-8,
     origin: bool = True,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-SLERP of one tensor.
 
@@ -42,6 +45,8 @@ def multislerp(
         normalize_weights: divide the weights by their sum.
         eps: added to the norms; the smallest |m| accepted.
         origin: whether ``base`` is the origin (mergekit: a ``base_model`` is given) or a point.
+        gram: the Gram matrix of the inputs over the whole tensor, when this call merges one row chunk
+            of it (the engine's pre-pass); computed here by default.
     """
     points = list(finetuned) if origin else [base, *finetuned]
     k = len(points)
@@ -57,7 +62,8 @@ def multislerp(
         w = [x / total for x in w]
     if k == 1:
         return points[0].clone()
-    gram = task_vector_stats(base, finetuned).gram if origin else gram_matrix(points)
+    if gram is None:
+        gram = task_vector_stats(base, finetuned).gram if origin else gram_matrix(points)
     norms = torch.diagonal(gram).clamp_min(0).sqrt().tolist()
     a = torch.tensor([wk / (nk + eps) for wk, nk in zip(w, norms, strict=True)], dtype=torch.float64)
     mean_norm = math.sqrt(max(float(a @ gram @ a), 0.0))

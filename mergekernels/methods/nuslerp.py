@@ -9,7 +9,10 @@ v0, v1 with cos θ = <v0, v1> / (max(|v0|, 1e-7) max(|v1|, 1e-7)) clamped to [-1
 
     nuslerp = (sin((1 - t) θ) v0 + sin(t θ) v1) / sin θ,   or (1 - t) v0 + t v1 when 1 - cos² θ <= eps².
 
-Whole-tensor moments are accumulated in float64 in one pass; the combination runs in float32.
+Flattened: the whole-tensor moments come from the fused statistics pass (float64; over every row
+chunk first when the engine streams the tensor: ``gram``) and one fused combine writes the result.
+Per row or column: float32 torch ops with float64 moments (the engine streams rows in chunks; the
+column-wise version needs whole tensors).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..stats import gram_matrix, task_vector_stats
-from .ta import task_arithmetic
+from .ta import task_arithmetic, weighted_sum
 
 
 def _coefficients(sq0, sq1, dot, t: float, eps: float):
@@ -43,6 +46,7 @@ def nuslerp(
     flatten: bool = True,
     eps: float = 1e-8,
     origin: bool = True,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NuSLERP of one tensor between two models.
 
@@ -54,6 +58,8 @@ def nuslerp(
         flatten: interpolate the whole tensors as single vectors (mergekit's default).
         eps: the collinearity tolerance.
         origin: whether ``base`` is the origin (mergekit: a ``base_model`` is given).
+        gram: with ``flatten``, the 2 x 2 Gram matrix of the two vectors over the whole tensor, when
+            this call merges one row chunk of it (the engine's pre-pass); computed here by default.
     """
     pair = list(finetuned) if origin else [base, *finetuned]
     if len(pair) != 2:
@@ -66,12 +72,12 @@ def nuslerp(
     total = w[0] + w[1]
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
     if flatten or base.dim() <= 1:
-        gram = task_vector_stats(base, pair).gram if origin else gram_matrix(pair)
+        if gram is None:
+            gram = task_vector_stats(base, pair).gram if origin else gram_matrix(pair)
         c0, c1 = _coefficients(gram[0, 0], gram[1, 1], gram[0, 1], t, eps)
         if origin:
             return task_arithmetic(base, pair, weights=[float(c0), float(c1)])
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32
-        return (float(c0) * pair[0].to(work) + float(c1) * pair[1].to(work)).to(base.dtype)
+        return weighted_sum(pair, [float(c0), float(c1)], base)
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
     b = base.to(work)
     v0, v1 = (x.to(work) - b for x in pair) if origin else (x.to(work) for x in pair)

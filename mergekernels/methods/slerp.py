@@ -7,9 +7,10 @@ For the base tensor v0 and the other model's v1, both flattened, with cos θ = <
 
 and the plain interpolation (1 - t) v0 + t v1 when |cos θ| > ``dot_threshold`` (nearly collinear
 or antipodal: sin θ ≈ 0). t = 0 gives the base, t = 1 the other model; in configurations t is
-usually a per-layer gradient. The norms and the dot product are accumulated in float64 in one
-pass; the combination is computed in float32 (float64 for float64 inputs) and rounded once to the
-base's dtype.
+usually a per-layer gradient. Two fused passes: the statistics pass accumulates the norms and the
+dot product in float64 (over every row chunk first, when the engine streams a tensor: ``gram``),
+then one fused combine writes (c0 + c1) v0 + c1 (v1 − v0) in float32, rounded once to the base's
+dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from ..stats import gram_matrix
+from .ta import weighted_sum
 
 DOT_THRESHOLD = 0.9995
 
@@ -50,6 +52,7 @@ def slerp(
     t: float = 0.5,
     dot_threshold: float = DOT_THRESHOLD,
     eps: float = 1e-8,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spherical interpolation from ``base`` (t = 0) to the one fine-tuned tensor (t = 1).
 
@@ -59,6 +62,8 @@ def slerp(
         t: the interpolation position (mergekit's ``t``; any real number, usually in [0, 1]).
         dot_threshold: above this |cos θ| the inputs are treated as collinear (plain interpolation).
         eps: norms at most this count as 1 (a zero tensor does not divide by zero).
+        gram: the 2 x 2 Gram matrix of (base, other) over the whole tensor, when this call merges one
+            row chunk of it (the engine's pre-pass); computed here by default.
 
     Returns:
         The interpolated tensor, in base's dtype.
@@ -70,12 +75,11 @@ def slerp(
     v1 = finetuned[0]
     if v1.shape != base.shape:
         raise ValueError(f"slerp: shapes differ, base {list(base.shape)} and {list(v1.shape)}")
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    a, b = base.reshape(-1), v1.reshape(-1)
-    gram = gram_matrix([a, b])
+    if gram is None:
+        gram = gram_matrix([base, v1])
     sq0, sq1, dot = float(gram[0, 0]), float(gram[1, 1]), float(gram[0, 1])
     c0, c1 = slerp_coefficients(sq0, sq1, dot, float(t), dot_threshold, eps)
-    return (c0 * a.to(work) + c1 * b.to(work)).reshape(base.shape).to(base.dtype)
+    return weighted_sum([base, v1], [c0, c1], base)
 
 
 __all__ = ["DOT_THRESHOLD", "slerp", "slerp_coefficients"]

@@ -42,9 +42,16 @@ def weighted_sum(
     points: Sequence[torch.Tensor], coefficients: Sequence[float], like: torch.Tensor
 ) -> torch.Tensor:
     """sum_k c_k x_k of whole tensors (no base: the methods whose result is a combination of the
-    models themselves), in float32 (float64 for float64 inputs), rounded once to ``like``'s dtype."""
-    work = torch.float64 if like.dtype == torch.float64 else torch.float32
-    out = torch.zeros(like.shape, dtype=work, device=like.device)
-    for c, x in zip(coefficients, points, strict=True):
-        out.add_(x.to(work), alpha=c)
-    return out.to(like.dtype)
+    models themselves) in one fused pass: c_0 x_0 + (c_1 x_1 + c_2 x_2 + ...) in float32, each
+    product rounded, rounded once more to ``like``'s dtype (float64 tensors: torch ops in float64)."""
+    coefficients = [float(c) for c in coefficients]
+    if len(points) != len(coefficients):
+        raise ValueError(f"weighted_sum: {len(coefficients)} coefficients for {len(points)} tensors")
+    if len(points) == 1 or like.dtype == torch.float64:
+        work = torch.float64 if like.dtype == torch.float64 else torch.float32
+        out = torch.zeros(like.shape, dtype=work, device=like.device)
+        for c, x in zip(coefficients, points, strict=True):
+            out.add_(x.to(work), alpha=c)
+        return out.to(like.dtype)
+    p = _ops.prepare(points[0], points[1:], "weighted_sum")
+    return _ops.fused_merge(p, weights=coefficients[1:], base_scale=coefficients[0], out_dtype=like.dtype)
