@@ -216,6 +216,7 @@ struct StatsOutputs {
 using StatsRunner = void (*)(const Inputs&, bool histogram, StatsOutputs& out);
 using HistogramRunner = void (*)(const Inputs&, int level, const at::Tensor& prefix, at::Tensor& hist);
 using RanksRunner = void (*)(const Inputs&, int64_t row_len, at::Tensor& ranks);
+using VarianceRunner = void (*)(const Inputs&, at::Tensor& out);
 
 template <MergeRunner run>
 at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10::ArrayRef<double> weights, double scale,
@@ -306,6 +307,14 @@ void magnitude_histogram_op(at::Tensor& hist, const at::Tensor& base, at::Tensor
     TORCH_CHECK(pre.numel() == k, "magnitude_histogram_: prefix needs ", k, " entries, got ", pre.numel());
   }
   run(in, static_cast<int>(level), pre, hist);
+}
+
+template <VarianceRunner run>
+at::Tensor element_variance_op(const at::Tensor& base, at::TensorList finetuned) {
+  const Inputs in = check_inputs(base, finetuned, "element_variance");
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(at::kFloat));
+  if (in.numel() > 0) run(in, out);
+  return out;
 }
 
 template <RanksRunner run>

@@ -15,6 +15,9 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "tv_stats(Tensor? base, Tensor[] finetuned, bool histogram) -> "
       "(Tensor gram, Tensor absmax, Tensor nnz, Tensor sign_counts, Tensor hist)");
+  // Per element, the population variance of tau_1..tau_K (float32 values, float64 Welford recurrence,
+  // rounded to float32): SCE's selection statistic, equal to torch.var over the stacked task vectors.
+  m.def("element_variance(Tensor base, Tensor[] finetuned) -> Tensor");
   // Radix-select histogram over |tau| bit patterns, accumulated into `hist` ([K, 65536] at level 0,
   // [K, 32768] at level 1 counting only elements whose level-0 digit equals prefix[t]).
   m.def(

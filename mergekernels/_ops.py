@@ -52,6 +52,11 @@ def _tv_stats_fake(base, finetuned, histogram):
     )
 
 
+@torch.library.register_fake("mergekernels::element_variance")
+def _element_variance_fake(base, finetuned):
+    return base.new_empty(base.shape, dtype=torch.float32)
+
+
 @torch.library.register_fake("mergekernels::magnitude_histogram_")
 def _magnitude_histogram_fake(hist, base, finetuned, level, prefix):
     return None
@@ -253,6 +258,13 @@ def tv_stats(base: torch.Tensor | None, finetuned: Sequence[torch.Tensor], histo
         return _lib.tv_stats(None, p.finetuned, histogram)
     p = prepare(base, finetuned, "task_vector_stats")
     return _lib.tv_stats(p.base, p.finetuned, histogram)
+
+
+def element_variance(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per element, the population variance of the K task vectors (float32 of base's shape): the
+    float32 tau_t in float64 Welford order, so equal to torch.var(stack(tau), 0, unbiased=False)."""
+    p = prepare(base, finetuned, "element_variance")
+    return _lib.element_variance(p.base, p.finetuned)
 
 
 def magnitude_histogram_(

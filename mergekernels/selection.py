@@ -319,15 +319,17 @@ class TieLocator:
         return [[int(c) for c in f] for f in self.found]
 
 
-def _order_keys(values: torch.Tensor) -> torch.Tensor:
-    """float32 values -> int64 keys in [0, 2^32) that order like the values (-0 below +0; NaN with a
-    clear sign bit above +inf)."""
-    bits = values.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 1 << 31, (1 << 32) - 1 - bits, bits + (1 << 31))
+def _order_digits(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 values -> (high, low) 16-bit digits of keys that order like the values (-0 below +0;
+    NaN with a clear sign bit above +inf): the sign-magnitude bits made two's complement, in int32."""
+    bits = values.contiguous().view(torch.int32)
+    signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (signed >> 16) + (1 << 15), signed & 0xFFFF
 
 
 def _key_to_float(key: int) -> float:
-    bits = (1 << 32) - 1 - key if key < 1 << 31 else key - (1 << 31)
+    signed = key - (1 << 31)  # the int32 two's-complement value of _order_digits
+    bits = signed ^ 0x7FFFFFFF if signed < 0 else signed
     return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32))
 
 
@@ -351,8 +353,8 @@ class ValueSelect:
         self._hist1: torch.Tensor | None = None
 
     def count(self, values: torch.Tensor) -> None:
-        keys = _order_keys(values.reshape(-1))
-        self._hist0 += torch.bincount(keys >> self.BITS, minlength=1 << self.BITS)
+        high, _ = _order_digits(values.reshape(-1))
+        self._hist0 += torch.bincount(high, minlength=1 << self.BITS)
         self.numel += values.numel()
 
     def set_ranks(self, ranks: Sequence[int]) -> None:
@@ -364,8 +366,7 @@ class ValueSelect:
         self._hist1 = torch.zeros(len(ranks), 1 << self.BITS, dtype=torch.int64, device=self.device)
 
     def refine(self, values: torch.Tensor) -> None:
-        keys = _order_keys(values.reshape(-1))
-        high, low = keys >> self.BITS, keys & ((1 << self.BITS) - 1)
+        high, low = _order_digits(values.reshape(-1))
         for i, prefix in enumerate(self._prefixes):
             self._hist1[i] += torch.bincount(low[high == prefix], minlength=1 << self.BITS)
 

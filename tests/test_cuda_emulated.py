@@ -397,6 +397,16 @@ def test_tv_stats(dev, dtype, k, with_base, histogram, grid):
                 assert_reordered_sum(got[0], want[0], n, norms[:, None] * norms[None, :], f"gram {what}")
 
 
+@pytest.mark.parametrize("grid", ["fit", "capped", "surplus"])
+@pytest.mark.parametrize("k", [1, 3, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_element_variance(dev, dtype, k, grid):
+    use_grid(dev, grid, seed=k)
+    for n in [1, 3, 257, 4097]:
+        base, fts = inputs("randn", k, n, dtype, seed=n + k)
+        assert_same(dev.element_variance(base, fts), CPU.element_variance(base, fts), f"n={n}")
+
+
 @pytest.mark.parametrize("grid", ["fit", "capped", "one_block", "surplus"])
 @pytest.mark.parametrize("k", [1, 2, 7, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

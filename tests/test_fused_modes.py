@@ -93,3 +93,20 @@ def test_active_mean_refuses_ties():
             reduce="active",
             ties=True,
         )
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_element_variance_is_torch_var(dtype, shape, k):
+    """SCE's statistic: the same bits as torch.var over the stacked float32 task vectors (mergekit's
+    formula), and the float64 variance within float32 rounding."""
+    base, fts = make_inputs(k, shape, dtype, seed=k + shape[0], delta=0.05)
+    fts[0] = _noncontiguous(fts[0])
+    got = _ops.element_variance(base, fts)
+    taus = torch.stack([x.float() - base.float() for x in fts])
+    want = taus.var(dim=0, unbiased=False)
+    assert got.dtype == torch.float32 and got.shape == base.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    exact = taus.double().var(dim=0, unbiased=False)
+    torch.testing.assert_close(got.double(), exact, rtol=4e-7, atol=1e-30)

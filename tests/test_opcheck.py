@@ -29,6 +29,7 @@ def test_opcheck_all_ops(device, dtype):
         (OPS.tv_stats, (base, fts, True)),
         (OPS.tv_stats, (base, fts, False)),
         (OPS.tv_stats, (None, fts, True)),  # the points themselves
+        (OPS.element_variance, (base, fts)),
         (
             OPS.magnitude_histogram_,
             (torch.zeros(k, 1 << 16, dtype=torch.int64, device=device), base, fts, 0, None),

@@ -59,6 +59,16 @@ MK_HD float fdiv(float a, float b) {
 #endif
 }
 
+// One step of Welford's recurrence in float64 (n: the count including x), the order torch.var
+// takes on the CPU, so element_variance equals torch.var(stack(tau), 0, unbiased=False) bit for bit.
+// Plain double operations: host builds do not contract them (-ffp-contract=off), nor does nvcc
+// (--fmad=false).
+MK_HD void welford_add(double& mean, double& m2, int n, double x) {
+  const double d = x - mean;
+  mean = mean + d / static_cast<double>(n);
+  m2 = m2 + d * (x - mean);
+}
+
 // Everything a fused merge needs besides the tensors' data pointers. Plain data, passed by value
 // to CUDA kernels.
 struct MergeConfig {

@@ -1,4 +1,4 @@
-// CPU task-vector statistics: one pass over base and the K fine-tuned tensors. Each block's task
+// CPU task-vector statistics (and the per-element variance of the task vectors): one pass over base and the K fine-tuned tensors. Each block's task
 // vectors live only in a per-thread [K, kBlock] scratch; the Gram matrix is summed in float64 with
 // eight independent partial sums per pair (exact float products, vectorisable), per chunk, and
 // the chunks are summed in order, so the result does not depend on the thread count.
@@ -114,8 +114,34 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
   }
 }
 
+// Welford over the tasks, block by block; each element's recurrence runs in task order.
+void run_variance(const Inputs& in, at::Tensor& out) {
+  const int k = in.num_experts();
+  MK_DISPATCH_FLOAT(in.base.scalar_type(), "element_variance", [&] {
+    const scalar_t* b = in.base.data_ptr<scalar_t>();
+    std::vector<const scalar_t*> ft;
+    for (const auto& x : in.finetuned) ft.push_back(x.data_ptr<scalar_t>());
+    float* o = out.data_ptr<float>();
+    for_each_block(0, in.numel(), [&](int64_t, int64_t lo, int64_t hi) {
+      const int64_t len = hi - lo;
+      alignas(64) float base_buf[kBlock], x_buf[kBlock];
+      alignas(64) double mean[kBlock], m2[kBlock];
+      const float* __restrict__ base_f = as_float(b + lo, base_buf, len);
+      for (int64_t j = 0; j < len; ++j) mean[j] = m2[j] = 0.0;
+      for (int t = 0; t < k; ++t) {
+        const float* __restrict__ x = as_float(ft[t] + lo, x_buf, len);
+        for (int64_t j = 0; j < len; ++j) welford_add(mean[j], m2[j], t + 1, fsub(x[j], base_f[j]));
+      }
+      for (int64_t j = 0; j < len; ++j) o[lo + j] = static_cast<float>(m2[j] / static_cast<double>(k));
+    });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mergekernels, CPU, m) { m.impl("tv_stats", &tv_stats_op<run_stats>); }
+TORCH_LIBRARY_IMPL(mergekernels, CPU, m) {
+  m.impl("tv_stats", &tv_stats_op<run_stats>);
+  m.impl("element_variance", &element_variance_op<run_variance>);
+}
 
 }  // namespace mk::cpu

@@ -25,6 +25,7 @@ TORCH_LIBRARY_IMPL(mergekernels, CUDA, m) {
   m.impl("masked_drop", &masked_drop_op<run_drop<CudaDevice>>);
   m.impl("drop_l1", &drop_l1_op<run_drop_l1<CudaDevice>>);
   m.impl("tv_stats", &tv_stats_op<run_stats<CudaDevice>>);
+  m.impl("element_variance", &element_variance_op<run_variance<CudaDevice>>);
   m.impl("magnitude_histogram_", &magnitude_histogram_op<run_histogram<CudaDevice>>);
   m.impl("covariance_moments", &covariance_moments_op<run_moments<CudaDevice>>);
   m.impl("covariance_assemble", &covariance_assemble_op<run_assemble<CudaDevice>>);

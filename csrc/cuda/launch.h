@@ -52,6 +52,10 @@ void launch_tv_stats(const TvStatsPlan& plan, int k, DType in, const void* base,
                      bool histogram, double* gram_partials, uint32_t* absmax_bits, unsigned long long* nnz,
                      unsigned long long* signs, unsigned long long* hist, cudaStream_t stream);
 
+// out: [n] float32, the population variance of the K task vectors per element (Welford, float64).
+void launch_element_variance(int k, DType in, const void* base, const InputPtrs& ft, float* out, int64_t n,
+                             cudaStream_t stream);
+
 // hist: [K, bins] counts accumulated in place; prefix: [K] int64 on the device (level 1).
 void launch_magnitude_histogram(int k, DType in, const void* base, const InputPtrs& ft, int64_t n, int level,
                                 const int64_t* prefix, unsigned long long* hist, cudaStream_t stream);

@@ -86,6 +86,14 @@ void run_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
 }
 
 template <typename Device>
+void run_variance(const Inputs& in, at::Tensor& out) {
+  const typename Device::Guard guard(in.base.device());
+  launch_element_variance(in.num_experts(), dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in),
+                          out.data_ptr<float>(), in.numel(), Device::stream());
+  Device::check_launch();
+}
+
+template <typename Device>
 void run_histogram(const Inputs& in, int level, const at::Tensor& prefix, at::Tensor& hist) {
   const typename Device::Guard guard(in.base.device());
   launch_magnitude_histogram(in.num_experts(), dtype_of(in.base.scalar_type()), in.base.data_ptr(), pointers(in),

@@ -121,7 +121,30 @@ __global__ void __launch_bounds__(kThreads) tv_stats_kernel(int k, const in_t* _
   }
 }
 
+template <typename in_t>
+__global__ void element_variance_kernel(int k, const in_t* __restrict__ base, const InputPtrs ft, float* out,
+                                        int64_t n) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float b = to_float(base[e]);
+    double mean = 0.0, m2 = 0.0;
+    for (int t = 0; t < k; ++t)
+      welford_add(mean, m2, t + 1, fsub(to_float(static_cast<const in_t*>(ft.p[t])[e]), b));
+    out[e] = static_cast<float>(m2 / static_cast<double>(k));
+  }
+}
+
 }  // namespace
+
+void launch_element_variance(int k, DType in, const void* base, const InputPtrs& ft, float* out, int64_t n,
+                             cudaStream_t stream) {
+  if (n <= 0) return;
+  dispatch_dtype(in, [&](auto tag) {
+    using in_t = decltype(tag);
+    MK_LAUNCH(grid_for(n), kThreads, 0, stream, element_variance_kernel<in_t>)(k, static_cast<const in_t*>(base), ft,
+                                                                              out, n);
+  });
+}
 
 TvStatsPlan plan_tv_stats(int k, int64_t n, bool histogram) {
   TvStatsPlan p{};

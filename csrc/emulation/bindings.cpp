@@ -127,6 +127,13 @@ void staged_stats(const Inputs& in, bool histogram, StatsOutputs& out) {
   s.finish();
 }
 
+void staged_variance(const Inputs& in, at::Tensor& out) {
+  Staging s;
+  at::Tensor staged = s.output(out);
+  cuda::run_variance<EmulatedDevice>(s.inputs(in), staged);
+  s.finish();
+}
+
 void staged_histogram(const Inputs& in, int level, const at::Tensor& prefix, at::Tensor& hist) {
   Staging s;
   at::Tensor staged_hist = s.output(hist);
@@ -223,6 +230,7 @@ TORCH_LIBRARY_IMPL(mergekernels_emu, CPU, m) {
   m.impl("masked_drop", &mk::masked_drop_op<mk::emu::staged_pipeline<mk::cuda::run_drop<EmulatedDevice>>>);
   m.impl("drop_l1", &mk::drop_l1_op<mk::emu::staged_pipeline<mk::cuda::run_drop_l1<EmulatedDevice>>>);
   m.impl("tv_stats", &mk::tv_stats_op<mk::emu::staged_stats>);
+  m.impl("element_variance", &mk::element_variance_op<mk::emu::staged_variance>);
   m.impl("magnitude_histogram_", &mk::magnitude_histogram_op<mk::emu::staged_histogram>);
   m.impl("covariance_moments", &mk::covariance_moments_op<mk::emu::staged_moments>);
   m.impl("covariance_assemble", &mk::covariance_assemble_op<mk::emu::staged_assemble>);

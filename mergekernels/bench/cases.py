@@ -27,6 +27,13 @@ OPS = (
     "dare_ties",
     "breadcrumbs",
     "della",
+    "slerp",
+    "multislerp",
+    "model_stock",
+    "nearswap",
+    "ram",
+    "sce",
+    "arcee_fusion",
     "ace",
     "awd",
     "stream",
@@ -59,9 +66,14 @@ PRESETS: dict[str, Preset] = {
 
 # ---- bytes ---------------------------------------------------------------------------------------
 _READ_ONLY = ("stats", "threshold")
-_ONE_PASS = ("ta", "dare", "dare_linear", "dare_ties", "della")
-_TWO_PASS = ("ties", "breadcrumbs", "awd")
+_ONE_PASS = ("ta", "dare", "dare_linear", "dare_ties", "della", "nearswap", "ram")
+_TWO_PASS = ("ties", "breadcrumbs", "awd", "slerp", "multislerp", "model_stock", "sce", "arcee_fusion")
 METHODS = (*_READ_ONLY, *_ONE_PASS, *_TWO_PASS, "masked_drop")
+# Methods of exactly one fine-tuned model: their cases take the first of the K.
+ONE_EXPERT = ("slerp", "nearswap", "arcee_fusion")
+SCE_TOPK = 0.5
+RAM_EPSILON = 1e-3
+NEARSWAP_T = 1e-3
 
 
 def bytes_moved(method: str, k: int, numel: int, itemsize: int) -> int:
@@ -78,10 +90,16 @@ def bytes_moved(method: str, k: int, numel: int, itemsize: int) -> int:
       tensor: a threshold pass reading the inputs, then the merge pass reading them again and
       writing the output. ``awd``: likewise, a statistics pass, then the merge pass.
     - ``masked_drop``: one expert: base and that expert read, a float32 tensor written (k unused).
+    - mergekit's other methods: ``nearswap``, ``ram`` one pass; ``slerp``, ``multislerp``,
+      ``model_stock`` (a Gram, then the combine), ``sce`` and ``arcee_fusion`` (an order statistic of
+      the whole tensor, then the merge) two. ``slerp``, ``nearswap`` and ``arcee_fusion`` take one
+      fine-tuned model (k = 1).
 
     The torch references are charged the bound of the method they implement, so their GB/s and
     ours compare directly. Intermediates (float32 task vectors, masks, indices) are not counted.
     """
+    if method in ONE_EXPERT:
+        k = 1
     inputs = (k + 1) * numel * itemsize
     output = numel * itemsize
     if method in _READ_ONLY:
@@ -185,6 +203,57 @@ class Case:
 
 def _first_expert(fn: Callable) -> Callable:
     return lambda base, finetuned: fn(base, finetuned[0])
+
+
+def _mergekit_cases() -> dict[str, Case]:
+    """mergekit's other methods, against torch code written the way mergekit computes them."""
+    import mergekernels as mk
+
+    def one(fn: Callable) -> Callable:
+        return lambda b, f: fn(b, f[:1])
+
+    def case(name: str, ours: Callable, reference: Callable | None, note: str) -> Case:
+        refs = [Impl(f"{name}_torch", "torch", reference, agreement="exact")] if reference else []
+        return Case(name, "bandwidth", name, Impl(name, "mergekernels", ours), refs, note=note)
+
+    return {
+        "slerp": case(
+            "slerp",
+            one(lambda b, f: mk.slerp(b, f, t=0.3)),
+            one(lambda b, f: ref.slerp_torch(b, f, 0.3)),
+            "t 0.3, the first fine-tuned model",
+        ),
+        "multislerp": case(
+            "multislerp", lambda b, f: mk.multislerp(b, f), None, "task vectors, equal weights"
+        ),
+        "model_stock": case(
+            "model_stock", lambda b, f: mk.model_stock(b, f), ref.model_stock_torch, "whole tensor"
+        ),
+        "nearswap": case(
+            "nearswap",
+            one(lambda b, f: mk.nearswap(b, f, t=NEARSWAP_T)),
+            one(lambda b, f: ref.nearswap_torch(b, f, NEARSWAP_T)),
+            f"t {NEARSWAP_T}",
+        ),
+        "ram": case(
+            "ram",
+            lambda b, f: mk.ram(b, f, epsilon=RAM_EPSILON),
+            lambda b, f: ref.ram_torch(b, f, RAM_EPSILON),
+            f"epsilon {RAM_EPSILON}",
+        ),
+        "sce": case(
+            "sce",
+            lambda b, f: mk.sce(b, f, select_topk=SCE_TOPK),
+            lambda b, f: ref.sce_torch(b, f, SCE_TOPK),
+            f"select_topk {SCE_TOPK}",
+        ),
+        "arcee_fusion": case(
+            "arcee_fusion",
+            one(lambda b, f: mk.arcee_fusion(b, f)),
+            one(ref.arcee_fusion_torch),
+            "the first fine-tuned model",
+        ),
+    }
 
 
 def elementwise_cases(names: list[str], methods: dict, slow_references: bool = True) -> list[Case]:
@@ -309,6 +378,7 @@ def elementwise_cases(names: list[str], methods: dict, slow_references: bool = T
             note="density 0.5, epsilon 0.15",
         ),
     }
+    cases.update(_mergekit_cases())
     if "awd" in methods:
         spec = methods["awd"]
         cases["awd"] = Case(

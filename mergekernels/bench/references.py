@@ -9,6 +9,7 @@ and return the merged tensor in base's dtype; :func:`threshold_kthvalue` returns
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -246,3 +247,64 @@ def ace_reference_style(
         _ace_one_tensor_reference_style(b, [expert[i] for expert in finetuned], **params)
         for i, b in enumerate(base)
     ]
+
+
+# ---- mergekit's other methods, as its torch code paths compute them (float32 copies of the inputs)
+def slerp_torch(base: torch.Tensor, finetuned: Sequence[torch.Tensor], t: float = 0.5) -> torch.Tensor:
+    """Spherical interpolation from base to the one fine-tuned tensor through normalised copies."""
+    v0, v1 = base.float(), finetuned[0].float()
+    u0, u1 = v0 / v0.norm().clamp_min(1e-8), v1 / v1.norm().clamp_min(1e-8)
+    cos = float((u0 * u1).sum().clamp(-1, 1))
+    if abs(cos) > 0.9995:
+        return ((1 - t) * v0 + t * v1).to(base.dtype)
+    theta = math.acos(cos)
+    s0, s1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return (s0 * v0 + s1 * v1).to(base.dtype)
+
+
+def model_stock_torch(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Model Stock: the mean pairwise cosine of the task vectors sets the pull towards the base."""
+    tv = _task_vectors(base, finetuned)
+    unit = tv / tv.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    k = tv.shape[0]
+    cos = (unit @ unit.T)[torch.triu_indices(k, k, 1).unbind()].mean()
+    t = float(k * cos / (1 + (k - 1) * cos))
+    return _finish(base, t / k * tv.sum(dim=0))
+
+
+def nearswap_torch(base: torch.Tensor, finetuned: Sequence[torch.Tensor], t: float) -> torch.Tensor:
+    a, b = base.float(), finetuned[0].float()
+    weight = (t / (b - a).abs().clamp_min(1e-6)).clamp(0, 1)
+    return (weight * b + (1 - weight) * a).to(base.dtype)
+
+
+def ram_torch(base: torch.Tensor, finetuned: Sequence[torch.Tensor], epsilon: float) -> torch.Tensor:
+    tv = _task_vectors(base, finetuned)
+    active = tv.abs() > epsilon
+    return _finish(base, (tv * active).sum(dim=0) / active.sum(dim=0).clamp(min=1))
+
+
+def sce_torch(base: torch.Tensor, finetuned: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """SCE with the variance top-k by ``kthvalue`` over the whole tensor."""
+    tv = _task_vectors(base, finetuned)
+    variance = tv.var(dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(variance)) * select_topk)
+    if k > 0:
+        kth = torch.kthvalue(variance, variance.numel() - k + 1).values
+        tv = tv * (variance >= kth)
+    weights = tv.square().mean(dim=1)
+    weights = weights / weights.sum().clamp_min(1e-6)
+    sign = torch.where(tv.sum(dim=0) >= 0, 1.0, -1.0)
+    kept = weights[:, None] * (torch.sign(tv) == sign)
+    return _finish(base, (tv * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6))
+
+
+def arcee_fusion_torch(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Arcee Fusion with the quartiles by ``kthvalue`` over every importance of the tensor."""
+    a, b = base.float(), finetuned[0].float()
+    p, q = torch.softmax(b, dim=-1) + 1e-8, torch.softmax(a, dim=-1) + 1e-8
+    importance = ((b - a).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)).reshape(-1)
+    n = importance.numel()
+    q1, median, q3 = (torch.kthvalue(importance, int(x * (n - 1)) + 1).values for x in (0.25, 0.5, 0.75))
+    take = (importance >= median + 1.5 * (q3 - q1)).reshape(base.shape)
+    return (a + (b - a) * take).to(base.dtype)

@@ -11,10 +11,11 @@ Quantiles are read as the ⌊q (n − 1)⌋-th smallest importance over all n en
 same on a random sample of 10⁶ entries when a tensor has more, so on such tensors the two thresholds
 differ by that sampling (ours is exact and deterministic).
 
-The importances are formed a block of whole rows at a time (about 2^20 entries), never for the whole
-tensor: :class:`FusionThreshold` reads the tensor twice to select the three quartiles exactly (two
-radix passes, :class:`mergekernels.selection.ValueSelect`; over every row chunk when the engine
-streams a tensor), then the merge reads it once more.
+The importances are formed a block of whole rows at a time (about 2^20 entries):
+:class:`FusionThreshold` selects the three quartiles exactly in two radix passes
+(:class:`mergekernels.selection.ValueSelect`), then the merge reads the tensor once more. A whole
+tensor keeps its float32 importances between the passes; when the engine streams a large tensor in
+row chunks, each pass forms them again, so memory stays bounded by the chunk.
 """
 
 from __future__ import annotations
@@ -65,11 +66,14 @@ class FusionThreshold:
 
     def update(self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int):
         for _, a, b in _row_blocks(base, finetuned[0]):
-            importance = fusion_importance(a, b)
-            if index == 0:
-                self.select.count(importance)
-            else:
-                self.select.refine(importance)
+            self.feed(index, fusion_importance(a, b))
+
+    def feed(self, index: int, importance: torch.Tensor) -> None:
+        """Pass ``index`` over some of the tensor's importances."""
+        if index == 0:
+            self.select.count(importance)
+        else:
+            self.select.refine(importance)
 
     def end_pass(self, index: int) -> None:
         if index == 0:  # the k-th smallest is the (n - k + 1)-th largest
@@ -101,19 +105,22 @@ def arcee_fusion(
         raise ValueError(f"arcee_fusion: shapes differ, base {list(base.shape)} and {list(other.shape)}")
     if base.numel() == 0:
         return base.clone()
-    if threshold is None:
+    importance = None
+    if threshold is None:  # the whole tensor here: its importances are formed once and kept (float32)
+        importance = torch.cat([fusion_importance(a, b) for _, a, b in _row_blocks(base, other)])
         finder = FusionThreshold(base.numel(), base.device)
         for index in range(finder.passes):
-            finder.update(index, base, [other], 0)
+            for piece in importance.reshape(-1).split(_PIECE):
+                finder.feed(index, piece)
             finder.end_pass(index)
         threshold = finder.threshold
     limit = torch.tensor(threshold, dtype=torch.float32)
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     rows_out = out.reshape(-1, base.shape[-1] if base.dim() else 1)
     for rows, a, b in _row_blocks(base, other):
-        take = fusion_importance(a, b) >= limit
+        block = fusion_importance(a, b) if importance is None else importance[rows]
         af, bf = a.float(), b.float()
-        rows_out[rows] = (af + (bf - af) * take).to(base.dtype)
+        rows_out[rows] = (af + (bf - af) * (block >= limit)).to(base.dtype)
     return out
 
 

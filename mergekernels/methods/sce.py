@@ -17,8 +17,9 @@ leaves the choice to ``torch.topk``).
 
 Nothing larger than K pieces of 2^20 elements is formed: :class:`SceSelection` reads the tensor in
 index order (whole, or every row chunk when the engine streams it) to find the k-th largest
-variance exactly (two radix passes, :class:`mergekernels.selection.ValueSelect`), then the index
-that cuts its ties and each model's kept energy; the merge then reads it once more.
+variance exactly (two radix passes, :class:`mergekernels.selection.ValueSelect`, over the variances
+of the fused ``element_variance`` kernel), then the index that cuts its ties and each model's kept
+energy; the merge then reads it once more.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .. import _ops
 from ..selection import ValueSelect
 
 _PIECE = 1 << 20
@@ -34,25 +36,37 @@ _PIECE = 1 << 20
 
 def _pieces(
     base: torch.Tensor, finetuned: Sequence[torch.Tensor]
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(start, θ_0, [K, m] task vectors) over flat pieces of 2^20 elements, in float32 (float64 for
-    float64 inputs)."""
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+    """(start, θ_0, [θ_k]) over flat pieces of 2^20 elements, as stored."""
     b = base.reshape(-1)
     fts = [x.reshape(-1) for x in finetuned]
     for start in range(0, b.numel(), _PIECE):
-        piece = b[start : start + _PIECE].to(work)
-        yield start, piece, torch.stack([x[start : start + _PIECE].to(work) - piece for x in fts])
+        yield start, b[start : start + _PIECE], [x[start : start + _PIECE] for x in fts]
 
 
-def _variance(taus: torch.Tensor) -> torch.Tensor:
-    return taus.var(dim=0, unbiased=False)
+def _task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ_0 and the [K, m] task vectors, in float32 (float64 for float64 inputs)."""
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    b = base.to(work)
+    return b, torch.stack([x.to(work) - b for x in finetuned])
+
+
+def _variance(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Population variance of the task vectors per element: the fused kernel (torch.var's float64
+    Welford order, the same bits); float64 inputs through torch.var itself."""
+    if base.dtype == torch.float64:
+        return _task_vectors(base, finetuned)[1].var(dim=0, unbiased=False)
+    return _ops.element_variance(base, finetuned)
 
 
 def _selected(variance: torch.Tensor, kth: float, cut: int, offset: int) -> torch.Tensor:
     """Entries of a piece starting at global index ``offset`` whose variance is above the k-th
     largest, or equal to it with an index below ``cut``."""
     threshold = torch.tensor(kth, dtype=variance.dtype, device=variance.device)
+    if cut <= offset:  # no tie of this piece is kept
+        return variance > threshold
+    if cut >= offset + variance.numel():  # every tie of this piece is kept
+        return variance >= threshold
     index = torch.arange(offset, offset + variance.numel(), device=variance.device)
     return (variance > threshold) | ((variance == threshold) & (index < cut))
 
@@ -74,20 +88,24 @@ class SceSelection:
         self.energies = torch.zeros(num_tasks, dtype=torch.float64)
 
     def update(self, index: int, base, finetuned, element_offset: int) -> None:
-        for start, _, taus in _pieces(base, finetuned):
+        for start, b, fts in _pieces(base, finetuned):
             if self.passes == 1:
-                self.energies += taus.double().square().sum(dim=1).cpu()
+                taus = _task_vectors(b, fts)[1]
+                self.energies += (taus * taus).sum(dim=1, dtype=torch.float64).cpu()
                 continue
-            variance = _variance(taus)
+            if index == 1 and self.kth is None:
+                continue
+            variance = _variance(b, fts)
             if index == 0:
                 self.select.count(variance.float())
                 self.nonzero += int(torch.count_nonzero(variance))
-            elif index == 1 and self.kth is not None:
+            elif index == 1:
                 self.select.refine(variance.float())
-            elif index == 2 and self.kth is not None:
+            elif self.kth is not None:
                 self._walk_ties(variance, element_offset + start)
                 keep = _selected(variance, self.kth, self.cut, element_offset + start)
-                self.energies += (taus.double() * keep).square().sum(dim=1).cpu()
+                kept = _task_vectors(b, fts)[1] * keep
+                self.energies += (kept * kept).sum(dim=1, dtype=torch.float64).cpu()
 
     def _walk_ties(self, variance: torch.Tensor, offset: int) -> None:
         """Moves the tie cut past the ties of this piece that are still within the quota (pass 2,
@@ -151,13 +169,14 @@ def sce(
     weights = torch.full_like(weights, 1 / len(finetuned)) if abs(total) < 1e-6 else weights / total
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     flat = out.reshape(-1)
-    for start, b, taus in _pieces(base, finetuned):
+    for start, b_raw, fts in _pieces(base, finetuned):
+        b, taus = _task_vectors(b_raw, fts)
         if select_topk < 1:
             kth, cut = selection
             if kth is None:
                 taus = torch.zeros_like(taus)
             else:
-                taus = taus * _selected(_variance(taus), kth, cut, element_offset + start)
+                taus = taus * _selected(_variance(b_raw, fts), kth, cut, element_offset + start)
         w = weights.to(taus.dtype).to(taus.device)[:, None]
         majority = torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0).to(taus.dtype)
         kept = w * (torch.sign(taus) == majority)
