@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_mergekit.py --mergekit-python /path/to/venv/bin/python
+    python benchmarks/bench_mergekit.py --mergekit-python /path/to/venv/bin/python [--ours-python PY]
         [--dir DIR] [--layers 8] [--hidden 1024] [--inter 2816] [--vocab 32000] [--experts 3]
         [--methods linear task_arithmetic ties] [--json FILE]
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ import yaml
 from safetensors import safe_open
 
 from mergekernels.bench.checkpoints import ModelSize, cached_models
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Parameters of each method, in mergekit's vocabulary (weights differ per model so that weighting
 # and normalisation are exercised).
@@ -163,12 +166,22 @@ def run_mergekit(python: str, cfg: Path, out: Path, shard_params: int) -> tuple[
     return wall, int(peak_file.read_text().split()[1]) * 1024
 
 
-def run_ours(cfg: Path, out: Path, shard_bytes: int) -> tuple[float, int]:
+def torch_version(python: str) -> str:
+    probe = [python, "-c", "import torch; print(torch.__version__)"]
+    return subprocess.run(probe, check=True, capture_output=True, text=True, cwd="/").stdout.strip()
+
+
+def run_ours(cfg: Path, out: Path, shard_bytes: int, python: str = sys.executable) -> tuple[float, int]:
+    """One ``mergekernels merge`` process; run outside the repository, so that ``python`` imports its
+    own installed mergekernels (``--ours-python``) rather than the checkout's."""
     report = out.with_suffix(".json")
-    cmd = [sys.executable, "-m", "mergekernels", "merge", str(cfg), str(out), "--quiet", "--device", "cpu"]
+    cmd = [python, "-m", "mergekernels", "merge", str(cfg), str(out), "--quiet", "--device", "cpu"]
     cmd += ["--shard-size", str(shard_bytes), "--report", str(report)]
+    env = dict(os.environ)
+    if python == sys.executable:  # this checkout's mergekernels, wherever the process runs
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=out.parent, env=env)
     wall = time.perf_counter() - t0
     return wall, json.loads(report.read_text())["peak_rss_bytes"]
 
@@ -176,6 +189,12 @@ def run_ours(cfg: Path, out: Path, shard_bytes: int) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit-python", required=True, help="python of the venv holding mergekit")
+    parser.add_argument(
+        "--ours-python",
+        default=sys.executable,
+        help="python that runs mergekernels (default: this one, with this checkout); e.g. a venv with "
+        "the CPU build of torch and mergekernels installed, like mergekit's",
+    )
     parser.add_argument("--dir", default="/tmp/mk-bench-mergekit")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -196,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     shapes = size.shapes()
     params = sum(torch.Size(s).numel() for s in shapes.values())
     model_mb = params * 2 / 1e6
-    print(f"{len(models)} models of {params / 1e6:.0f} M parameters ({model_mb:.0f} MB bf16 each)\n")
+    print(f"{len(models)} models of {params / 1e6:.0f} M parameters ({model_mb:.0f} MB bf16 each)")
+    for tool, python in (("mergekit", args.mergekit_python), ("mergekernels", args.ours_python)):
+        print(f"{tool}: {python}, torch {torch_version(python)}")
+    print()
 
     rows = []
     for method in args.methods:
@@ -214,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             warm_page_cache(models)
             runs_mk.append(run_mergekit(args.mergekit_python, cfg, work / "mergekit", shard_bytes // 2))
             warm_page_cache(models)
-            runs_us.append(run_ours(cfg, work / "ours", shard_bytes))
+            runs_us.append(run_ours(cfg, work / "ours", shard_bytes, args.ours_python))
         (t_mk, rss_mk), (t_us, rss_us) = min(runs_mk), min(runs_us)
         worst, rel, off = compare(work / "ours", work / "mergekit")
         unexplained = (

@@ -99,6 +99,13 @@ EXPECTED_REFERENCES = {
     "dare_ties": set(),
     "breadcrumbs": set(),
     "della": set(),
+    "slerp": {"slerp_torch"},
+    "multislerp": set(),
+    "model_stock": {"model_stock_torch"},
+    "nearswap": {"nearswap_torch"},
+    "ram": {"ram_torch"},
+    "sce": {"sce_torch"},
+    "arcee_fusion": {"arcee_fusion_torch"},
     "ace": {"ace_reference_style"},
     "stream": {"io_floor"},
 }

@@ -20,6 +20,21 @@ METHODS = {
     "dare_ties_l1": lambda b, f: mk.dare(b, f, drop=0.5, seed=3, key="w", consensus="ties", rescale="l1"),
     "breadcrumbs": lambda b, f: mk.breadcrumbs(b, f, density=0.5, gamma=0.05),
     "della": lambda b, f: mk.della(b, f, seed=2, key="d"),
+    "nearswap": lambda b, f: mk.nearswap(b, f[:1], t=0.01),
+    "ram": lambda b, f: mk.ram(b, f, epsilon=0.005),
+    "ramplus_tl": lambda b, f: mk.ramplus_tl(b, f, epsilon=0.005),
+}
+
+# Coefficients from float64 sums (Grams, energies, quantiles of torch ops) that the GPU adds in
+# another order: equal within a rounding of the output.
+CLOSE_METHODS = {
+    "slerp": lambda b, f: mk.slerp(b, f[:1], t=0.3),
+    "karcher": lambda b, f: mk.karcher(b, f),
+    "multislerp": lambda b, f: mk.multislerp(b, f, weights=[1.0, 2.0, 0.5]),
+    "nuslerp_rows": lambda b, f: mk.nuslerp(b, f[:2], flatten=False),
+    "model_stock": lambda b, f: mk.model_stock(b, f),
+    "sce": lambda b, f: mk.sce(b, f, select_topk=0.5),
+    "arcee_fusion": lambda b, f: mk.arcee_fusion(b, f[:1]),
 }
 
 
@@ -32,6 +47,24 @@ def test_cuda_equals_cpu_bitwise(dtype, shape, method):
     gpu = METHODS[method](base.cuda(), [x.cuda() for x in fts])
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1027,), (33, 65), (300, 1001)])
+@pytest.mark.parametrize("method", sorted(CLOSE_METHODS))
+def test_cuda_close_to_cpu(dtype, shape, method):
+    base, fts = make_inputs(3, shape, dtype, seed=2)
+    cpu = CLOSE_METHODS[method](base, fts)
+    gpu = CLOSE_METHODS[method](base.cuda(), [x.cuda() for x in fts])
+    assert gpu.device.type == "cuda" and gpu.dtype == cpu.dtype
+    ulp = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(gpu.cpu().float(), cpu.float(), rtol=ulp, atol=ulp * 1e-2)
+
+
+def test_cuda_element_variance_equals_cpu():
+    base, fts = make_inputs(5, (4099,), torch.bfloat16, seed=4, delta=0.1)
+    cpu = mk._ops.element_variance(base, fts)
+    assert torch.equal(mk._ops.element_variance(base.cuda(), [x.cuda() for x in fts]).cpu(), cpu)
 
 
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
