@@ -252,3 +252,30 @@ def test_arcee_fusion():
     assert 0 < int(mask.sum()) < mask.numel()  # some entries taken from b, not all
     want = a + (b - a) * mask
     torch.testing.assert_close(mk.arcee_fusion(base, fts).double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sce_ties_at_the_selected_variance_keep_the_lowest_indices(dtype):
+    """Task vectors on a coarse grid tie in variance everywhere (as bf16 ones do): exactly k entries
+    are kept, the ties at the k-th largest variance by lowest index (mergekit's formula, torch.var of
+    the task vectors, with its top-k made stable)."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randint(-64, 64, (37, 29), generator=g) / 64).to(dtype)
+    fts = [(base.double() + torch.randint(-2, 3, (37, 29), generator=g) / 128).to(dtype) for _ in range(3)]
+    topk = 0.35
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    taus = torch.stack([x.to(work) - base.to(work) for x in fts])
+    var = taus.var(dim=0, unbiased=False).float().reshape(-1)
+    k = int(int((var != 0).sum()) * topk)
+    assert int((var == var.sort(descending=True).values[k - 1]).sum()) > 1  # the cut falls in a tie
+    keep = torch.zeros_like(var, dtype=torch.bool)
+    keep[torch.argsort(var, descending=True, stable=True)[:k]] = True
+    taus = taus.double() * keep.reshape(base.shape)
+    w = taus.square().reshape(3, -1).mean(1)
+    w = w / w.sum()
+    agree = torch.sign(taus) == torch.where(taus.sum(0) >= 0, 1.0, -1.0).double()
+    kept = w[:, None, None] * agree
+    want = base.double() + (taus * kept).sum(0) / kept.sum(0).clamp(min=1e-6)
+    got = mk.sce(base, fts, select_topk=topk)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)

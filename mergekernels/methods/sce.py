@@ -52,10 +52,11 @@ def _task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> tupl
 
 
 def _variance(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Population variance of the task vectors per element: the fused kernel (torch.var's float64
-    Welford order, the same bits); float64 inputs through torch.var itself."""
+    """Population variance of the task vectors per element, float32 (what the selection ranks): the
+    fused kernel (torch.var's float64 Welford order, the same bits); float64 inputs through torch.var
+    itself, rounded."""
     if base.dtype == torch.float64:
-        return _task_vectors(base, finetuned)[1].var(dim=0, unbiased=False)
+        return _task_vectors(base, finetuned)[1].var(dim=0, unbiased=False).float()
     return _ops.element_variance(base, finetuned)
 
 
@@ -97,10 +98,10 @@ class SceSelection:
                 continue
             variance = _variance(b, fts)
             if index == 0:
-                self.select.count(variance.float())
+                self.select.count(variance)
                 self.nonzero += int(torch.count_nonzero(variance))
             elif index == 1:
-                self.select.refine(variance.float())
+                self.select.refine(variance)
             elif self.kth is not None:
                 self._walk_ties(variance, element_offset + start)
                 keep = _selected(variance, self.kth, self.cut, element_offset + start)
