@@ -94,9 +94,10 @@ def task_vector_stats(
 def gram_matrix(tensors: Sequence[torch.Tensor], chunk: int = 1 << 20) -> torch.Tensor:
     """[K, K] float64 inner products <x_i, x_j> of K same-size tensors (flattened), in the fused
     statistics pass (float32 values, float64 products and sums; no copy of the inputs). float64
-    tensors keep every bit: torch ops over ``chunk`` elements at a time. The task-vector Gram
-    relative to a base is :func:`task_vector_stats`."""
-    if not any(t.dtype == torch.float64 for t in tensors):
+    tensors keep every bit, and more tensors than one kernel call takes are summed too: torch ops
+    over ``chunk`` elements at a time. The task-vector Gram relative to a base is
+    :func:`task_vector_stats`."""
+    if len(tensors) <= _ops.MAX_EXPERTS and not any(t.dtype == torch.float64 for t in tensors):
         return _ops.tv_stats(None, tensors)[0].cpu()
     flat = [t.reshape(-1) for t in tensors]
     gram = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device)

@@ -47,7 +47,7 @@ def weighted_sum(
     coefficients = [float(c) for c in coefficients]
     if len(points) != len(coefficients):
         raise ValueError(f"weighted_sum: {len(coefficients)} coefficients for {len(points)} tensors")
-    if len(points) == 1 or like.dtype == torch.float64:
+    if len(points) == 1 or len(points) > 1 + _ops.MAX_EXPERTS or like.dtype == torch.float64:
         work = torch.float64 if like.dtype == torch.float64 else torch.float32
         out = torch.zeros(like.shape, dtype=work, device=like.device)
         for c, x in zip(coefficients, points, strict=True):
