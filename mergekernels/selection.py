@@ -319,16 +319,20 @@ class TieLocator:
         return [[int(c) for c in f] for f in self.found]
 
 
-def _order_digits(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 values -> (high, low) 16-bit digits of keys that order like the values (-0 below +0;
-    NaN with a clear sign bit above +inf): the sign-magnitude bits made two's complement, in int32."""
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """float32 values -> int32 keys that order like the values (-0 below +0; NaN with a clear sign bit
+    above +inf): the sign-magnitude bits made two's complement."""
     bits = values.contiguous().view(torch.int32)
-    signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (signed >> 16) + (1 << 15), signed & 0xFFFF
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _high_digit(keys: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of the keys as bins 0 .. 65535 (the key offset by 2^31, made unsigned)."""
+    return (keys >> 16) + (1 << 15)
 
 
 def _key_to_float(key: int) -> float:
-    signed = key - (1 << 31)  # the int32 two's-complement value of _order_digits
+    signed = key - (1 << 31)  # the int32 key of _order_keys
     bits = signed ^ 0x7FFFFFFF if signed < 0 else signed
     return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32))
 
@@ -353,7 +357,7 @@ class ValueSelect:
         self._hist1: torch.Tensor | None = None
 
     def count(self, values: torch.Tensor) -> None:
-        high, _ = _order_digits(values.reshape(-1))
+        high = _high_digit(_order_keys(values.reshape(-1)))
         self._hist0 += torch.bincount(high, minlength=1 << self.BITS)
         self.numel += values.numel()
 
@@ -366,9 +370,14 @@ class ValueSelect:
         self._hist1 = torch.zeros(len(ranks), 1 << self.BITS, dtype=torch.int64, device=self.device)
 
     def refine(self, values: torch.Tensor) -> None:
-        high, low = _order_digits(values.reshape(-1))
+        keys = _order_keys(values.reshape(-1))
+        high = _high_digit(keys)
+        counted: dict[int, torch.Tensor] = {}  # ranks in one coarse bin share its low digits' counts
         for i, prefix in enumerate(self._prefixes):
-            self._hist1[i] += torch.bincount(low[high == prefix], minlength=1 << self.BITS)
+            if prefix not in counted:
+                low = keys[high == prefix] & 0xFFFF
+                counted[prefix] = torch.bincount(low, minlength=1 << self.BITS)
+            self._hist1[i] += counted[prefix]
 
     def results(self) -> list[tuple[float, int, int]]:
         """Per rank: (the value, how many entries equal to it lie within the top rank, how many entries
