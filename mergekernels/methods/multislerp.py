@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _ops
 from ..stats import gram_matrix, task_vector_stats
 from .ta import task_arithmetic, weighted_sum
 
@@ -50,13 +51,7 @@ def multislerp(
     """
     points = list(finetuned) if origin else [base, *finetuned]
     k = len(points)
-    w = (
-        [1.0] * k
-        if weights is None
-        else ([float(weights)] * k if isinstance(weights, (int, float)) else list(weights))
-    )
-    if len(w) != k:
-        raise ValueError(f"multislerp: {len(w)} weights for {k} models")
+    w = _ops.per_task(weights, k, "multislerp weights", 1.0)
     if normalize_weights:
         total = sum(w)
         w = [x / total for x in w]

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _ops
 from ..stats import gram_matrix, task_vector_stats
 from .ta import task_arithmetic, weighted_sum
 
@@ -64,11 +65,7 @@ def nuslerp(
     pair = list(finetuned) if origin else [base, *finetuned]
     if len(pair) != 2:
         raise ValueError(f"nuslerp interpolates between exactly two models, got {len(pair)}")
-    w = (
-        [1.0, 1.0]
-        if weights is None
-        else ([float(weights)] * 2 if isinstance(weights, (int, float)) else list(weights))
-    )
+    w = _ops.per_task(weights, 2, "nuslerp weights", 1.0)
     total = w[0] + w[1]
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
     if flatten or base.dim() <= 1:
