@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,26 +107,36 @@ def gram_matrix(tensors: Sequence[torch.Tensor], chunk: int = 1 << 20) -> torch.
     return gram.cpu()
 
 
-class GramPrepass:
-    """The engine's pre-pass for the methods that combine whole tensors by coefficients taken from
-    a Gram matrix (slerp, nuslerp, multislerp, karcher, model_stock): the Gram summed over a
-    tensor's row chunks, handed to the method's chunk calls as ``gram``. ``points`` selects the
-    Gram of the models themselves ([base, *finetuned]) instead of the task vectors'."""
+class SumPrepass:
+    """The engine's one-pass pre-pass for a chunked tensor whose method needs a quantity summed over
+    the whole tensor: ``measure(base, finetuned, element_offset)`` of every row chunk, added up and
+    handed to the method's chunk calls as ``params()[key]`` (DARE's L1 norms, a Gram, RAM+'s counts)."""
 
     passes = 1
 
-    def __init__(self, points: bool):
-        self.points = points
-        self.gram: torch.Tensor | None = None
+    def __init__(
+        self, key: str, measure: Callable[[torch.Tensor, Sequence[torch.Tensor], int], torch.Tensor]
+    ):
+        self.key, self.measure = key, measure
+        self.total: torch.Tensor | None = None
 
     def update(
         self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int
     ) -> None:
-        part = gram_matrix([base, *finetuned]) if self.points else task_vector_stats(base, finetuned).gram
-        self.gram = part if self.gram is None else self.gram + part
+        part = self.measure(base, finetuned, element_offset)
+        self.total = part if self.total is None else self.total + part
 
     def end_pass(self, index: int) -> None:
         pass
 
     def params(self) -> dict:
-        return {"gram": self.gram}
+        return {self.key: self.total}
+
+
+def gram_prepass(points: bool) -> SumPrepass:
+    """The pre-pass of the methods that combine whole tensors by coefficients taken from a Gram matrix
+    (slerp, nuslerp, multislerp, karcher, model_stock): ``gram``, of the models themselves
+    ([base, *finetuned]) with ``points``, else of the task vectors."""
+    if points:
+        return SumPrepass("gram", lambda base, finetuned, _: gram_matrix([base, *finetuned]))
+    return SumPrepass("gram", lambda base, finetuned, _: task_vector_stats(base, finetuned).gram)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..stats import GramPrepass
+from ..stats import gram_prepass
 from . import ace as _ace
 from . import apl
 from .ace import AceInfo, ace, ace_batched
@@ -121,7 +121,7 @@ def _gram_prepass(points: Callable[[dict], bool]) -> Callable:
     def prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
         if params.get("gram") is not None or not params.get("flatten", True) or params.get("filter_wise"):
             return None
-        return GramPrepass(points(params))
+        return gram_prepass(points(params))
 
     return prepass
 

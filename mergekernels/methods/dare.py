@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
+from ..stats import SumPrepass
 from .ties import reduction
 
 _L1_MIN = 1e-8  # mergekit's guard: leave the scale alone when either norm is below it
@@ -94,33 +95,15 @@ def dare(
     )
 
 
-class _L1Prepass:
-    """Sums the L1 norms of each task vector before and after its drop over a tensor's chunks."""
-
-    passes = 1
-
-    def __init__(self, keep: list[float], seed: int, key: int | str):
-        self.keep, self.seed, self.key = keep, seed, key
-        self.total: torch.Tensor | None = None
-
-    def update(
-        self, index: int, base: torch.Tensor, finetuned: Sequence[torch.Tensor], element_offset: int
-    ) -> None:
-        part = _ops.drop_l1(
-            _ops.prepare(base, finetuned, "dare"), self.keep, self.seed, self.key, element_offset
-        )
-        self.total = part if self.total is None else self.total + part
-
-    def end_pass(self, index: int) -> None:
-        pass
-
-    def params(self) -> dict:
-        return {"l1_norms": self.total}
-
-
 def dare_prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
     """DARE needs a pre-pass over a chunked tensor only for mergekit's L1 rescale."""
     if _rescale_mode(params.get("rescale", True)) != "l1" or params.get("l1_norms") is not None:
         return None
     keep = [1.0 - d for d in _ops.per_task(params.get("drop", 0.9), num_tasks, "drop")]
-    return _L1Prepass(keep, int(params.get("seed", 0)), params.get("key", 0))
+    seed, key = int(params.get("seed", 0)), params.get("key", 0)
+    return SumPrepass(
+        "l1_norms",
+        lambda base, finetuned, offset: _ops.drop_l1(
+            _ops.prepare(base, finetuned, "dare"), keep, seed, key, offset
+        ),
+    )

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ops
+from ..stats import SumPrepass
 
 _PIECE = 1 << 20
 
@@ -91,30 +92,11 @@ def ramplus_tl(
     return _active_mean(base, finetuned, epsilon, ramplus_scales(counts, r, alpha, epsilon))
 
 
-class CountsPrepass:
-    """RAM+'s counts summed over a tensor's row chunks."""
-
-    passes = 1
-
-    def __init__(self, epsilon: float):
-        self.epsilon = epsilon
-        self.counts: torch.Tensor | None = None
-
-    def update(self, index: int, base, finetuned, element_offset: int) -> None:
-        part = active_counts(base, finetuned, self.epsilon)
-        self.counts = part if self.counts is None else self.counts + part
-
-    def end_pass(self, index: int) -> None:
-        pass
-
-    def params(self) -> dict:
-        return {"counts": self.counts}
-
-
 def ramplus_prepass(num_tasks: int, numel: int, params: dict, device: torch.device):
     if params.get("counts") is not None:
         return None
-    return CountsPrepass(_check_epsilon(params.get("epsilon", 1e-5)))
+    epsilon = _check_epsilon(params.get("epsilon", 1e-5))
+    return SumPrepass("counts", lambda base, finetuned, _: active_counts(base, finetuned, epsilon))
 
 
 __all__ = ["active_counts", "ram", "ramplus_prepass", "ramplus_scales", "ramplus_tl"]
