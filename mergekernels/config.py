@@ -13,7 +13,8 @@ and gives mergekit's result; our own methods and parameter names use the same la
     parameters: {normalize: true, lambda: 1.0}   # global parameters
     dtype: bfloat16                 # compute dtype (float32, bfloat16, float16)
     out_dtype: bfloat16             # output dtype (default: dtype if given, else the base's dtype)
-    tokenizer_source: base          # the only value accepted: the base's tokenizer files are copied
+    tokenizer_source: union         # base | union | a model: the output's vocabulary (mergekit's rules)
+    chat_template: chatml           # auto | alpaca | chatml | exaone | llama3 | mistral | a Jinja template
     exclude: ["*.embed_tokens.*"]   # ours: glob patterns of tensors kept at the base's value
     options: {seed: 0, shard_size: 5GB, threshold_scope: tensor}   # ours: engine options
     dialect: mergekit               # ours: which parameter names apply (see below)
@@ -70,8 +71,12 @@ The rest of mergekit's language (see the README's table of mergekit features):
   one :class:`ConfigWarning` naming it; ``strict=True`` (``--strict``) refuses it. Our own dialect
   always refuses it.
 
-Not reproduced, hence refused with an error: tokenizer merging (``tokenizer``, ``chat_template``,
-``tokenizer_source`` other than ``base``), ``slices`` inside ``modules``, ``rescale: true`` for ties
+- tokenizer merges: ``tokenizer_source`` (``base``, ``union`` or a model) or the ``tokenizer`` block
+  (``source``, ``tokens`` with per-token row sources and ``force``, ``pad_to_multiple_of``), and
+  ``chat_template`` (:mod:`mergekernels.vocab`): the vocabulary tensors' rows are gathered into the
+  output vocabulary's order before the merge, and the output tokenizer is written with transformers.
+
+Not reproduced, hence refused with an error: ``slices`` inside ``modules``, ``rescale: true`` for ties
 and breadcrumbs (mergekit's L1 rescale of trimmed vectors) and ``rescale: false`` for della,
 breadcrumbs with density + gamma > 1 (mergekit silently shrinks gamma), negative weights with a sign
 consensus (mergekit compares the signs of weighted task vectors), and a ``linear`` base model that
@@ -120,6 +125,7 @@ from .methods.ties import MERGE_MODES, ties
 from .methods.wudi import SOLVERS
 from .parameters import UNSET, Setting, evaluate, is_scalar
 from .parameters import parse as parse_setting
+from .vocab.settings import TokenizerSettings, parse_chat_template, parse_tokenizer
 
 
 @dataclass
@@ -188,6 +194,9 @@ class MergeConfig:
         layered: whether the file gave ``slices`` (the output's layers follow them).
         uniform: whether every tensor takes the same parameters (no gradients, filters or slices):
             then ``models`` and ``params`` describe the whole merge.
+        tokenizer: ``tokenizer_source`` / the ``tokenizer`` block (None: neither given; the base's
+            tokenizer files are copied).
+        chat_template: ``auto``, a built-in name or a Jinja template (None: the tokenizer's own).
     """
 
     method: str
@@ -208,6 +217,8 @@ class MergeConfig:
     ignored: list[str] = field(default_factory=list, compare=False)
     given_base: str | None = None  # base_model as the file gives it (None: none given)
     per_model_keys: frozenset = frozenset()  # the method's parameters that are set per model
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def tensor_params(self, slice_index: int, out_name: str, in_names: list[str], t: float) -> TensorParams:
@@ -272,6 +283,8 @@ TOP_LEVEL_KEYS = (
     "slices",
     "modules",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     "exclude",
     "options",
     "dialect",
@@ -285,12 +298,6 @@ BASELESS_METHODS = ("linear", "passthrough", "karcher")
 # mergekit methods whose base model is optional: with one, it is the origin of the task vectors.
 BASE_OPTIONAL = ("nuslerp", "multislerp")
 # mergekit keys for features we do not have, with the reason given in the error.
-_UNSUPPORTED_KEYS = {
-    "tokenizer": "the `tokenizer` block is not supported: the base model's tokenizer files are copied "
-    "(the only accepted setting is `tokenizer_source: base`)",
-    "chat_template": "`chat_template` is not supported: "
-    "the base model's tokenizer files are copied as they are",
-}
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -1239,9 +1246,6 @@ def load_config(
     data, root, fail = _read(source, root, label)
     source_copy = copy.deepcopy(data)
     ignored: list[str] = []
-    for key in data:
-        if key in _UNSUPPORTED_KEYS:
-            fail(_UNSUPPORTED_KEYS[key])
 
     method = data.get("merge_method")
     ours = sorted(set(METHODS) - set(MERGEKIT_NAMES))
@@ -1268,12 +1272,8 @@ def load_config(
             ignored.append(f"top-level key {key!r}")
             del data[key]
 
-    tokenizer = data.get("tokenizer_source")
-    if tokenizer is not None and tokenizer != "base":
-        fail(
-            f"tokenizer_source {tokenizer!r} is not supported; the only accepted value is 'base' "
-            "(the base model's tokenizer files are copied)"
-        )
+    tokenizer = parse_tokenizer(data, lambda written: _resolve_model(written, root), fail)
+    chat_template = parse_chat_template(data.get("chat_template"), fail)
     base_written = data.get("base_model")
     if base_written is not None and (not isinstance(base_written, str) or not base_written):
         fail(f"base_model must be a path string, got {base_written!r}")
@@ -1399,6 +1399,8 @@ def load_config(
             ),
             stacklevel=2,
         )
+    if tokenizer is not None:
+        _check_token_models(tokenizer, [base, *(src.path for sl in slices for src in sl.sources)], fail)
     return MergeConfig(
         method=method,
         base_model=base,
@@ -1418,7 +1420,20 @@ def load_config(
         settings=settings,
         where=fail.where,
         ignored=ignored,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
     )
+
+
+def _check_token_models(tokenizer: TokenizerSettings, merged: list, fail: _Fail) -> None:
+    """A token's row comes from one of the merged models (mergekit fails later, mid-merge)."""
+    for token, setting in tokenizer.tokens.items():
+        model = setting.source.model
+        if model is not None and model not in merged:
+            fail(
+                f"tokenizer.tokens[{token!r}] takes its row from {model}, which is not one of the merged "
+                f"models ({', '.join(dict.fromkeys(m for m in merged if m))})"
+            )
 
 
 def _per_model_keys(method: str, dialect: str, raw: dict, fail: _Fail) -> frozenset:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,13 @@ _LAYER = re.compile(r"^(?P<stem>(?:[^.]+\.)*?(?:layers|layer|h|blocks|block)\.)(
 _EMBEDDING = re.compile(
     r"(?:^|\.)(?:embed_tokens|embed_in|embed_positions|tok_embeddings|word_embeddings|position_embeddings"
     r"|token_type_embeddings|embeddings|wte|wpe)(?:\.|$)"
+)
+# Vocabulary tensors (the token on axis 0): input embeddings, LM heads and their biases, by the names
+# of the HF architectures (mergekit's ``vocabulary_axis: 0`` tensors), outside any layer stack.
+_VOCABULARY = re.compile(
+    r"(?:^|\.)(?:embed_tokens|tok_embeddings|word_embeddings|wte|embed_in|shared|lm_head|embed_out"
+    r"|vocab_projector)\.(?:weight|bias)$"
+    r"|^(?:output\.weight|cls\.predictions\.(?:bias|decoder\.weight|decoder\.bias))$"
 )
 
 
@@ -58,7 +66,12 @@ class TensorTask:
         merge: false for tensors kept from the base: non-floating tensors, excluded ones, and slices
             whose only source is the base.
         params: the method's keyword arguments for this tensor.
-        shape, dtype: the base tensor's.
+        shape, dtype: the output's shape (the base tensor's, but for vocabulary tensors whose rows
+            change) and the base tensor's dtype.
+        vocab: for vocabulary tensors whose rows change: ``"permute"`` (a tokenizer merge: each
+            input's rows are gathered into the output vocabulary's order, see
+            :class:`mergekernels.vocab.RowLayout`) or ``"truncate"`` (no tokenizer setting and inputs
+            of different row counts: their common first rows are merged); None otherwise.
     """
 
     name: str
@@ -68,6 +81,7 @@ class TensorTask:
     params: dict
     shape: tuple[int, ...]
     dtype: torch.dtype
+    vocab: str | None = None
 
 
 @dataclass
@@ -79,12 +93,21 @@ class MergePlan:
         models: the models' references (paths), indexed by :attr:`Source.model`; 0 is the base.
         tasks: one per output tensor.
         num_layers: the output's layer count when slices set it (None: the base's).
+        vocabulary: the merged vocabulary of a tokenizer merge (:class:`mergekernels.vocab.Vocabulary`).
+        vocab_rows: the rows of the output's vocabulary tensors when they differ from the base's.
     """
 
     method: str
     models: list[str]
     tasks: list[TensorTask]
     num_layers: int | None = None
+    vocabulary: object | None = None
+    vocab_rows: int | None = None
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    """Whether a tensor is indexed by token on axis 0 (embeddings, LM heads, their biases)."""
+    return split_layer(name) is None and bool(_VOCABULARY.search(name))
 
 
 def split_layer(name: str) -> tuple[str, int, str] | None:
@@ -117,13 +140,21 @@ def position(index: int, count: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-def plan_config(config: MergeConfig, catalogs: Mapping[str, Mapping[str, object]]) -> MergePlan:
+def plan_config(
+    config: MergeConfig, catalogs: Mapping[str, Mapping[str, object]], vocabulary: object | None = None
+) -> MergePlan:
     """Plans a merge configuration on models described by their tensors.
 
     Args:
         config: the loaded configuration.
         catalogs: for every model path the configuration names, its tensors in file order: name ->
             an object with ``shape`` and ``dtype`` (a checkpoint's header entries, or the tensors).
+        vocabulary: a tokenizer merge's vocabulary (:class:`mergekernels.vocab.Vocabulary`): the
+            vocabulary tensors get its rows, gathered from each model (``vocab: "permute"``).
+
+    Without a vocabulary, vocabulary tensors whose row counts differ are cut to their common first
+    rows (``vocab: "truncate"``, as mergekit's ``--unsafe-truncate-embeddings``), with a
+    :class:`mergekernels.vocab.VocabularyWarning` naming them and their shapes.
 
     Raises:
         PlanError: naming the model and tensor, for a layer range beyond a model's layers, a tensor
@@ -133,6 +164,7 @@ def plan_config(config: MergeConfig, catalogs: Mapping[str, Mapping[str, object]
     models = list(dict.fromkeys([config.base_model, *(s.path for sl in config.slices for s in sl.sources)]))
     index = {path: i for i, path in enumerate(models)}
     builder = _Builder(config, models, catalogs, allow_missing, dtype_cast=config.dtype is not None)
+    builder.vocabulary = vocabulary
     if not config.layered:
         names = list(catalogs[config.base_model])
         owner = _modules(config, names)
@@ -143,7 +175,7 @@ def plan_config(config: MergeConfig, catalogs: Mapping[str, Mapping[str, object]
             parts = split_layer(name)
             t = 0.0 if parts is None else position(parts[1], base_layers.count(parts[0]))
             builder.add(sl_index, sl, name, [name] * len(sl.sources), t, [index[s.path] for s in sl.sources])
-        return MergePlan(config.method, models, builder.tasks)
+        return builder.plan(models)
 
     reference = config.base_model
     layers = {path: _Layers(list(catalogs[path])) for path in models}
@@ -184,7 +216,7 @@ def plan_config(config: MergeConfig, catalogs: Mapping[str, Mapping[str, object]
             out_layer += 1
     for name in post:
         outside(len(config.slices) - 1, name)
-    return MergePlan(config.method, models, builder.tasks, num_layers=out_layer)
+    return builder.plan(models, num_layers=out_layer)
 
 
 def _modules(config: MergeConfig, names: list[str]) -> dict[str, int]:
@@ -231,6 +263,23 @@ class _Builder:
         self.config, self.models, self.catalogs = config, models, catalogs
         self.allow_missing, self.dtype_cast = allow_missing, dtype_cast
         self.tasks: list[TensorTask] = []
+        self.vocabulary = None
+        self.truncated: list[str] = []  # "name: shapes -> shape" of vocabulary tensors cut to common rows
+
+    def plan(self, models: list[str], num_layers: int | None = None) -> MergePlan:
+        if self.truncated:
+            from .vocab import VocabularyWarning
+
+            warnings.warn(
+                "vocabulary tensors of different sizes are cut to their common first rows (no tokenizer "
+                "setting; `tokenizer_source: union` or `base` aligns the tokens instead): "
+                + "; ".join(self.truncated),
+                VocabularyWarning,
+                stacklevel=3,
+            )
+        rows = {t.shape[0] for t in self.tasks if t.vocab is not None}
+        vocab_rows = self.vocabulary.size if self.vocabulary is not None else min(rows, default=None)
+        return MergePlan(self.config.method, models, self.tasks, num_layers, self.vocabulary, vocab_rows)
 
     def add(
         self,
@@ -252,6 +301,13 @@ class _Builder:
         base_info = self.catalogs[self.models[base.model]].get(base.name)
         if base_info is None:
             raise PlanError(f"{self.models[base.model]}: lacks tensor {base.name!r} ({sl.where})")
+        vocab = None
+        if is_vocabulary_tensor(out_name):
+            vocab = (
+                "permute"
+                if self.vocabulary is not None
+                else self._truncation(out_name, in_names, model_ids, params)
+            )
         inputs = []
         for i in params.experts:
             name, path = in_names[i], self.models[model_ids[i]]
@@ -259,7 +315,7 @@ class _Builder:
             if info is None:  # allow_missing: the base's value, i.e. a zero task vector
                 inputs.append(base)
                 continue
-            _check_fit(name, info, base_info)
+            _check_fit(name, info, base_info, rows_may_differ=vocab is not None)
             if info.dtype != base_info.dtype and not self.dtype_cast and base_info.dtype.is_floating_point:
                 raise PlanError(
                     f"tensor {name!r}: dtype {info.dtype} in {_where(info, path)} but {base_info.dtype} "
@@ -272,19 +328,43 @@ class _Builder:
             and not is_excluded(out_name, self.config.exclude)
             and (bool(inputs) or self.config.method == "passthrough")
         )
+        shape = tuple(base_info.shape)
+        if vocab == "permute":
+            shape = (self.vocabulary.size, *shape[1:])
+        elif vocab == "truncate":
+            shape = (min(info.shape[0] for _, info in self._sources(in_names, model_ids, params)), *shape[1:])
         self.tasks.append(
-            TensorTask(
-                out_name, base, tuple(inputs), merge, params.kwargs, tuple(base_info.shape), base_info.dtype
-            )
+            TensorTask(out_name, base, tuple(inputs), merge, params.kwargs, shape, base_info.dtype, vocab)
         )
+
+    def _sources(self, in_names, model_ids, params) -> list[tuple[str, object]]:
+        """(model, header entry) of the tensor's base and present inputs."""
+        found = []
+        for i in (params.base, *params.experts):
+            path = self.models[model_ids[i]]
+            info = self.catalogs[path].get(in_names[i])
+            if info is not None:
+                found.append((path, info))
+        return found
+
+    def _truncation(self, out_name: str, in_names, model_ids, params) -> str | None:
+        """ "truncate" when the vocabulary tensor's inputs differ in rows (no tokenizer setting)."""
+        sources = self._sources(in_names, model_ids, params)
+        if len({tuple(info.shape[:1]) for _, info in sources}) < 2:
+            return None
+        rows = min(info.shape[0] for _, info in sources)
+        shapes = ", ".join(f"{list(info.shape)} in {path}" for path, info in sources)
+        self.truncated.append(f"{out_name}: {shapes} -> {rows} rows")
+        return "truncate"
 
 
 def _where(info: object, model: str) -> str:
     return str(getattr(info, "file", model))
 
 
-def _check_fit(name: str, info: object, base_info: object) -> None:
-    if tuple(info.shape) != tuple(base_info.shape):
+def _check_fit(name: str, info: object, base_info: object, rows_may_differ: bool = False) -> None:
+    skip = 1 if rows_may_differ and len(info.shape) and len(base_info.shape) else 0
+    if tuple(info.shape)[skip:] != tuple(base_info.shape)[skip:] or len(info.shape) != len(base_info.shape):
         raise PlanError(
             f"tensor {name!r}: shape {list(info.shape)} in {_where(info, 'a fine-tuned model')} but "
             f"{list(base_info.shape)} in the base's {_where(base_info, 'base')}"
@@ -338,6 +418,7 @@ __all__ = [
     "Source",
     "TensorTask",
     "is_excluded",
+    "is_vocabulary_tensor",
     "matrix_groups",
     "plan_config",
     "plan_models",

@@ -492,11 +492,57 @@ def _with(**changes):
             _with(merge_method="passthrough", models=["a"]),
             r"passthrough takes exactly one model per slice; models has 2 models \(with the base_model\)",
         ),
-        (_with(tokenizer={"source": "union"}), r"`tokenizer` block is not supported"),
-        (_with(chat_template="chatml"), r"`chat_template` is not supported"),
         (
-            _with(tokenizer_source="union"),
-            r"tokenizer_source 'union' is not supported; the only accepted value is 'base'",
+            _with(tokenizer_source="union", tokenizer={"source": "base"}),
+            r"give either `tokenizer_source` or a `tokenizer` block, not both",
+        ),
+        (_with(tokenizer_source=3), r"tokenizer_source must be 'base', 'union' or a model path, got 3"),
+        (
+            _with(tokenizer="union"),
+            r"`tokenizer` must be a mapping with source / tokens / pad_to_multiple_of",
+        ),
+        (_with(tokenizer={"sorce": "base"}), r"tokenizer: unknown key\(s\) 'sorce'; valid: source, tokens"),
+        (
+            _with(tokenizer={"pad_to_multiple_of": 0}),
+            r"tokenizer.pad_to_multiple_of must be a positive integer, got 0",
+        ),
+        (_with(tokenizer={"tokens": ["<x>"]}), r"tokenizer.tokens must map token strings to settings"),
+        (
+            _with(tokenizer={"tokens": {"<x>": {"force": True}}}),
+            r"tokenizer.tokens\['<x>'\] needs a `source`: a model, \{kind: zero\}",
+        ),
+        (
+            _with(tokenizer={"tokens": {"<x>": {"source": "a", "force": "yes"}}}),
+            r"tokenizer.tokens\['<x>'\].force must be true or false, got 'yes'",
+        ),
+        (
+            _with(tokenizer={"tokens": {"<x>": {"source": {"kind": "ones"}}}}),
+            r"tokenizer.tokens\['<x>'\].source must be a model path, \{kind: zero\}, or",
+        ),
+        (
+            _with(
+                tokenizer={
+                    "tokens": {
+                        "<x>": {
+                            "source": {"kind": "model_token", "model": "a", "token": "<s>", "token_id": 1}
+                        }
+                    }
+                }
+            ),
+            r"give `token` or `token_id`, not both",
+        ),
+        (
+            _with(tokenizer={"tokens": {"<x>": {"source": "elsewhere"}}}),
+            r"tokenizer.tokens\['<x>'\] takes its row from .*elsewhere, which is not one of the merged models",
+        ),
+        (
+            _with(chat_template="vicuna"),
+            r"unknown chat_template 'vicuna': give 'auto', one of the built-in names "
+            r"\(alpaca, chatml, exaone, llama3, mistral\) or a Jinja template",
+        ),
+        (
+            _with(chat_template=["chatml"]),
+            r"chat_template must be 'auto', a built-in name or a Jinja template",
         ),
         (_with(dtype="f32"), r"dtype 'f32' is not supported; valid: bfloat16 \(bf16\), float16"),
         (_with(out_dtype="int8"), r"out_dtype 'int8' is not supported; valid: bfloat16"),

@@ -18,6 +18,7 @@ import torch
 
 from ..methods import MethodSpec
 from ..planner import TensorTask
+from ..vocab import RowLayout
 from .checkpoint import Checkpoint, CheckpointError
 from .staging import PinnedStaging
 from .work import WorkPlan, WorkUnit, numel_of
@@ -38,9 +39,14 @@ class InputReader:
         self.dtype = work.cfg.dtype
         self.allow_nonfinite = allow_nonfinite
         self.bytes_read = 0
+        self.vocabulary = VocabularyGather(work.plan) if work.plan.vocabulary is not None else None
 
     def read(self, task: TensorTask, rows: tuple[int, int] | None = None):
-        """(base, [fine-tuned]) of one task, whole or rows [start, stop)."""
+        """(base, [fine-tuned]) of one task, whole or rows [start, stop); a vocabulary tensor's rows
+        cut to the common ones (``truncate``) or gathered into the output vocabulary's order
+        (``permute``)."""
+        if task.vocab == "truncate" and rows is None:
+            rows = (0, task.shape[0])
         sources = [task.base, *task.inputs]
         base = self.checkpoints[task.base.model].read(task.base.name, rows)
         tensors = [base]
@@ -48,9 +54,12 @@ class InputReader:
             same = source == task.base
             tensors.append(base if same else self.checkpoints[source.model].read(source.name, rows))
         self.bytes_read += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+        del base
+        if self.work.converts(task) and self.dtype is not None:
+            tensors = [t.to(self.dtype) for t in tensors]
+        if task.vocab == "permute":
+            tensors = self.vocabulary.gather(task, sources, tensors)
         if self.work.converts(task):
-            if self.dtype is not None:
-                tensors = [t.to(self.dtype) for t in tensors]
             if not self.allow_nonfinite:
                 for source, x in zip(sources, tensors, strict=True):
                     if x.numel() and not _finite(x):
@@ -64,6 +73,28 @@ class InputReader:
     def read_on(self, task: TensorTask, device: torch.device, rows=None):
         b, fts = self.read(task, rows)
         return b.to(device), [x.to(device) for x in fts]
+
+
+class VocabularyGather:
+    """A tokenizer merge's vocabulary tensors: each input's rows in the output vocabulary's order
+    (one :class:`mergekernels.vocab.RowLayout` per set of merged models)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.layouts: dict[tuple[str, ...], RowLayout] = {}
+
+    def gather(self, task: TensorTask, sources: list, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The task's tensors (base first, as read) with their rows gathered; each original is dropped
+        once its copy is made."""
+        by_model: dict[str, torch.Tensor] = {}
+        for source, tensor in zip(sources, tensors, strict=True):
+            by_model.setdefault(self.plan.models[source.model], tensor)
+        tensors.clear()
+        key = tuple(by_model)
+        if key not in self.layouts:
+            self.layouts[key] = RowLayout(self.plan.vocabulary, key)
+        permuted = self.layouts[key].permute(by_model, task.name)
+        return [permuted[self.plan.models[source.model]] for source in sources]
 
 
 class Budget:

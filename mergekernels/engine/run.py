@@ -30,6 +30,7 @@ import queue
 import resource
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from ..config import MergeConfig, load_config, parse_size, read_documents
 from ..merge import default_memory_cap
 from ..methods.ties import ties_prepass
 from ..planner import MergePlan, PlanError, plan_config
+from ..vocab import Vocabulary, build_vocabulary, resolve_template
+from ..vocab.build import chat_template_files
 from .card import model_card
 from .checkpoint import Checkpoint, CheckpointError
 from .compute import Computer
@@ -62,6 +65,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 MERGE_CONFIG_FILE = "merge_config.yml"
@@ -112,7 +117,10 @@ class MergeReport:
 def _fingerprint(cfg: MergeConfig, checkpoints: list[Checkpoint], shard_size: int) -> dict:
     files = []
     for ckpt in checkpoints:
-        for f in ckpt.files:
+        read = list(ckpt.files)
+        if cfg.tokenizer is not None:  # the vocabulary decides the vocabulary tensors' rows
+            read += [ckpt.directory / n for n in TOKENIZER_FILES if (ckpt.directory / n).is_file()]
+        for f in read:
             st = f.stat()
             files.append([str(f), st.st_size, st.st_mtime_ns])
     return {
@@ -301,7 +309,7 @@ def _merge_as_rank(
     t_finish = time.perf_counter()
     ranks.sync()  # every rank's shards are written
     if rank == 0:
-        side = _side_files(cfg, plan, checkpoints[0], outputs)
+        side = _side_files(cfg, plan, checkpoints, outputs)
         writer.finish(side, sum(work.out_bytes(n) for n in work.order))
     ranks.sync()
     seconds["finish"] = time.perf_counter() - t_finish
@@ -349,11 +357,24 @@ def _plan(cfg: MergeConfig, inputs: InputOptions) -> tuple[MergePlan, list[Check
         opened[path] = _open(path, inputs)
     if not inputs.allow_crimes:
         _check_architectures(opened)
+    vocabulary = _vocabulary(cfg, opened, inputs) if cfg.tokenizer is not None else None
     try:
-        plan = plan_config(cfg, {path: ckpt.tensors for path, ckpt in opened.items()})
+        plan = plan_config(cfg, {path: ckpt.tensors for path, ckpt in opened.items()}, vocabulary)
     except PlanError as exc:
         raise CheckpointError(str(exc)) from None
     return plan, [opened[path] for path in plan.models]
+
+
+def _vocabulary(cfg: MergeConfig, opened: dict[str, Checkpoint], inputs: InputOptions) -> Vocabulary:
+    """A tokenizer merge's vocabulary, from the merged models' tokenizers (and the source model's)."""
+    source = cfg.tokenizer.source_model
+    source_directory = None
+    if source is not None and source not in opened:
+        model = source.partition("+")[0] if not os.path.exists(source) else source
+        local = hub.resolve(model, allow_pickle=inputs.allow_pickle, cache_dir=inputs.hub_cache)
+        source_directory = local if local.is_dir() else local.parent
+    directories = {path: ckpt.directory for path, ckpt in opened.items()}
+    return build_vocabulary(cfg.tokenizer, cfg.base_model, directories, source_directory)
 
 
 def _open(reference: str, inputs: InputOptions) -> Checkpoint | LoraCheckpoint:
@@ -477,19 +498,22 @@ def _next_unit(prefetch: Prefetcher, output: ShardOutput):
 
 
 def _side_files(
-    cfg: MergeConfig, plan: MergePlan, base: Checkpoint, outputs: OutputOptions
+    cfg: MergeConfig, plan: MergePlan, checkpoints: list[Checkpoint], outputs: OutputOptions
 ) -> dict[str, bytes]:
     """The base's config, tokenizer and generation files (config.json's layer count set to the
     output's when slices changed it), the merge config, and the model card."""
     side = {}
+    base = checkpoints[0]
+    tokenizer = _tokenizer_files(cfg, plan, checkpoints, outputs)
     for name in SIDE_FILES:
         src = base.directory / name
-        if name in TOKENIZER_FILES and not outputs.copy_tokenizer:
+        if name in TOKENIZER_FILES and (not outputs.copy_tokenizer or tokenizer is not None):
             continue
         if base.path.is_dir() and src.exists():
             side[name] = src.read_bytes()
-    if plan.num_layers is not None and "config.json" in side:
-        side["config.json"] = _with_layer_count(side["config.json"], plan.num_layers, base.directory)
+    side.update(tokenizer or {})
+    if "config.json" in side:
+        side["config.json"] = _with_sizes(side["config.json"], plan, base.directory)
     config_yaml = yaml.safe_dump(cfg.source, sort_keys=False)
     side[MERGE_CONFIG_FILE] = config_yaml.encode()
     if outputs.model_card:
@@ -498,15 +522,40 @@ def _side_files(
     return side
 
 
-def _with_layer_count(data: bytes, layers: int, where) -> bytes:
+def _tokenizer_files(
+    cfg: MergeConfig, plan: MergePlan, checkpoints: list[Checkpoint], outputs: OutputOptions
+) -> dict[str, bytes] | None:
+    """The output tokenizer's files when the merge makes one: a tokenizer merge's, or the base's
+    tokenizer with the configured ``chat_template``; None when the base's files are copied as they are."""
+    if plan.vocabulary is not None:
+        templates = [m.template for m in plan.vocabulary.models.values()]
+        template = resolve_template(cfg.chat_template, templates) if cfg.chat_template else None
+        return plan.vocabulary.files(template)
+    if cfg.chat_template is None or not outputs.copy_tokenizer:
+        if cfg.chat_template is not None:
+            warnings.warn("chat_template is set but --no-copy-tokenizer writes no tokenizer", stacklevel=3)
+        return None
+    directories = {path: ckpt.directory for path, ckpt in zip(plan.models, checkpoints, strict=True)}
+    return chat_template_files(cfg.chat_template, plan.models[0], directories)
+
+
+def _with_sizes(data: bytes, plan: MergePlan, where) -> bytes:
+    """config.json with the output's layer count (slices) and vocabulary rows, when they changed."""
+    if plan.num_layers is None and plan.vocab_rows is None:
+        return data
     try:
         config = json.loads(data)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{where / 'config.json'}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{where / 'config.json'}: expected a JSON object")
-    key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
-    config[key] = layers
+    if plan.num_layers is not None:
+        key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
+        config[key] = plan.num_layers
+    if plan.vocab_rows is not None:
+        text = config.get("text_config")
+        holder = text if "vocab_size" not in config and isinstance(text, dict) else config
+        holder["vocab_size"] = plan.vocab_rows
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 

@@ -94,6 +94,8 @@ class WorkPlan:
         )
 
     def _splits(self, task: TensorTask) -> bool:
+        if task.vocab == "permute":  # each input's rows are gathered from the whole tensor
+            return False
         shape, chunks = task.shape, self.spec.chunks_for(task.params)
         if chunks == "elements":
             return len(shape) >= 1 and shape[0] > 1

@@ -170,10 +170,12 @@ class CheckpointWriter:
         weight_map = {name: s.filename for s in self.shards for name in s.names}
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         try:
-            for name, data in side_files.items():
+            for name, data in side_files.items():  # a name may hold a folder (chat_templates/x.jinja)
+                (self.partial / name).parent.mkdir(parents=True, exist_ok=True)
                 self._atomic_write(self.partial / name, data)
             self._atomic_write(self.partial / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
-            self._remove_strays({INDEX_FILE, PLAN_FILE, *side_files, *(s.filename for s in self.shards)})
+            tops = {Path(name).parts[0] for name in side_files}
+            self._remove_strays({INDEX_FILE, PLAN_FILE, *tops, *(s.filename for s in self.shards)})
             (self.partial / PLAN_FILE).unlink()
             _fsync_dir(self.partial)
         except OSError as exc:
