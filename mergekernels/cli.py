@@ -71,13 +71,6 @@ def _merge(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.unsafe_truncate_embeddings:
-        print(
-            "mergekernels merge: error: --unsafe-truncate-embeddings is not supported "
-            "(tokenizer merges: a later release)",
-            file=sys.stderr,
-        )
-        return 2
     if args.num_threads:
         import torch
 
@@ -146,6 +139,8 @@ def _add_mergekit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transformers-cache", default=None, metavar="DIR", help="the hub cache for hub ids")
     g.add_argument("-j", "--num-threads", type=int, default=None, help="CPU threads for the merge")
     g.add_argument("--safe-serialization", action=on_off, default=True, help="safetensors (always)")
+    # accepted for mergekit's command lines: without a tokenizer setting, vocabulary tensors of
+    # different sizes are always cut to their common rows, with a warning naming them
     g.add_argument("--unsafe-truncate-embeddings", action=on_off, default=False, help=argparse.SUPPRESS)
     for flag in (
         "lazy-unpickle",

@@ -533,7 +533,7 @@ def _with(**changes):
         ),
         (
             _with(tokenizer={"tokens": {"<x>": {"source": "elsewhere"}}}),
-            r"tokenizer.tokens\['<x>'\] takes its row from .*elsewhere, which is not one of the merged models",
+            r"tokenizer.tokens\['<x>'\] takes its row from .*elsewhere, which is not one of the merged",
         ),
         (
             _with(chat_template="vicuna"),

@@ -18,7 +18,6 @@ import torch
 
 from ..methods import MethodSpec
 from ..planner import TensorTask
-from ..vocab import RowLayout
 from .checkpoint import Checkpoint, CheckpointError
 from .staging import PinnedStaging
 from .work import WorkPlan, WorkUnit, numel_of
@@ -77,11 +76,11 @@ class InputReader:
 
 class VocabularyGather:
     """A tokenizer merge's vocabulary tensors: each input's rows in the output vocabulary's order
-    (one :class:`mergekernels.vocab.RowLayout` per set of merged models)."""
+    (one :class:`mergekernels.vocab.RowLayout` per set of merged models, see
+    :meth:`mergekernels.vocab.Vocabulary.layout`)."""
 
     def __init__(self, plan):
         self.plan = plan
-        self.layouts: dict[tuple[str, ...], RowLayout] = {}
 
     def gather(self, task: TensorTask, sources: list, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The task's tensors (base first, as read) with their rows gathered; each original is dropped
@@ -90,10 +89,7 @@ class VocabularyGather:
         for source, tensor in zip(sources, tensors, strict=True):
             by_model.setdefault(self.plan.models[source.model], tensor)
         tensors.clear()
-        key = tuple(by_model)
-        if key not in self.layouts:
-            self.layouts[key] = RowLayout(self.plan.vocabulary, key)
-        permuted = self.layouts[key].permute(by_model, task.name)
+        permuted = self.plan.vocabulary.layout(tuple(by_model)).permute(by_model, task.name)
         return [permuted[self.plan.models[source.model]] for source in sources]
 
 

@@ -362,6 +362,11 @@ def _plan(cfg: MergeConfig, inputs: InputOptions) -> tuple[MergePlan, list[Check
         plan = plan_config(cfg, {path: ckpt.tensors for path, ckpt in opened.items()}, vocabulary)
     except PlanError as exc:
         raise CheckpointError(str(exc)) from None
+    if vocabulary is not None:  # every configured token's row source is checked before any read
+        for task in plan.tasks:
+            if task.vocab == "permute":
+                sources = [task.base, *task.inputs]
+                vocabulary.layout(tuple(dict.fromkeys(plan.models[s.model] for s in sources)))
     return plan, [opened[path] for path in plan.models]
 
 

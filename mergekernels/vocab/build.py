@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .settings import TokenizerSettings
@@ -66,6 +66,16 @@ class Vocabulary:
     models: dict[str, ModelVocabulary]
     settings: TokenizerSettings
     base: str
+    _layouts: dict = field(default_factory=dict, repr=False)
+
+    def layout(self, models: tuple[str, ...]):
+        """The :class:`mergekernels.vocab.RowLayout` of a tensor merged from these models (cached);
+        TokenizerError when a configured token's row cannot come from them."""
+        from .rows import RowLayout
+
+        if models not in self._layouts:
+            self._layouts[models] = RowLayout(self, models)
+        return self._layouts[models]
 
     def files(self, chat_template: str | None = None) -> dict[str, bytes]:
         """The output tokenizer's files as transformers saves them (``tokenizer.json``,
@@ -175,14 +185,22 @@ def strip_tokenizer(tokenizer, rows: int, reference: str):
     data["model"]["merges"] = [m for m in data["model"].get("merges", []) if keep(m)]
     data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < rows]
 
+    def content(entry) -> object:
+        return entry.get("content") if isinstance(entry, dict) else entry
+
     def edit(directory: Path) -> None:
         (directory / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
-        config_file = directory / "tokenizer_config.json"
-        if config_file.is_file():
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            config_file = directory / name
+            if not config_file.is_file():
+                continue
             config = json.loads(config_file.read_text())
             decoder = config.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < rows}
+            for key in ("extra_special_tokens", "additional_special_tokens"):  # loading re-adds these
+                if isinstance(config.get(key), list):
+                    config[key] = [t for t in config[key] if content(t) not in unused]
             config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2))
 
     return _reload(tokenizer, edit)
