@@ -47,6 +47,12 @@ def _models(root: Path) -> dict[str, str]:
     # the same id (35) holds the base's <pad> and the fine-tuned model's <|im_start|>
     conflict = write_vocab_model(root / "cbase", seed=7, special=["<pad>"])
     write_vocab_model(root / "ca", seed=8, perturb_from=conflict, special=["<|im_start|>"])
+    # bf16 models (merged in float32 and written in bf16: with `dtype: bfloat16` mergekit also rounds
+    # the method's own sums to bf16, a difference the README lists)
+    half = write_vocab_model(root / "hbase", seed=9, dtype=torch.bfloat16)
+    write_vocab_model(root / "ha", seed=10, dtype=torch.bfloat16, perturb_from=half, special=["<|im_start|>"])
+    write_vocab_model(root / "hb", seed=11, dtype=torch.bfloat16, perturb_from=half, special=["<|im_start|>"])
+    write_vocab_model(root / "hc", seed=12, dtype=torch.bfloat16, perturb_from=half, added=["<tool>"])
     return {p.name: str(p) for p in root.iterdir() if p.is_dir()}
 
 
@@ -97,6 +103,18 @@ def _cases(m: dict[str, str]) -> dict[str, tuple[dict, bool]]:
         ),
         "base-conflict": (_config(m, base="cbase", experts=("ca",), tokenizer_source="base"), True),
         "union-conflict": (_config(m, base="cbase", experts=("ca",), tokenizer_source="union"), True),
+        "bf16": (
+            {
+                **_config(
+                    m,
+                    base="hbase",
+                    experts=("ha", "hb", "hc"),
+                    tokenizer={"source": "union", "pad_to_multiple_of": 8},
+                ),
+                "out_dtype": "bfloat16",
+            },
+            False,
+        ),
         "tied": (_config(m, base="tbase", experts=("ta",), tokenizer_source="union"), True),
         "padded-base": (_config(m, base="pbase", experts=("pa",), tokenizer_source="union"), True),
         "template-literal": (
@@ -144,6 +162,7 @@ def _rows_by_token(tensor: torch.Tensor, vocab: dict[str, int]) -> dict[str, tor
         "pad-model",
         "base-conflict",
         "union-conflict",
+        "bf16",
         "tied",
         "padded-base",
         "template-literal",
