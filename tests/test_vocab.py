@@ -369,3 +369,35 @@ def test_config_keeps_the_settings(tmp_path):
         64,
     )
     assert cfg.chat_template == "llama3" and cfg.tokenizer.source_model == a
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_vocabulary_tensors_stream_in_row_chunks_with_the_same_bytes(tmp_path, models, method):
+    """Row chunks of a few rows (each gathered on its own, the shared rows found first) give the
+    whole-tensor merge's bytes; ties adds a pre-pass over the chunks."""
+    extra = dict(
+        merge_method=method,
+        tokenizer={
+            "source": "union",
+            "pad_to_multiple_of": 16,
+            "tokens": {"<tool>": {"source": {"kind": "zero"}, "force": True}},
+        },
+    )
+    if method == "ties":
+        extra["parameters"] = {"density": 0.5}
+    cfg = {
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[e]), "parameters": {"weight": 0.5}} for e in ("a", "b")],
+        **extra,
+    }
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    whole = merge_checkpoints(str(path), tmp_path / "whole", quiet=True, device="cpu")
+    merge_checkpoints(str(path), tmp_path / "rows", quiet=True, device="cpu", chunk_bytes=3 * 16 * 4)
+    for f in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "rows" / f.name).read_bytes()
+    assert whole.tensors == len(load_dir(tmp_path / "whole"))
+    embed = load_dir(tmp_path / "rows")["model.embed_tokens.weight"]
+    n = len(base_vocabulary())  # then <|im_start|> (a), <tool> (b), 11 padding rows
+    assert embed.shape[0] == 48 and torch.equal(embed[n + 1], torch.zeros(16))
+    assert torch.equal(embed[n + 2 :], embed[n + 2].expand(48 - n - 2, 16))

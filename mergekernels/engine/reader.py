@@ -1,7 +1,8 @@
 """Step 2 of the pipeline, read: a thread that reads the next units' inputs ahead of the compute.
 
 :class:`InputReader` reads one task's tensors (lazy safetensors reads of the whole tensor or a row
-range), converts them to the config's ``dtype`` and refuses NaN / Inf. :class:`Prefetcher` runs it
+range; a tokenizer merge's vocabulary tensors through :class:`.gather.VocabularyGather`), converts
+them to the config's ``dtype`` and refuses NaN / Inf. :class:`Prefetcher` runs it
 on a thread, unit after unit, holding at most ``budget`` bytes of inputs ahead of the compute step
 (a byte budget, not a count: the inputs of the largest tensor or row chunk); before the first chunk
 of a chunked tensor whose method has a pre-pass (TIES' and Breadcrumbs' thresholds, DARE's L1
@@ -19,6 +20,7 @@ import torch
 from ..methods import MethodSpec
 from ..planner import TensorTask
 from .checkpoint import Checkpoint, CheckpointError
+from .gather import VocabularyGather
 from .staging import PinnedStaging
 from .work import WorkPlan, WorkUnit, numel_of
 
@@ -38,7 +40,9 @@ class InputReader:
         self.dtype = work.cfg.dtype
         self.allow_nonfinite = allow_nonfinite
         self.bytes_read = 0
-        self.vocabulary = VocabularyGather(work.plan) if work.plan.vocabulary is not None else None
+        self.vocabulary = None
+        if work.plan.vocabulary is not None:
+            self.vocabulary = VocabularyGather(work.plan, checkpoints, work.chunk_bytes)
 
     def read(self, task: TensorTask, rows: tuple[int, int] | None = None):
         """(base, [fine-tuned]) of one task, whole or rows [start, stop); a vocabulary tensor's rows
@@ -47,50 +51,39 @@ class InputReader:
         if task.vocab == "truncate" and rows is None:
             rows = (0, task.shape[0])
         sources = [task.base, *task.inputs]
+        if task.vocab == "permute":
+            cast = self.dtype if self.work.converts(task) else None
+            before = self.vocabulary.bytes_read
+            tensors = self.vocabulary.read(task, rows, cast)
+            self.bytes_read += self.vocabulary.bytes_read - before
+            self._check_finite(task, sources, tensors)
+            return tensors[0], tensors[1:]
         base = self.checkpoints[task.base.model].read(task.base.name, rows)
         tensors = [base]
         for source in task.inputs:  # an input missing from its model (allow_missing: base) is the base's
             same = source == task.base
             tensors.append(base if same else self.checkpoints[source.model].read(source.name, rows))
         self.bytes_read += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-        del base
         if self.work.converts(task) and self.dtype is not None:
             tensors = [t.to(self.dtype) for t in tensors]
-        if task.vocab == "permute":
-            tensors = self.vocabulary.gather(task, sources, tensors)
-        if self.work.converts(task):
-            if not self.allow_nonfinite:
-                for source, x in zip(sources, tensors, strict=True):
-                    if x.numel() and not _finite(x):
-                        info = self.checkpoints[source.model].info(source.name)
-                        raise CheckpointError(
-                            f"{info.file}: tensor {source.name!r} holds NaN or Inf "
-                            "(options: {allow_nonfinite: true} merges it anyway)"
-                        )
+        self._check_finite(task, sources, tensors)
         return tensors[0], tensors[1:]
+
+    def _check_finite(self, task: TensorTask, sources: list, tensors: list[torch.Tensor]) -> None:
+        """NaN / Inf in a floating input is an error naming the file and tensor (unless allowed)."""
+        if not self.work.converts(task) or self.allow_nonfinite:
+            return
+        for source, x in zip(sources, tensors, strict=True):
+            if x.numel() and not _finite(x):
+                info = self.checkpoints[source.model].info(source.name)
+                raise CheckpointError(
+                    f"{info.file}: tensor {source.name!r} holds NaN or Inf "
+                    "(options: {allow_nonfinite: true} merges it anyway)"
+                )
 
     def read_on(self, task: TensorTask, device: torch.device, rows=None):
         b, fts = self.read(task, rows)
         return b.to(device), [x.to(device) for x in fts]
-
-
-class VocabularyGather:
-    """A tokenizer merge's vocabulary tensors: each input's rows in the output vocabulary's order
-    (one :class:`mergekernels.vocab.RowLayout` per set of merged models, see
-    :meth:`mergekernels.vocab.Vocabulary.layout`)."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def gather(self, task: TensorTask, sources: list, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The task's tensors (base first, as read) with their rows gathered; each original is dropped
-        once its copy is made."""
-        by_model: dict[str, torch.Tensor] = {}
-        for source, tensor in zip(sources, tensors, strict=True):
-            by_model.setdefault(self.plan.models[source.model], tensor)
-        tensors.clear()
-        permuted = self.plan.vocabulary.layout(tuple(by_model)).permute(by_model, task.name)
-        return [permuted[self.plan.models[source.model]] for source in sources]
 
 
 class Budget:

@@ -1,15 +1,18 @@
 """The checkpoint merge, a pipeline: plan, read, compute, write, then publish.
 
-1. **plan** (:mod:`.work`): the planner (:mod:`mergekernels.planner`) resolves the configuration
-   into one task per output tensor on the checkpoints' headers; the tasks are cut into work units
-   (whole tensors, row chunks, batched matrix groups) and the output into shards.
+1. **plan** (:mod:`.work`): a tokenizer merge first builds the output vocabulary from the models'
+   tokenizers (:mod:`mergekernels.vocab`); the planner (:mod:`mergekernels.planner`) resolves the
+   configuration into one task per output tensor on the checkpoints' headers; the tasks are cut into
+   work units (whole tensors, row chunks, batched matrix groups) and the output into shards.
 2. **statistics**, when the method needs the whole model first: TIES' model-wide threshold
    (``threshold_scope: global``), AWD's Gram pass.
 3. **read** (:mod:`.reader`): a thread reads the next units' inputs (lazy safetensors reads) under a
-   byte budget, running chunked tensors' pre-passes, staging GPU inputs in pinned memory.
+   byte budget, running chunked tensors' pre-passes, staging GPU inputs in pinned memory; the rows
+   of vocabulary tensors are gathered into the output vocabulary's order (:mod:`.gather`).
 4. **compute** (:mod:`.compute`): the calling thread merges each unit on the device.
 5. **write** (:mod:`.output`, :mod:`.writer`): finished tensors fill their shards; a thread writes
-   each full shard atomically; the index, ``config.json`` and side files come last, and the
+   each full shard atomically; the index, ``config.json`` and side files (the tokenizer, written
+   with transformers when the merge makes one) come last, and the
    partial directory is renamed to ``OUT_DIR`` only when everything is written.
 
 Memory is bounded by a byte budget, not a count: the reader holds at most the inputs of the largest

@@ -51,7 +51,7 @@ class WorkPlan:
     budget and the output dtype of each tensor."""
 
     def __init__(self, cfg: MergeConfig, plan: MergePlan, memory_cap: int, chunk_bytes: int):
-        self.cfg, self.plan = cfg, plan
+        self.cfg, self.plan, self.chunk_bytes = cfg, plan, chunk_bytes
         self.spec = METHODS[cfg.method]
         self.tasks = {task.name: task for task in plan.tasks}
         groups = matrix_groups(
@@ -94,8 +94,6 @@ class WorkPlan:
         )
 
     def _splits(self, task: TensorTask) -> bool:
-        if task.vocab == "permute":  # each input's rows are gathered from the whole tensor
-            return False
         shape, chunks = task.shape, self.spec.chunks_for(task.params)
         if chunks == "elements":
             return len(shape) >= 1 and shape[0] > 1

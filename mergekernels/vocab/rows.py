@@ -17,7 +17,7 @@ have gets the others' default row, so a linear merge keeps that row and a task v
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,51 +111,114 @@ class RowLayout:
             )
         return DefaultRow("copy", source.model, source.token_id)
 
-    def permute(self, tensors: dict[str, torch.Tensor], name: str = "tensor") -> dict[str, torch.Tensor]:
-        """Each model's tensor (vocabulary on axis 0) in the output's order, ``vocabulary.size`` rows.
+    def needs_rows(self, model: str) -> int:
+        """How many rows the model's vocabulary tensors must have (one past its largest merged id)."""
+        own = self.own[model]
+        return int(own.max()) + 1 if own.numel() else 0
 
-        ``tensors`` is emptied as it goes, so at most one original and one permuted copy are alive
-        beyond the results. Raises TokenizerError naming the tensor when a model's tensor has fewer
-        rows than its tokens need."""
-        for model in self.models:
-            need = int(self.own[model].max()) + 1 if self.count else 0
-            if tensors[model].shape[0] < need:
-                raise TokenizerError(
-                    f"{model}: tensor {name!r} has {tensors[model].shape[0]} rows, but its tokenizer gives "
-                    f"a merged token id {need - 1}"
-                )
-        dtype = tensors[self.models[0]].dtype
-        for t in tensors.values():
-            dtype = torch.promote_types(dtype, t.dtype)
-        defaults = {i: self._default_row(d, tensors, dtype) for i, d in self.defaults.items()}
-        filler = sorted(defaults)
-        fill_rows = torch.stack([defaults[i] for i in filler]) if filler else None
-        out = {}
-        for model in self.models:
-            x = tensors.pop(model)
-            own = self.own[model]
-            have = (own >= 0).nonzero().squeeze(1)
-            rows = torch.zeros((self.vocabulary.size, *x.shape[1:]), dtype=dtype)
-            rows.index_copy_(0, have, x.index_select(0, own[have]).to(dtype))
-            del x
-            if filler:
-                lacking = [k for k, i in enumerate(filler) if own[i] < 0]
-                rows.index_copy_(0, torch.tensor(filler)[lacking], fill_rows[lacking])
-            if self.vocabulary.size > self.count:
-                rows[self.count :] = rows[: self.count].mean(dim=0)
-            out[model] = rows
-        return out
+    def prepare(self, fetch: Fetch, block_rows: int = 4096) -> Filler:
+        """The rows a tensor's pieces share: every default row, and each model's padding row.
+
+        Args:
+            fetch: ``fetch(model, ids)`` gives the model's rows ``ids`` (a long tensor), in the
+                dtype the merge computes in.
+            block_rows: rows fetched at a time while summing a model's rows for its padding row.
+        """
+        probe = next((m for m in self.models if (self.own[m] >= 0).any()), None)
+        if probe is not None:
+            first = self.own[probe][self.own[probe] >= 0][:1]
+            sample = fetch(probe, first)[0]
+        else:  # no model has any of the tokens: the rows are configured zeros / model_token rows
+            copy = next((d for d in self.defaults.values() if d.kind == "copy"), None)
+            if copy is None:
+                raise TokenizerError("none of the merged models has any token of the output vocabulary")
+            sample = fetch(copy.model, torch.tensor([copy.row]))[0]
+        dtype, shape = sample.dtype, tuple(sample.shape)
+        ids = sorted(self.defaults)
+        rows = self._default_rows([self.defaults[i] for i in ids], fetch, dtype, shape)
+        slot = torch.full((self.count,), -1, dtype=torch.long)
+        slot[ids] = torch.arange(len(ids))
+        filler = Filler(dtype, shape, rows, slot, {})
+        if self.vocabulary.size > self.count:  # padding rows: the mean of the model's own rows
+            for model in self.models:
+                own = self.own[model]
+                total = torch.zeros(shape, dtype=torch.float64)
+                for block in own[own >= 0].split(block_rows):
+                    total += fetch(model, block).double().sum(dim=0)
+                lacking = slot[own < 0]
+                if lacking.numel():
+                    total += rows[lacking].double().sum(dim=0)
+                filler.pad[model] = (total / max(self.count, 1)).to(dtype)
+        return filler
 
     @staticmethod
-    def _default_row(
-        default: DefaultRow, tensors: dict[str, torch.Tensor], dtype: torch.dtype
-    ) -> torch.Tensor:
-        shape = next(iter(tensors.values())).shape[1:]
-        if default.kind == "zero":
-            return torch.zeros(shape, dtype=dtype)
-        if default.kind == "copy":
-            return tensors[default.model][default.row].to(dtype)
-        total = torch.zeros(shape, dtype=dtype)
-        for model, row in default.rows:  # in the models' order, in the tensors' dtype, as mergekit sums
-            total = total + tensors[model][row].to(dtype)
-        return total / len(default.rows)
+    def _default_rows(defaults: list[DefaultRow], fetch: Fetch, dtype, shape) -> torch.Tensor:
+        """The default rows in order, each model's needed rows fetched at once."""
+        needed: dict[str, set[int]] = {}
+        for d in defaults:
+            pairs = ((d.model, d.row),) if d.kind == "copy" else d.rows
+            for model, row in pairs:
+                needed.setdefault(model, set()).add(row)
+        fetched = {}
+        for model, wanted in needed.items():
+            order = sorted(wanted)
+            values = fetch(model, torch.tensor(order, dtype=torch.long))
+            fetched.update({(model, row): values[k] for k, row in enumerate(order)})
+        out = torch.zeros((len(defaults), *shape), dtype=dtype)
+        for k, d in enumerate(defaults):
+            if d.kind == "copy":
+                out[k] = fetched[(d.model, d.row)]
+            elif d.kind == "average":  # in the models' order, in the compute dtype, as mergekit sums
+                total = torch.zeros(shape, dtype=dtype)
+                for pair in d.rows:
+                    total = total + fetched[pair]
+                out[k] = total / len(d.rows)
+        return out
+
+    def assemble(self, model: str, start: int, stop: int, fetch: Fetch, filler: Filler) -> torch.Tensor:
+        """Output rows [start, stop) of one model: its own rows, default rows, padding rows."""
+        out = torch.empty((stop - start, *filler.shape), dtype=filler.dtype)
+        end = min(stop, self.count)
+        if start < end:
+            ids = self.own[model][start:end]
+            have = (ids >= 0).nonzero().squeeze(1)
+            if have.numel():
+                out[have] = fetch(model, ids[have]).to(filler.dtype)
+            lacking = (ids < 0).nonzero().squeeze(1)
+            if lacking.numel():
+                out[lacking] = filler.rows[filler.slot[start + lacking]]
+        if stop > self.count:
+            out[max(start, self.count) - start :] = filler.pad[model]
+        return out
+
+    def permute(self, tensors: dict[str, torch.Tensor], name: str = "tensor") -> dict[str, torch.Tensor]:
+        """Each model's whole tensor (vocabulary on axis 0) in the output's order, in memory:
+        ``vocabulary.size`` rows each. Raises TokenizerError naming the tensor when a model's tensor
+        has fewer rows than its tokens need."""
+        for model in self.models:
+            if tensors[model].shape[0] < self.needs_rows(model):
+                raise TokenizerError(
+                    f"{model}: tensor {name!r} has {tensors[model].shape[0]} rows, but its tokenizer gives "
+                    f"a merged token id {self.needs_rows(model) - 1}"
+                )
+
+        def fetch(model: str, ids: torch.Tensor) -> torch.Tensor:
+            return tensors[model].index_select(0, ids)
+
+        filler = self.prepare(fetch)
+        return {m: self.assemble(m, 0, self.vocabulary.size, fetch, filler) for m in self.models}
+
+
+Fetch = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Filler:
+    """What every piece of a vocabulary tensor shares (:meth:`RowLayout.prepare`): the default rows
+    (``rows[slot[i]]`` for output id i; slot -1: none), and each model's padding row."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    rows: torch.Tensor
+    slot: torch.Tensor
+    pad: dict[str, torch.Tensor]
