@@ -190,6 +190,8 @@ def run_ours(cfg: Path, out: Path, shard_bytes: int, python: str = sys.executabl
     env = dict(os.environ)
     if python == sys.executable:  # this checkout's mergekernels, wherever the process runs
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    else:  # that environment's own mergekernels, not a checkout on this one's path
+        env.pop("PYTHONPATH", None)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=out.parent, env=env)
     wall = time.perf_counter() - t0

@@ -41,9 +41,12 @@ class VocabularyGather:
         by_model = {self.plan.models[s.model]: s for s in sources}
         layout = self.plan.vocabulary.layout(tuple(by_model))
 
-        def fetch(model: str, ids: torch.Tensor) -> torch.Tensor:
+        def stored(model: str, ids: torch.Tensor) -> torch.Tensor:  # as stored (often a view of the file)
             source = by_model[model]
-            values = self._gather(self.checkpoints[source.model], source.name, ids)
+            return self._gather(self.checkpoints[source.model], source.name, ids)
+
+        def fetch(model: str, ids: torch.Tensor) -> torch.Tensor:  # in the compute dtype
+            values = stored(model, ids)
             return values if dtype is None else values.to(dtype)
 
         filler = self._fillers.get(task.name)
@@ -55,7 +58,7 @@ class VocabularyGather:
                 self._fillers.pop(next(iter(self._fillers)))
             self._fillers[task.name] = filler
         start, stop = rows if rows is not None else (0, task.shape[0])
-        pieces = {m: layout.assemble(m, start, stop, fetch, filler) for m in by_model}
+        pieces = {m: layout.assemble(m, start, stop, stored, filler) for m in by_model}
         return [pieces[self.plan.models[s.model]] for s in sources]
 
     def _check_rows(self, task: TensorTask, layout: RowLayout, by_model: dict) -> None:

@@ -176,20 +176,35 @@ class RowLayout:
         return out
 
     def assemble(self, model: str, start: int, stop: int, fetch: Fetch, filler: Filler) -> torch.Tensor:
-        """Output rows [start, stop) of one model: its own rows, default rows, padding rows."""
+        """Output rows [start, stop) of one model: its own rows, default rows, padding rows, in the
+        filler's dtype (``fetch`` may give the model's rows in another: they are converted)."""
         out = torch.empty((stop - start, *filler.shape), dtype=filler.dtype)
         end = min(stop, self.count)
         if start < end:
             ids = self.own[model][start:end]
             have = (ids >= 0).nonzero().squeeze(1)
             if have.numel():
-                out[have] = fetch(model, ids[have]).to(filler.dtype)
+                self._copy_own(out, have, ids[have], lambda rows: fetch(model, rows))
             lacking = (ids < 0).nonzero().squeeze(1)
             if lacking.numel():
                 out[lacking] = filler.rows[filler.slot[start + lacking]]
         if stop > self.count:
             out[max(start, self.count) - start :] = filler.pad[model]
         return out
+
+    @staticmethod
+    def _copy_own(out: torch.Tensor, at: torch.Tensor, rows: torch.Tensor, fetch) -> None:
+        """out[at] = the model's rows ``rows``: run by run as slice copies (converting the dtype on
+        the way) when both go up by one, as tokens that keep their ids do; else one gather."""
+        step = ((at[1:] - at[:-1]) != 1) | ((rows[1:] - rows[:-1]) != 1)
+        breaks = step.nonzero().squeeze(1) + 1
+        if breaks.numel() > 64:
+            out.index_copy_(0, at, fetch(rows).to(out.dtype))
+            return
+        bounds = [0, *breaks.tolist(), at.numel()]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            first = int(at[lo])
+            out[first : first + hi - lo] = fetch(rows[lo:hi])
 
     def permute(self, tensors: dict[str, torch.Tensor], name: str = "tensor") -> dict[str, torch.Tensor]:
         """Each model's whole tensor (vocabulary on axis 0) in the output's order, in memory:
