@@ -117,12 +117,13 @@ class RowLayout:
         return int(own.max()) + 1 if own.numel() else 0
 
     def prepare(self, fetch: Fetch, block_rows: int = 4096) -> Filler:
-        """The rows a tensor's pieces share: every default row, and each model's padding row.
+        """The rows a tensor's pieces share: every default row (each model's padding row is added
+        by the first piece that needs it, see :meth:`assemble`).
 
         Args:
             fetch: ``fetch(model, ids)`` gives the model's rows ``ids`` (a long tensor), in the
                 dtype the merge computes in.
-            block_rows: rows fetched at a time while summing a model's rows for its padding row.
+            block_rows: rows summed at a time for a model's padding row.
         """
         probe = next((m for m in self.models if (self.own[m] >= 0).any()), None)
         if probe is not None:
@@ -138,18 +139,7 @@ class RowLayout:
         rows = self._default_rows([self.defaults[i] for i in ids], fetch, dtype, shape)
         slot = torch.full((self.count,), -1, dtype=torch.long)
         slot[ids] = torch.arange(len(ids))
-        filler = Filler(dtype, shape, rows, slot, {})
-        if self.vocabulary.size > self.count:  # padding rows: the mean of the model's own rows
-            for model in self.models:
-                own = self.own[model]
-                total = torch.zeros(shape, dtype=torch.float64)
-                for block in own[own >= 0].split(block_rows):
-                    total += fetch(model, block).double().sum(dim=0)
-                lacking = slot[own < 0]
-                if lacking.numel():
-                    total += rows[lacking].double().sum(dim=0)
-                filler.pad[model] = (total / max(self.count, 1)).to(dtype)
-        return filler
+        return Filler(dtype, shape, rows, slot, {}, block_rows)
 
     @staticmethod
     def _default_rows(defaults: list[DefaultRow], fetch: Fetch, dtype, shape) -> torch.Tensor:
@@ -179,18 +169,40 @@ class RowLayout:
         """Output rows [start, stop) of one model: its own rows, default rows, padding rows, in the
         filler's dtype (``fetch`` may give the model's rows in another: they are converted)."""
         out = torch.empty((stop - start, *filler.shape), dtype=filler.dtype)
-        end = min(stop, self.count)
-        if start < end:
-            ids = self.own[model][start:end]
-            have = (ids >= 0).nonzero().squeeze(1)
-            if have.numel():
-                self._copy_own(out, have, ids[have], lambda rows: fetch(model, rows))
-            lacking = (ids < 0).nonzero().squeeze(1)
-            if lacking.numel():
-                out[lacking] = filler.rows[filler.slot[start + lacking]]
+        self._token_rows(out, model, start, min(stop, self.count), fetch, filler)
         if stop > self.count:
+            if model not in filler.pad:  # a piece from row 0 holds the rows it averages already
+                whole = out[: self.count] if start == 0 else None
+                filler.pad[model] = self._padding_row(model, fetch, filler, whole)
             out[max(start, self.count) - start :] = filler.pad[model]
         return out
+
+    def _token_rows(self, out, model: str, start: int, end: int, fetch: Fetch, filler: Filler) -> None:
+        """out[: end - start] = the model's rows of output ids [start, end)."""
+        if start >= end:
+            return
+        ids = self.own[model][start:end]
+        have = (ids >= 0).nonzero().squeeze(1)
+        if have.numel():
+            self._copy_own(out, have, ids[have], lambda rows: fetch(model, rows))
+        lacking = (ids < 0).nonzero().squeeze(1)
+        if lacking.numel():
+            out[lacking] = filler.rows[filler.slot[start + lacking]]
+
+    def _padding_row(self, model: str, fetch: Fetch, filler: Filler, whole: torch.Tensor | None):
+        """The mean of the model's rows of every token: summed in float64, block by block in the
+        same blocks whether they come from ``whole`` or are gathered here, so every chunking gives
+        the same bits."""
+        total = torch.zeros(filler.shape, dtype=torch.float64)
+        step = filler.block_rows
+        for b in range(0, self.count, step):
+            if whole is not None:
+                block = whole[b : b + step]
+            else:
+                block = torch.empty((min(step, self.count - b), *filler.shape), dtype=filler.dtype)
+                self._token_rows(block, model, b, b + block.shape[0], fetch, filler)
+            total += block.sum(dim=0, dtype=torch.float64)
+        return (total / max(self.count, 1)).to(filler.dtype)
 
     @staticmethod
     def _copy_own(out: torch.Tensor, at: torch.Tensor, rows: torch.Tensor, fetch) -> None:
@@ -230,10 +242,12 @@ Fetch = Callable[[str, torch.Tensor], torch.Tensor]
 @dataclass
 class Filler:
     """What every piece of a vocabulary tensor shares (:meth:`RowLayout.prepare`): the default rows
-    (``rows[slot[i]]`` for output id i; slot -1: none), and each model's padding row."""
+    (``rows[slot[i]]`` for output id i; slot -1: none), each model's padding row once a piece has
+    needed it, and the rows summed at a time for it."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     rows: torch.Tensor
     slot: torch.Tensor
     pad: dict[str, torch.Tensor]
+    block_rows: int = 4096
