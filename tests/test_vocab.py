@@ -401,3 +401,32 @@ def test_vocabulary_tensors_stream_in_row_chunks_with_the_same_bytes(tmp_path, m
     n = len(base_vocabulary())  # then <|im_start|> (a), <tool> (b), 11 padding rows
     assert embed.shape[0] == 48 and torch.equal(embed[n + 1], torch.zeros(16))
     assert torch.equal(embed[n + 2 :], embed[n + 2].expand(48 - n - 2, 16))
+
+
+def test_pieces_of_any_size_give_the_whole_tensor_bits():
+    """Across several padding-sum blocks (PAD_BLOCK_ROWS): every chunking gives the same bits."""
+    from mergekernels.vocab.rows import PAD_BLOCK_ROWS
+
+    g = torch.Generator().manual_seed(0)
+    count = 2 * PAD_BLOCK_ROWS + 37
+    words = [f"t{i}" for i in range(count)]
+    per = {
+        "base": ModelVocabulary("base", {w: i for i, w in enumerate(words[:-5])}, count - 5),
+        "a": ModelVocabulary("a", {w: i for i, w in enumerate(reversed(words))}, count),
+    }
+    vocab = Vocabulary(None, words, count + 11, per, TokenizerSettings("union", {}, 16), "base")
+    tensors = {m: torch.randn((v.rows, 7), generator=g) for m, v in per.items()}
+    layout = vocab.layout(("base", "a"))
+
+    def fetch(model, ids):
+        return tensors[model].index_select(0, ids)
+
+    whole = {m: layout.assemble(m, 0, vocab.size, fetch, layout.prepare(fetch)) for m in per}
+    for step in (1, 333, PAD_BLOCK_ROWS, vocab.size - 1):
+        filler = layout.prepare(fetch)
+        for m in per:
+            parts = [
+                layout.assemble(m, r, min(r + step, vocab.size), fetch, filler)
+                for r in reversed(range(0, vocab.size, step))  # padding rows asked for first
+            ]
+            assert torch.equal(torch.cat(parts[::-1]), whole[m]), (m, step)

@@ -26,11 +26,10 @@ class VocabularyGather:
     Args:
         plan: the merge plan (its ``vocabulary`` and ``models``).
         checkpoints: the opened models, indexed as ``plan.models``.
-        block_bytes: bytes of one model's rows read at a time while summing them for padding rows.
     """
 
-    def __init__(self, plan: MergePlan, checkpoints: list, block_bytes: int):
-        self.plan, self.checkpoints, self.block_bytes = plan, checkpoints, block_bytes
+    def __init__(self, plan: MergePlan, checkpoints: list):
+        self.plan, self.checkpoints = plan, checkpoints
         self.bytes_read = 0
         self._fillers: dict[str, Filler] = {}  # the last tensors' shared rows (a few rows each)
 
@@ -52,8 +51,7 @@ class VocabularyGather:
         filler = self._fillers.get(task.name)
         if filler is None:
             self._check_rows(task, layout, by_model)
-            row_bytes = max(1, task.dtype.itemsize * _numel(task.shape[1:]))
-            filler = layout.prepare(fetch, block_rows=max(1, self.block_bytes // row_bytes))
+            filler = layout.prepare(fetch)
             if len(self._fillers) >= 2:  # keep the last two: a chunked tensor and its pre-pass
                 self._fillers.pop(next(iter(self._fillers)))
             self._fillers[task.name] = filler
@@ -89,10 +87,3 @@ class VocabularyGather:
         if unique.numel() == ids.numel() and bool((unique == ids).all()):
             return values
         return values.index_select(0, back)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -42,7 +42,7 @@ class InputReader:
         self.bytes_read = 0
         self.vocabulary = None
         if work.plan.vocabulary is not None:
-            self.vocabulary = VocabularyGather(work.plan, checkpoints, work.chunk_bytes)
+            self.vocabulary = VocabularyGather(work.plan, checkpoints)
 
     def read(self, task: TensorTask, rows: tuple[int, int] | None = None):
         """(base, [fine-tuned]) of one task, whole or rows [start, stop); a vocabulary tensor's rows

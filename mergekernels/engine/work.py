@@ -51,7 +51,7 @@ class WorkPlan:
     budget and the output dtype of each tensor."""
 
     def __init__(self, cfg: MergeConfig, plan: MergePlan, memory_cap: int, chunk_bytes: int):
-        self.cfg, self.plan, self.chunk_bytes = cfg, plan, chunk_bytes
+        self.cfg, self.plan = cfg, plan
         self.spec = METHODS[cfg.method]
         self.tasks = {task.name: task for task in plan.tasks}
         groups = matrix_groups(

@@ -116,14 +116,13 @@ class RowLayout:
         own = self.own[model]
         return int(own.max()) + 1 if own.numel() else 0
 
-    def prepare(self, fetch: Fetch, block_rows: int = 4096) -> Filler:
+    def prepare(self, fetch: Fetch) -> Filler:
         """The rows a tensor's pieces share: every default row (each model's padding row is added
         by the first piece that needs it, see :meth:`assemble`).
 
         Args:
             fetch: ``fetch(model, ids)`` gives the model's rows ``ids`` (a long tensor), in the
                 dtype the merge computes in.
-            block_rows: rows summed at a time for a model's padding row.
         """
         probe = next((m for m in self.models if (self.own[m] >= 0).any()), None)
         if probe is not None:
@@ -139,7 +138,7 @@ class RowLayout:
         rows = self._default_rows([self.defaults[i] for i in ids], fetch, dtype, shape)
         slot = torch.full((self.count,), -1, dtype=torch.long)
         slot[ids] = torch.arange(len(ids))
-        return Filler(dtype, shape, rows, slot, {}, block_rows)
+        return Filler(dtype, shape, rows, slot, {})
 
     @staticmethod
     def _default_rows(defaults: list[DefaultRow], fetch: Fetch, dtype, shape) -> torch.Tensor:
@@ -190,18 +189,19 @@ class RowLayout:
             out[lacking] = filler.rows[filler.slot[start + lacking]]
 
     def _padding_row(self, model: str, fetch: Fetch, filler: Filler, whole: torch.Tensor | None):
-        """The mean of the model's rows of every token: summed in float64, block by block in the
+        """The mean of the model's rows of every token: blocks summed in float32, their sums in float64,
+        in the
         same blocks whether they come from ``whole`` or are gathered here, so every chunking gives
         the same bits."""
         total = torch.zeros(filler.shape, dtype=torch.float64)
-        step = filler.block_rows
+        step = PAD_BLOCK_ROWS
         for b in range(0, self.count, step):
             if whole is not None:
                 block = whole[b : b + step]
             else:
                 block = torch.empty((min(step, self.count - b), *filler.shape), dtype=filler.dtype)
                 self._token_rows(block, model, b, b + block.shape[0], fetch, filler)
-            total += block.sum(dim=0, dtype=torch.float64)
+            total += block.sum(dim=0, dtype=torch.float32).double()  # float32 within a block: 15x faster
         return (total / max(self.count, 1)).to(filler.dtype)
 
     @staticmethod
@@ -237,17 +237,18 @@ class RowLayout:
 
 
 Fetch = Callable[[str, torch.Tensor], torch.Tensor]
+# Rows summed at a time (in float32) for a padding row; fixed, so that any chunking gives its bits.
+PAD_BLOCK_ROWS = 1024
 
 
 @dataclass
 class Filler:
     """What every piece of a vocabulary tensor shares (:meth:`RowLayout.prepare`): the default rows
-    (``rows[slot[i]]`` for output id i; slot -1: none), each model's padding row once a piece has
-    needed it, and the rows summed at a time for it."""
+    (``rows[slot[i]]`` for output id i; slot -1: none), and each model's padding row once a piece
+    has needed it."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     rows: torch.Tensor
     slot: torch.Tensor
     pad: dict[str, torch.Tensor]
-    block_rows: int = 4096
