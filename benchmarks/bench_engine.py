@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/bench_engine.py [--dir DIR] [--layers 8] [--hidden 1024] [--experts 3]
-                                      [--methods task_arithmetic ties dare_ties] [--device cpu]
+                                      [--methods task_arithmetic ties dare_ties breadcrumbs della]
+                                      [--dtypes bfloat16 float32] [--repeats 3] [--device cpu]
 
 The script writes a base and ``--experts`` fine-tuned checkpoints (bf16, sharded safetensors with an
 index, HF layout; about 340 MB per model at the defaults) once into ``--dir``, then, in one run:
@@ -11,10 +12,14 @@ index, HF layout; about 340 MB per model at the defaults) once into ``--dir``, t
 - the I/O floor: reading every byte of every input tensor once (safetensors' file map, one
   reduction, no copy) and writing a model-sized output in shards (what any merge tool must do at
   least), timed the same way, once as is and once with each shard fsynced (what the engine must do
-  before it names a shard finished);
-- for each method, ``mergekernels merge`` in a fresh subprocess: wall time, the ratio to the floor,
-  end-to-end GB/s, and the subprocess's peak RSS (with the bound the engine promises:
-  (K + 2) x the largest tensor + 2 shard buffers + 300 MB).
+  before it names a shard finished); the fastest of ``--repeats`` runs (the first run in a process
+  pays for warming up and was once taken for the floor, which made every ratio look 2-4x better);
+- for each method and each ``--dtypes`` entry (the YAML's ``dtype``: the arithmetic's precision;
+  the output stays bf16 through ``out_dtype``), ``mergekernels merge`` in a fresh subprocess, the
+  fastest of ``--repeats``: time inside the merge, the ratio to both floors, end-to-end GB/s, and
+  the subprocess's peak RSS (with the bound the engine promises: (K + 2) x the largest tensor + 2
+  shard buffers + 300 MB; with ``dtype: float32`` a method that widens its inputs holds float32
+  copies, twice that).
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--experts", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della"]
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float32"])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -64,61 +73,41 @@ def main() -> None:
         f"{bound / 1e6:.0f} MB, of which the merge's own working set {working_bound / 1e6:.0f} MB"
     )
 
-    floor = io_floor(models, root / "floor-out")
-    durable = io_floor(models, root / "floor-out", durable=True)
+    floor = min(io_floor(models, root / "floor-out") for _ in range(args.repeats))
+    durable = min(io_floor(models, root / "floor-out", durable=True) for _ in range(args.repeats))
     rows = [
         {"method": "I/O floor", "seconds": floor},
         {"method": "I/O floor, shards fsynced", "seconds": durable, "vs_floor": durable / floor},
     ]
-    params = {"ties": {"density": 0.2}, "dare_ties": {"drop": 0.9}, "dare_linear": {"drop": 0.9}}
+    params = {"ties": {"density": 0.3}, "dare_ties": {"drop": 0.9}, "dare_linear": {"drop": 0.9}}
     for method in args.methods:
-        cfg = {
-            "merge_method": method,
-            "dialect": "mergekernels",
-            "base_model": str(models[0]),
-            "models": [{"model": str(m)} for m in models[1:]],
-            "options": {"shard_size": SHARD_BYTES},
-        }
-        if method in params:
-            cfg["parameters"] = params[method]
-        cfg_path = root / f"{method}.json"
-        cfg_path.write_text(json.dumps(cfg))
-        out = root / f"out-{method}"
-        report_file = root / f"{method}.report.json"
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mergekernels",
-                "merge",
-                str(cfg_path),
-                str(out),
-                "--overwrite",
-                "--quiet",
-                "--device",
-                args.device,
-                "--report",
-                str(report_file),
-            ],
-            check=True,
-        )
-        wall = time.perf_counter() - t0
-        report = json.loads(report_file.read_text())
-        seconds = report["seconds"]["total"]  # in the merging process: no interpreter start-up
-        moved = model_bytes * (len(models) + 1)
-        rows.append(
-            {
-                "method": method,
-                "seconds": seconds,
-                "wall": wall,
-                "vs_floor": seconds / floor,
-                "gb_per_s": moved / seconds / 1e9,
-                "peak_rss_mb": report["peak_rss_bytes"] / 1e6,
-                "start_rss_mb": report["start_rss_bytes"] / 1e6,
+        for dtype in args.dtypes:
+            cfg = {
+                "merge_method": method,
+                "dialect": "mergekernels",
+                "base_model": str(models[0]),
+                "models": [{"model": str(m)} for m in models[1:]],
+                "dtype": dtype,
+                "out_dtype": "bfloat16",
+                "options": {"shard_size": SHARD_BYTES},
             }
-        )
-        shutil.rmtree(out)
+            if method in params:
+                cfg["parameters"] = params[method]
+            runs = [_merge(root, f"{method}-{dtype}", cfg, args.device) for _ in range(args.repeats)]
+            seconds, wall, report = min(runs, key=lambda r: r[0])
+            moved = model_bytes * (len(models) + 1)
+            rows.append(
+                {
+                    "method": f"{method} ({'fp32' if dtype == 'float32' else 'bf16'})",
+                    "seconds": seconds,
+                    "wall": wall,
+                    "vs_floor": seconds / floor,
+                    "gb_per_s": moved / seconds / 1e9,
+                    "peak_rss_mb": max(r[2]["peak_rss_bytes"] for r in runs) / 1e6,
+                    "start_rss_mb": report["start_rss_bytes"] / 1e6,
+                    "phases": report["seconds"],
+                }
+            )
     print(
         "\n| method | seconds | × I/O floor | × fsynced floor | GB/s end to end | peak RSS (MB) "
         "| RSS before the merge (MB) | working set (MB) |\n|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -140,6 +129,21 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "bound_bytes": bound}, indent=2))
+
+
+def _merge(root: Path, name: str, cfg: dict, device: str) -> tuple[float, float, dict]:
+    """One ``mergekernels merge`` in a fresh process: (seconds inside the merge, wall seconds with
+    start-up, the merge's report)."""
+    cfg_path, out, report_file = root / f"{name}.json", root / f"out-{name}", root / f"{name}.report.json"
+    cfg_path.write_text(json.dumps(cfg))
+    command = [sys.executable, "-m", "mergekernels", "merge", str(cfg_path), str(out), "--overwrite"]
+    command += ["--quiet", "--device", device, "--report", str(report_file)]
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - t0
+    report = json.loads(report_file.read_text())
+    shutil.rmtree(out)
+    return report["seconds"]["total"], wall, report  # total: in the merge process, no start-up
 
 
 if __name__ == "__main__":

@@ -225,13 +225,20 @@ at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10:
                           c10::ArrayRef<double> step, c10::ArrayRef<double> post, bool rescale_inverse,
                           const c10::optional<at::Tensor>& row_keep, at::TensorList ranks, int64_t seed, int64_t key,
                           int64_t element_offset, int64_t row_len, c10::optional<at::ScalarType> out_dtype,
-                          c10::ArrayRef<int64_t> tie_cuts, c10::optional<double> base_scale) {
+                          c10::ArrayRef<int64_t> tie_cuts, c10::optional<double> base_scale,
+                          const c10::optional<at::Tensor>& nonfinite) {
   const Inputs in = check_inputs(base, finetuned, "fused_merge");
   PipelineArgs a{sparsify, thresholds, keep_source, keep, step, post, rescale_inverse, row_keep, ranks.vec(),
                  seed, key, element_offset, row_len, tie_cuts};
   std::vector<at::Tensor> keep_alive;
-  const MergeConfig c =
-      make_merge_config(in, a, weights, scale, reduce, ties, weighted_election, base_scale, keep_alive);
+  MergeConfig c = make_merge_config(in, a, weights, scale, reduce, ties, weighted_election, base_scale, keep_alive);
+  if (nonfinite.has_value()) {
+    const at::Tensor& flags = *nonfinite;
+    check_aux(flags, in.base, at::kInt, "fused_merge", "nonfinite");
+    TORCH_CHECK(flags.dim() == 1 && flags.numel() == in.num_experts() + 1, "fused_merge: nonfinite must have shape [",
+                in.num_experts() + 1, "] (the base, then each fine-tuned tensor), got ", flags.sizes());
+    c.nonfinite = flags.data_ptr<int32_t>();
+  }
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(output_dtype(in, out_dtype, "fused_merge")));
   run(c, in, out);
   return out;

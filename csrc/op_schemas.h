@@ -32,9 +32,10 @@ inline void define_ops(torch::Library& m) {
       "bool weighted_election, int sparsify, Tensor? thresholds, int keep_source, float[] keep, "
       "float[] step, float[] post, bool rescale_inverse, Tensor? row_keep, Tensor[] ranks, int seed, "
       "int key, int element_offset, int row_len, ScalarType? out_dtype, int[] tie_cuts=[], "
-      "float? base_scale=None) -> Tensor");
+      "float? base_scale=None, Tensor(a!)? nonfinite=None) -> Tensor");
   // tie_cuts: [] or 2K element indices (tie_lo per task, then tie_hi): exact-k tie breaking at the
-  // trim / band thresholds (see MergeConfig in csrc/common/merge_element.h).
+  // trim / band thresholds (see MergeConfig in csrc/common/merge_element.h). nonfinite: [K + 1]
+  // int32 flags on base's device, set to 1 for each input (base first) that holds a NaN or an Inf.
   // The sparsified task vector of one expert (float32), with the same masks as fused_merge.
   m.def(
       "masked_drop(Tensor base, Tensor finetuned, int expert, int sparsify, Tensor? thresholds, "

@@ -87,6 +87,7 @@ def _fused_merge_fake(
     out_dtype=None,
     tie_cuts=(),
     base_scale=None,
+    nonfinite=None,
 ):
     # The schema's parameters by name, so keyword calls work as well as positional ones.
     return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
@@ -297,12 +298,16 @@ def fused_merge(
     out_dtype: torch.dtype | None = None,
     tie_cuts: Sequence[int] = (),
     base_scale: float | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused pass: base + scale * reduce_t(sparsify(tau_t)). See csrc/common/merge_element.h.
 
     ``tie_cuts`` (2K element indices, or empty): which entries equal to a trim / band threshold are
     kept, for an exact count (see :func:`mergekernels.selection.tie_cuts`). With ``base_scale`` the
-    pass combines the inputs themselves: base_scale * base + scale * reduce_t(w_t * finetuned_t)."""
+    pass combines the inputs themselves: base_scale * base + scale * reduce_t(w_t * finetuned_t).
+    ``nonfinite`` (int32 [K + 1] on the inputs' device, or None): set to 1 at 0 if the base and at
+    1 + t if fine-tuned tensor t holds a NaN or an Inf; the pass reads every value anyway, so this
+    check costs no second read."""
     if reduce not in REDUCE:
         raise ValueError(f"merge/reduce must be one of {sorted(REDUCE)}, got {reduce!r}")
     kernel_dtype, want = _check_out_dtype(out_dtype, prepared.out_dtype)
@@ -330,6 +335,7 @@ def fused_merge(
         kernel_dtype,
         [int(x) for x in tie_cuts],
         None if base_scale is None else float(base_scale),
+        nonfinite,
     )
     return out if out.dtype == want else out.to(want)
 

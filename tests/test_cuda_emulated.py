@@ -49,8 +49,11 @@ class CudaOps:
         def call(*args):
             moved = [_to(a, "cuda") for a in args]
             out = kernel(*moved)
-            if op.endswith("_"):  # in place on its first argument
-                args[0].copy_(moved[0].cpu())
+            # arguments the schema marks as written (an in-place op's first, fused_merge's flags)
+            for i, schema_arg in enumerate(kernel.default._schema.arguments[: len(moved)]):
+                alias = schema_arg.alias_info
+                if alias is not None and alias.is_write and isinstance(moved[i], torch.Tensor):
+                    args[i].copy_(moved[i].cpu())
             return _to(out, "cpu")
 
         return call
@@ -163,6 +166,7 @@ def fused_args(base, fts, **kw):
         kw.get("out_dtype"),
         kw.get("tie_cuts", []),
         kw.get("base_scale"),
+        kw.get("nonfinite"),
     )
 
 
@@ -557,6 +561,37 @@ def test_nan_outputs_are_canonical(dev, in_dtype, out_dtype):
         assert_same(got, want, mode)
     args = drop_args_for(base, fts[2])
     assert_same(dev.masked_drop(*args), CPU.masked_drop(*args), "masked_drop")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "mode", ["ta_sum", "ties_weighted_welect", "dare_inverse_ties", "breadcrumbs", "della"]
+)
+def test_fused_merge_reports_nonfinite_inputs(dev, mode, dtype):
+    """The merge pass flags each input (base first) holding NaN or +-Inf, wherever it sits (in a
+    block's tail, a dropped entry, past an element offset), equal on CPU and GPU and to a torch
+    reference; the merged values are the same bits with and without the flags."""
+    k = 3
+    for n, offset in ((1, 0), (5, 3), (1031, 4098), (4097, 0)):
+        for index, bad in [(None, None), (0, "nan"), (1, "inf"), (3, "-inf"), (2, "nan")]:
+            base, fts = make_inputs(k, (n,), torch.float32, seed=n + (index or 0))
+            inputs = [base, *fts]
+            if index is not None:
+                inputs[index][(n * 5) // 7] = float(bad)
+            base, fts = inputs[0].to(dtype), [x.to(dtype) for x in inputs[1:]]
+            want = torch.tensor(
+                [int(not bool(torch.isfinite(x).all())) for x in (base, *fts)], dtype=torch.int32
+            )
+            kw = mode_kwargs(mode, base, fts, offset)
+            plain = CPU.fused_merge(*fused_args(base, fts, element_offset=offset, **kw))
+            for ops in (CPU, dev):
+                flags = torch.zeros(k + 1, dtype=torch.int32)
+                got = ops.fused_merge(*fused_args(base, fts, element_offset=offset, nonfinite=flags, **kw))
+                assert torch.equal(flags, want), (mode, n, index, bad, flags)
+                assert_same(got, plain, f"{mode} n={n} with flags")
+    flags = torch.zeros(k, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"nonfinite must have shape \[4\]"):
+        CPU.fused_merge(*fused_args(base, fts, nonfinite=flags))
 
 
 # ---------------------------------------------------------------------------------------------------

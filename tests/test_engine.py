@@ -1,7 +1,9 @@
 """The checkpoint engine: outputs equal the in-memory merge, bytes are deterministic, resume after a
 kill gives identical files, and every bad input gets an error naming the file and tensor."""
 
+import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -20,7 +22,9 @@ import mergekernels as mk
 from mergekernels.cachedir import umask
 from mergekernels.cli import main as cli_main
 from mergekernels.engine import CheckpointError, OutputError, merge_checkpoints
+from mergekernels.engine import reader as reader_module
 from mergekernels.engine import writer as writer_module
+from mergekernels.methods import METHODS
 
 SHAPES = {
     "embed.weight": (64, 24),
@@ -377,6 +381,79 @@ def test_nonfinite_inputs(models):
     assert not (tmp_path / "out").exists()
     cfg.setdefault("options", {})["allow_nonfinite"] = True
     merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True)
+
+
+# The methods whose fused kernels read the inputs as stored (MethodSpec.fused_io).
+FUSED_IO = [
+    ("task_arithmetic", {"scale": 0.7}),
+    ("ties", {"density": 0.3}),
+    ("dare_ties", {"drop": 0.5, "seed": 3}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    ("della", {"density": 0.5, "seed": 1}),
+]
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 100])
+@pytest.mark.parametrize(("method", "params"), FUSED_IO)
+def test_nonfinite_inputs_found_by_the_merge_pass(models, monkeypatch, method, params, chunk_bytes):
+    """The fused methods' merge pass finds NaN / Inf itself (no second read of the inputs): the error
+    names the file and the tensor, for the base as for a fine-tuned model, whole and in row chunks,
+    and no output is left."""
+    tmp_path, base, experts, paths = models
+    monkeypatch.setattr(reader_module, "_finite", lambda x: pytest.fail("a second pass over the inputs"))
+    options = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    bad_base = dict(base)
+    bad_base["layers.0.weight"] = bad_base["layers.0.weight"].clone()
+    bad_base["layers.0.weight"][5, 17] = float("inf")
+    _write_hf(tmp_path / "inf-base", bad_base, shards=2)
+    bad_expert = dict(experts[1])
+    bad_expert["embed.weight"] = bad_expert["embed.weight"].clone()
+    bad_expert["embed.weight"][63, 23] = float("nan")  # the last element: a chunk's and a block's tail
+    _write_hf(tmp_path / "nan-expert", bad_expert, shards=3)
+
+    cfg = _config(tmp_path, paths, method, **params)
+    cfg["base_model"] = str(tmp_path / "inf-base")
+    with pytest.raises(
+        CheckpointError,
+        match=r"inf-base/model-00001-of-00002.safetensors: tensor 'layers.0.weight' holds NaN or Inf",
+    ):
+        merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, **options)
+    cfg = _config(tmp_path, [paths[0], str(tmp_path / "nan-expert"), paths[2]], method, **params)
+    with pytest.raises(
+        CheckpointError, match=r"nan-expert/model-00001-of-00003.safetensors: tensor 'embed.weight' holds NaN"
+    ):
+        merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, **options)
+    assert not (tmp_path / "out").exists()
+    cfg.setdefault("options", {})["allow_nonfinite"] = True
+    merge_checkpoints(cfg, tmp_path / "out", device="cpu", quiet=True, **options)
+
+
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize(("method", "params"), FUSED_IO)
+def test_float32_merges_take_bf16_inputs_as_stored(models, monkeypatch, method, params, out_dtype):
+    """``dtype: float32`` on bf16 checkpoints: the fused methods get the stored bf16 tensors (no
+    widening copies) and write the output dtype directly, and the files are the same bytes as when
+    every input is widened to float32 first."""
+    tmp_path, _, _, paths = models
+    cfg = _config(tmp_path, paths, method, **params)
+    cfg["dtype"] = "float32"
+    if out_dtype is not None:
+        cfg["out_dtype"] = out_dtype
+    spec, seen = METHODS[method], []
+
+    @functools.wraps(spec.function)  # the config's checks read the signature
+    def recording(b, fts, **kw):
+        seen.append((b.dtype, *(x.dtype for x in fts), kw["out_dtype"]))
+        return spec.function(b, fts, **kw)
+
+    want = getattr(torch, out_dtype or "float32")
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(spec, function=recording))
+    merge_checkpoints(cfg, tmp_path / "as-stored", device="cpu", quiet=True, chunk_bytes=300)
+    assert seen and set(seen) == {(torch.bfloat16,) * 4 + (want,)}
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(spec, fused_io=False))
+    merge_checkpoints(cfg, tmp_path / "widened", device="cpu", quiet=True, chunk_bytes=300)
+    assert _files(tmp_path / "as-stored") == _files(tmp_path / "widened")
+    assert _load(tmp_path / "as-stored")["layers.0.weight"].dtype == want
 
 
 def test_truncated_and_corrupt_safetensors(models):

@@ -106,7 +106,14 @@ struct MergeConfig {
   float keep[kMaxExperts];  // constant keep probability, or the rank-0 probability (kKeepRank)
   float step[kMaxExperts];  // keep-probability increment per rank (kKeepRank)
   float post[kMaxExperts];  // multiplier applied to kept values (L1 matching); 1 otherwise
+  // [K + 1] flags on the data's device, or nullptr: entry 0 (the base) and 1 + t (task t) are set
+  // to 1 when that input holds a NaN or an Inf. The merge reads every input element anyway, so the
+  // check costs no second read (the checkpoint engine names the tensor from these flags).
+  int32_t* nonfinite;
 };
+
+// NaN or +-Inf: the exponent bits all ones, tested on the bits (the same on the host and device).
+MK_HD bool is_nonfinite(float v) { return abs_key(v) >= 0x7F800000u; }
 
 template <int kSource>
 MK_HD float keep_probability_as(const MergeConfig& c, int t, int64_t global, int64_t local) {

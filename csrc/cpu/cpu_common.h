@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../common/mk_common.h"
 #include "../common/philox.h"
 
 namespace mk::cpu {
@@ -96,6 +97,17 @@ inline const float* as_float(const T* __restrict__ x, float* __restrict__ buf, i
     return buf;
   }
 }
+
+// Whether any of the len float32 values at x is NaN or Inf: the largest magnitude bit pattern
+// against the exponent's all-ones pattern, a max reduction the compiler vectorises.
+inline bool any_nonfinite(const float* __restrict__ x, int64_t len) {
+  uint32_t largest = 0;
+  for (int64_t j = 0; j < len; ++j) largest = std::max(largest, abs_key(x[j]));
+  return largest >= 0x7F800000u;
+}
+
+// Sets a flag that other threads may set too (the same value: no ordering needed).
+inline void raise_flag(int32_t* flags, int index) { __atomic_store_n(flags + index, 1, __ATOMIC_RELAXED); }
 
 // Runs fn.template operator()<scalar_t>() for the three supported storage dtypes.
 #define MK_DISPATCH_FLOAT(TYPE, NAME, ...) \

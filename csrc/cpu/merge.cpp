@@ -63,10 +63,12 @@ void merge_kernel(const MergeConfig& c, const in_t* base, const std::vector<cons
     const ElementAccumulator zero;
     alignas(64) float base_buf[kBlock], x_buf[kBlock];
     const float* __restrict__ base_f = as_float(base + local0, base_buf, len);
+    if (cl.nonfinite != nullptr && any_nonfinite(base_f, len)) raise_flag(cl.nonfinite, 0);
     for (int64_t j = 0; j < len; ++j) acc.store<kTies, kWeights && kTies, kActive>(j, zero);
     for (int t = 0; t < cl.num_experts; ++t) {
       if constexpr (kMode == kSparsifyDrop) fill_words(words, cl.key, g0, cl.expert_offset + t);
       const float* __restrict__ x = as_float(ft[t] + local0, x_buf, len);
+      if (cl.nonfinite != nullptr && any_nonfinite(x, len)) raise_flag(cl.nonfinite, 1 + t);
       // Three simple loops rather than one fused loop: gcc vectorises each of them, not their union.
       if constexpr (kMode == kSparsifyDrop && kSource == kKeepPerRow) {
         // Per-row keep rates: spell out the block's rates row segment by row segment, so the drop

@@ -20,6 +20,7 @@ __global__ void fused_merge_kernel(const MergeConfig c, const in_t* __restrict__
       const int64_t g = 4 * q + l;
       valid[l] = g >= offset && g < offset + n;
       base_f[l] = valid[l] ? to_float(base[g - offset]) : 0.0f;
+      if (c.nonfinite != nullptr && is_nonfinite(base_f[l])) c.nonfinite[0] = 1;  // same value from any thread
     }
     ElementAccumulator acc[4];
     for (int t = 0; t < c.num_experts; ++t) {
@@ -30,7 +31,9 @@ __global__ void fused_merge_kernel(const MergeConfig c, const in_t* __restrict__
       for (int l = 0; l < 4; ++l) {
         if (!valid[l]) continue;
         const int64_t g = 4 * q + l;
-        const float tau = task_value(c, to_float(x[g - offset]), base_f[l]);
+        const float value = to_float(x[g - offset]);
+        if (c.nonfinite != nullptr && is_nonfinite(value)) c.nonfinite[1 + t] = 1;
+        const float tau = task_value(c, value, base_f[l]);
         accumulate(c, acc[l], t, sparsify(c, t, g, g - offset, tau, words.w[l]));
       }
     }

@@ -62,6 +62,10 @@ class Staging {
     s.thresholds = input(c.thresholds, 2 * static_cast<int64_t>(c.num_experts), at::kFloat);
     if (c.row_keep) s.row_keep = input(c.row_keep, c.num_experts * c.num_rows, at::kFloat);
     for (int t = 0; t < c.num_experts; ++t) s.ranks[t] = input(c.ranks[t], n, at::kInt);
+    if (c.nonfinite) {  // an output: the flags come back through finish()
+      const at::Tensor flags = at::from_blob(c.nonfinite, {c.num_experts + 1}, at::TensorOptions().dtype(at::kInt));
+      s.nonfinite = output(flags).data_ptr<int32_t>();
+    }
     return s;
   }
 

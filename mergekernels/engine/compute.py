@@ -4,6 +4,10 @@ Inputs arrive from the reader on the host (pinned for GPU merges) and are copied
 without blocking; the method runs there (the fused kernels, CPU or CUDA). A ``rows`` unit merges
 its row range into the tensor's output buffer; the tensor is handed on when its last range is in.
 A ``group`` unit stacks its same-shape tensors and runs the matrix method's batched path.
+
+Methods whose fused kernels read the inputs (``MethodSpec.fused_io``) write the output dtype
+directly and report NaN / Inf inputs from the merge pass itself: the error names the tensor as the
+reader's own check would, without a second read of every input.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 
 from ..planner import TensorTask
 from .checkpoint import CheckpointError
-from .reader import task_call
+from .reader import InputReader, task_call
 from .work import WorkPlan, WorkUnit, numel_of
 
 
@@ -22,12 +26,13 @@ class Computer:
     def __init__(
         self,
         work: WorkPlan,
+        reader: InputReader,
         device: torch.device,
         per_tensor_params: dict[str, dict],
         diagnostics: dict[str, dict],
         staging=None,
     ):
-        self.work, self.device, self.spec = work, device, work.spec
+        self.work, self.reader, self.device, self.spec = work, reader, device, work.spec
         self.per_tensor_params, self.diagnostics = per_tensor_params, diagnostics
         self.staging = staging
         self._partial: dict[str, torch.Tensor] = {}  # row-chunked outputs being filled
@@ -71,11 +76,19 @@ class Computer:
             **self.per_tensor_params.get(task.name, {}),
             **(unit.params or {}),
         }
+        flags = None
+        if self.work.in_kernels(task):
+            call["out_dtype"] = self.work.out_dtype(task.name)
+            if not self.reader.allow_nonfinite:
+                flags = call["nonfinite"] = torch.zeros(len(fts) + 1, dtype=torch.int32, device=b.device)
         if unit.kind != "rows":
-            return [(task, self.spec.function(b, fts, **call))]
+            merged = self.spec.function(b, fts, **call)
+            self._check_flags(task, flags)
+            return [(task, merged)]
         if self.spec.uses_rng or self.spec.offsets or "tie_cuts" in call:  # by global element index
             call["element_offset"] = unit.rows[0] * numel_of(task.shape[1:])
         piece = self.spec.function(b, fts, **call)
+        self._check_flags(task, flags)
         full = self._partial.setdefault(
             task.name, torch.empty(task.shape, dtype=self.work.out_dtype(task.name))
         )
@@ -84,3 +97,8 @@ class Computer:
         if unit.rows[1] == task.shape[0]:
             return [(task, self._partial.pop(task.name))]
         return []
+
+    def _check_flags(self, task: TensorTask, flags: torch.Tensor | None) -> None:
+        """Raise the reader's error for the first input the merge pass found NaN / Inf in."""
+        if flags is not None and bool(flags.any()):
+            raise self.reader.nonfinite_error(task, int(flags.nonzero()[0, 0]))

@@ -64,22 +64,27 @@ class InputReader:
             same = source == task.base
             tensors.append(base if same else self.checkpoints[source.model].read(source.name, rows))
         self.bytes_read += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-        if self.work.converts(task) and self.dtype is not None:
-            tensors = [t.to(self.dtype) for t in tensors]
-        self._check_finite(task, sources, tensors)
+        tensors = [t.to(self.work.input_dtype(task, t.dtype)) for t in tensors]
+        if not self.work.in_kernels(task):  # else the merge pass checks them (Computer)
+            self._check_finite(task, sources, tensors)
         return tensors[0], tensors[1:]
 
     def _check_finite(self, task: TensorTask, sources: list, tensors: list[torch.Tensor]) -> None:
         """NaN / Inf in a floating input is an error naming the file and tensor (unless allowed)."""
         if not self.work.converts(task) or self.allow_nonfinite:
             return
-        for source, x in zip(sources, tensors, strict=True):
+        for index, x in enumerate(tensors):
             if x.numel() and not _finite(x):
-                info = self.checkpoints[source.model].info(source.name)
-                raise CheckpointError(
-                    f"{info.file}: tensor {source.name!r} holds NaN or Inf "
-                    "(options: {allow_nonfinite: true} merges it anyway)"
-                )
+                raise self.nonfinite_error(task, index)
+
+    def nonfinite_error(self, task: TensorTask, index: int) -> CheckpointError:
+        """The error for NaN / Inf in a task's input ``index`` (0: the base, 1 + t: input t)."""
+        source = [task.base, *task.inputs][index]
+        info = self.checkpoints[source.model].info(source.name)
+        return CheckpointError(
+            f"{info.file}: tensor {source.name!r} holds NaN or Inf "
+            "(options: {allow_nonfinite: true} merges it anyway)"
+        )
 
     def read_on(self, task: TensorTask, device: torch.device, rows=None):
         b, fts = self.read(task, rows)

@@ -464,7 +464,7 @@ def _stream(work, units, reader, dev, writer, pending, ranks, per_tensor_params,
     Returns the bytes written."""
     stop = threading.Event()
     prefetch = Prefetcher(work, units, reader, dev, stop)
-    compute = Computer(work, dev, per_tensor_params, diagnostics, prefetch.staging)
+    compute = Computer(work, reader, dev, per_tensor_params, diagnostics, prefetch.staging)
     output = ShardOutput(
         writer, pending, work.out_dtype, stop, progress=bar.update if bar is not None else None
     )

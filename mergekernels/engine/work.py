@@ -103,6 +103,23 @@ class WorkPlan:
         """Whether the config's dtype and out_dtype apply to a tensor (floating, not excluded)."""
         return task.dtype.is_floating_point and not is_excluded(task.name, self.cfg.exclude)
 
+    def in_kernels(self, task: TensorTask) -> bool:
+        """Whether the method's fused kernels read this tensor's inputs as stored and check them for
+        NaN / Inf themselves (a merged tensor of a ``fused_io`` method whose rows are not gathered
+        from a merged vocabulary)."""
+        return self.spec.fused_io and task.merge and task.vocab != "permute"
+
+    def input_dtype(self, task: TensorTask, stored: torch.dtype) -> torch.dtype:
+        """The dtype a stored input is handed to the method in: the config's ``dtype``, except that
+        the fused kernels take bfloat16 / float16 as stored where the config asks for float32 (they
+        compute in float32 from the same exact values, without a widening copy)."""
+        dtype = self.cfg.dtype
+        if dtype is None or not self.converts(task):
+            return stored
+        if self.in_kernels(task) and dtype == torch.float32 and stored in (torch.bfloat16, torch.float16):
+            return stored
+        return dtype
+
     def read_bytes(self, task: TensorTask, rows: tuple[int, int] | None) -> int:
         """Bytes of a task's input tensors (or of a row range of them), as stored."""
         nbytes = _nbytes(task)

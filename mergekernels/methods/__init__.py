@@ -74,6 +74,11 @@ class MethodSpec:
     # params for that tensor}, diagnostics), run once over the merged tensors before the merge
     # (read(name) -> (base, finetuned) on the compute device). AWD: the Gram pass and its solve.
     prepare_stats: Callable | None = None
+    # Methods that read their inputs only in the fused kernels, which take bfloat16 / float16 /
+    # float32 as stored, compute in float32 and write any out_dtype, and which report NaN / Inf
+    # inputs (``nonfinite``): the engine hands them the stored tensors (no widening copy for
+    # ``dtype: float32``), asks for the output dtype directly and skips its own NaN / Inf pass.
+    fused_io: bool = False
 
     def chunks_for(self, params: dict) -> str:
         """How a tensor with these parameters may be split (see ``chunks``)."""
@@ -138,16 +143,18 @@ _dare_chunks = {"chunks": "elements", "prepass": dare_prepass}
 _band_chunks = {"chunks": "elements", "prepass": breadcrumbs_prepass}
 
 METHODS: dict[str, MethodSpec] = {
-    "task_arithmetic": MethodSpec(task_arithmetic, chunks="elements"),
-    "linear": MethodSpec(task_arithmetic, {"normalize": True}, chunks="elements"),
-    "ties": MethodSpec(ties, chunks="elements", prepass=ties_prepass),
-    "dare": MethodSpec(dare, uses_rng=True, **_dare_chunks),
-    "dare_linear": MethodSpec(dare, {"consensus": None}, uses_rng=True, **_dare_chunks),
-    "dare_ties": MethodSpec(dare, {"consensus": "ties"}, uses_rng=True, **_dare_chunks),
-    "breadcrumbs": MethodSpec(breadcrumbs, {"consensus": None}, **_band_chunks),
-    "breadcrumbs_ties": MethodSpec(breadcrumbs, {"consensus": "ties"}, **_band_chunks),
-    "della": MethodSpec(della, {"consensus": "ties"}, uses_rng=True, chunks="rows"),
-    "della_linear": MethodSpec(della, {"consensus": None, "merge": "sum"}, uses_rng=True, chunks="rows"),
+    "task_arithmetic": MethodSpec(task_arithmetic, chunks="elements", fused_io=True),
+    "linear": MethodSpec(task_arithmetic, {"normalize": True}, chunks="elements", fused_io=True),
+    "ties": MethodSpec(ties, chunks="elements", prepass=ties_prepass, fused_io=True),
+    "dare": MethodSpec(dare, uses_rng=True, **_dare_chunks, fused_io=True),
+    "dare_linear": MethodSpec(dare, {"consensus": None}, uses_rng=True, **_dare_chunks, fused_io=True),
+    "dare_ties": MethodSpec(dare, {"consensus": "ties"}, uses_rng=True, **_dare_chunks, fused_io=True),
+    "breadcrumbs": MethodSpec(breadcrumbs, {"consensus": None}, **_band_chunks, fused_io=True),
+    "breadcrumbs_ties": MethodSpec(breadcrumbs, {"consensus": "ties"}, **_band_chunks, fused_io=True),
+    "della": MethodSpec(della, {"consensus": "ties"}, uses_rng=True, chunks="rows", fused_io=True),
+    "della_linear": MethodSpec(
+        della, {"consensus": None, "merge": "sum"}, uses_rng=True, chunks="rows", fused_io=True
+    ),
     "ace": _matrix(ace, _ace_run, _ace.layer_bytes),
     "tsv_m": _matrix(tsv_m, _without_diagnostics(tsv_m_batched)),
     "iso_c": _matrix(iso_c, _without_diagnostics(iso_c_batched)),

@@ -30,6 +30,7 @@ def breadcrumbs(
     tie_cuts: Sequence[int] | None = None,
     element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by Model Breadcrumbs.
 
@@ -49,6 +50,8 @@ def breadcrumbs(
             the highest indices are kept, at the upper end the lowest.
         tie_cuts: exact-k cuts computed elsewhere (the engine's chunked pre-pass), with thresholds.
         element_offset: the global index of this tensor's first element, which tie cuts refer to.
+        nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
+            Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
     """
     p = _ops.prepare(base, finetuned, "breadcrumbs")
     k, n = len(p.finetuned), p.base.numel()
@@ -75,6 +78,7 @@ def breadcrumbs(
         tie_cuts=tie_cuts or (),
         element_offset=element_offset,
         out_dtype=out_dtype,
+        nonfinite=nonfinite,
     )
 
 

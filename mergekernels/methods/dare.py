@@ -43,6 +43,7 @@ def dare(
     element_offset: int = 0,
     l1_norms: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by DARE.
 
@@ -62,6 +63,8 @@ def dare(
             larger tensor (masks stay those of the whole tensor).
         l1_norms: with ``rescale="l1"`` on a chunk, the whole tensor's [2, K] L1 norms (before and
             after the drop) from :func:`dare_prepass`, so the rescale is that of the whole tensor.
+        nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
+            Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
     """
     mode = _rescale_mode(rescale)
     p = _ops.prepare(base, finetuned, "dare")
@@ -92,6 +95,7 @@ def dare(
         key=key,
         element_offset=element_offset,
         out_dtype=out_dtype,
+        nonfinite=nonfinite,
     )
 
 

@@ -43,6 +43,7 @@ def della(
     weighted_election: bool = False,
     element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by DELLA.
 
@@ -55,6 +56,8 @@ def della(
         seed, key: the random stream (use the tensor's name as key).
         element_offset: global index of this tensor's first element when it is a block of whole
             rows of a larger tensor (ranks are per row, so row blocks merge exactly as the whole).
+        nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
+            Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
     """
     p = _ops.prepare(base, finetuned, "della")
     k = len(p.finetuned)
@@ -98,5 +101,6 @@ def della(
             key=key,
             element_offset=element_offset + r0 * row_len,
             out_dtype=want,
+            nonfinite=nonfinite,
         ).view(r1 - r0, row_len)
     return out

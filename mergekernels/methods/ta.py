@@ -17,6 +17,7 @@ def task_arithmetic(
     scale: float = 1.0,
     normalize: bool = False,
     out_dtype: torch.dtype | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by task arithmetic.
 
@@ -27,6 +28,8 @@ def task_arithmetic(
         scale: lambda (mergekit's default 1.0; FusionBench uses 0.3).
         normalize: divide by sum_t w_t (mergekit's ``linear`` / ``normalize: true``).
         out_dtype: dtype of the result (default: base's dtype).
+        nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
+            Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
 
     Returns:
         The merged tensor on base's device.
@@ -34,7 +37,12 @@ def task_arithmetic(
     p = _ops.prepare(base, finetuned, "task_arithmetic")
     w = _ops.per_task(weights, len(p.finetuned), "weights", 1.0)
     return _ops.fused_merge(
-        p, weights=w, scale=scale, reduce="weighted" if normalize else "sum", out_dtype=out_dtype
+        p,
+        weights=w,
+        scale=scale,
+        reduce="weighted" if normalize else "sum",
+        out_dtype=out_dtype,
+        nonfinite=nonfinite,
     )
 
 

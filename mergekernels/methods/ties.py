@@ -75,6 +75,7 @@ def ties(
     tie_cuts: Sequence[int] | None = None,
     element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by TIES.
 
@@ -96,6 +97,8 @@ def ties(
         element_offset: the global index of this tensor's first element (a row chunk's), which the
             tie cuts refer to.
         out_dtype: dtype of the result (default: base's dtype).
+        nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
+            Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
     """
     _check_merge(merge)
     p = _ops.prepare(base, finetuned, "ties")
@@ -124,6 +127,7 @@ def ties(
         tie_cuts=tie_cuts or (),
         element_offset=element_offset,
         out_dtype=out_dtype,
+        nonfinite=nonfinite,
     )
 
 
