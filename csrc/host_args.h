@@ -219,15 +219,23 @@ using RanksRunner = void (*)(const Inputs&, int64_t row_len, at::Tensor& ranks);
 using VarianceRunner = void (*)(const Inputs&, at::Tensor& out);
 
 template <MergeRunner run>
-at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10::ArrayRef<double> weights, double scale,
-                          int64_t reduce, bool ties, bool weighted_election, int64_t sparsify,
-                          const c10::optional<at::Tensor>& thresholds, int64_t keep_source, c10::ArrayRef<double> keep,
-                          c10::ArrayRef<double> step, c10::ArrayRef<double> post, bool rescale_inverse,
-                          const c10::optional<at::Tensor>& row_keep, at::TensorList ranks, int64_t seed, int64_t key,
-                          int64_t element_offset, int64_t row_len, c10::optional<at::ScalarType> out_dtype,
-                          c10::ArrayRef<int64_t> tie_cuts, c10::optional<double> base_scale,
-                          const c10::optional<at::Tensor>& nonfinite) {
+void fused_merge_out_op(const at::Tensor& base, at::TensorList finetuned, c10::ArrayRef<double> weights,
+                               double scale, int64_t reduce, bool ties, bool weighted_election, int64_t sparsify,
+                               const c10::optional<at::Tensor>& thresholds, int64_t keep_source,
+                               c10::ArrayRef<double> keep, c10::ArrayRef<double> step, c10::ArrayRef<double> post,
+                               bool rescale_inverse, const c10::optional<at::Tensor>& row_keep, at::TensorList ranks,
+                               int64_t seed, int64_t key, int64_t element_offset, int64_t row_len,
+                               c10::optional<at::ScalarType> out_dtype, c10::ArrayRef<int64_t> tie_cuts,
+                               c10::optional<double> base_scale, const c10::optional<at::Tensor>& nonfinite,
+                               at::Tensor& out) {
   const Inputs in = check_inputs(base, finetuned, "fused_merge");
+  TORCH_CHECK(out.device() == base.device(), "fused_merge: out is on ", out.device(), " but base is on ",
+              base.device());
+  TORCH_CHECK(out.sizes() == base.sizes(), "fused_merge: out has shape ", out.sizes(), " but base has ",
+              base.sizes());
+  TORCH_CHECK(out.is_contiguous(), "fused_merge: out must be contiguous");
+  const auto dtype = output_dtype(in, out_dtype.value_or(out.scalar_type()), "fused_merge");
+  TORCH_CHECK(out.scalar_type() == dtype, "fused_merge: out is ", out.scalar_type(), " but out_dtype is ", dtype);
   PipelineArgs a{sparsify, thresholds, keep_source, keep, step, post, rescale_inverse, row_keep, ranks.vec(),
                  seed, key, element_offset, row_len, tie_cuts};
   std::vector<at::Tensor> keep_alive;
@@ -239,8 +247,22 @@ at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10:
                 in.num_experts() + 1, "] (the base, then each fine-tuned tensor), got ", flags.sizes());
     c.nonfinite = flags.data_ptr<int32_t>();
   }
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(output_dtype(in, out_dtype, "fused_merge")));
   run(c, in, out);
+}
+
+template <MergeRunner run>
+at::Tensor fused_merge_op(const at::Tensor& base, at::TensorList finetuned, c10::ArrayRef<double> weights, double scale,
+                          int64_t reduce, bool ties, bool weighted_election, int64_t sparsify,
+                          const c10::optional<at::Tensor>& thresholds, int64_t keep_source, c10::ArrayRef<double> keep,
+                          c10::ArrayRef<double> step, c10::ArrayRef<double> post, bool rescale_inverse,
+                          const c10::optional<at::Tensor>& row_keep, at::TensorList ranks, int64_t seed, int64_t key,
+                          int64_t element_offset, int64_t row_len, c10::optional<at::ScalarType> out_dtype,
+                          c10::ArrayRef<int64_t> tie_cuts, c10::optional<double> base_scale,
+                          const c10::optional<at::Tensor>& nonfinite) {
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_dtype.value_or(base.scalar_type())));
+  fused_merge_out_op<run>(base, finetuned, weights, scale, reduce, ties, weighted_election, sparsify, thresholds,
+                          keep_source, keep, step, post, rescale_inverse, row_keep, ranks, seed, key, element_offset,
+                          row_len, out_dtype, tie_cuts, base_scale, nonfinite, out);
   return out;
 }
 

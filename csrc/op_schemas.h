@@ -33,6 +33,15 @@ inline void define_ops(torch::Library& m) {
       "float[] step, float[] post, bool rescale_inverse, Tensor? row_keep, Tensor[] ranks, int seed, "
       "int key, int element_offset, int row_len, ScalarType? out_dtype, int[] tie_cuts=[], "
       "float? base_scale=None, Tensor(a!)? nonfinite=None) -> Tensor");
+  // The same, written into `out` (base's shape, contiguous, on base's device; its dtype is the
+  // output dtype): the checkpoint engine hands in the tensor's place in a reused shard buffer.
+  // Nothing is returned (torch.compile does not take custom ops whose outputs alias inputs).
+  m.def(
+      "fused_merge.out(Tensor base, Tensor[] finetuned, float[] weights, float scale, int reduce, bool ties, "
+      "bool weighted_election, int sparsify, Tensor? thresholds, int keep_source, float[] keep, "
+      "float[] step, float[] post, bool rescale_inverse, Tensor? row_keep, Tensor[] ranks, int seed, "
+      "int key, int element_offset, int row_len, ScalarType? out_dtype, int[] tie_cuts=[], "
+      "float? base_scale=None, Tensor(a!)? nonfinite=None, *, Tensor(b!) out) -> ()");
   // tie_cuts: [] or 2K element indices (tie_lo per task, then tie_hi): exact-k tie breaking at the
   // trim / band thresholds (see MergeConfig in csrc/common/merge_element.h). nonfinite: [K + 1]
   // int32 flags on base's device, set to 1 for each input (base first) that holds a NaN or an Inf.

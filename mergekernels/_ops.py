@@ -6,6 +6,7 @@ in ``csrc/ops.cpp``; CPU and CUDA implementations are registered by the compiled
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -91,6 +92,11 @@ def _fused_merge_fake(
 ):
     # The schema's parameters by name, so keyword calls work as well as positional ones.
     return base.new_empty(base.shape, dtype=out_dtype if out_dtype is not None else base.dtype)
+
+
+@torch.library.register_fake("mergekernels::fused_merge.out")
+def _fused_merge_out_fake(*args, out, **kwargs):
+    return None
 
 
 @torch.library.register_fake("mergekernels::masked_drop")
@@ -299,6 +305,7 @@ def fused_merge(
     tie_cuts: Sequence[int] = (),
     base_scale: float | None = None,
     nonfinite: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused pass: base + scale * reduce_t(sparsify(tau_t)). See csrc/common/merge_element.h.
 
@@ -307,11 +314,16 @@ def fused_merge(
     pass combines the inputs themselves: base_scale * base + scale * reduce_t(w_t * finetuned_t).
     ``nonfinite`` (int32 [K + 1] on the inputs' device, or None): set to 1 at 0 if the base and at
     1 + t if fine-tuned tensor t holds a NaN or an Inf; the pass reads every value anyway, so this
-    check costs no second read."""
+    check costs no second read. ``out`` (base's shape, contiguous, float32 / float16 / bfloat16 on
+    base's device): written in place and returned (its dtype is the output dtype)."""
     if reduce not in REDUCE:
         raise ValueError(f"merge/reduce must be one of {sorted(REDUCE)}, got {reduce!r}")
+    if out is not None:
+        _check_out(out, prepared.base, out_dtype)
+        out_dtype = out.dtype
     kernel_dtype, want = _check_out_dtype(out_dtype, prepared.out_dtype)
-    out = _lib.fused_merge(
+    op = _lib.fused_merge.default if out is None else functools.partial(_lib.fused_merge.out, out=out)
+    result = op(
         prepared.base,
         prepared.finetuned,
         list(weights),
@@ -337,7 +349,24 @@ def fused_merge(
         None if base_scale is None else float(base_scale),
         nonfinite,
     )
-    return out if out.dtype == want else out.to(want)
+    merged = out if out is not None else result  # the out= overload returns nothing
+    return merged if merged.dtype == want else merged.to(want)
+
+
+def _check_out(out: torch.Tensor, base: torch.Tensor, out_dtype: torch.dtype | None) -> None:
+    """A fused merge's ``out``: base's shape and device, contiguous, a kernel dtype (= out_dtype)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fused_merge: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != base.shape or not devices.same(out.device, base.device) or not out.is_contiguous():
+        raise ValueError(
+            f"fused_merge: out must be a contiguous tensor of shape {tuple(base.shape)} on {base.device}, "
+            f"got shape {tuple(out.shape)} on {out.device}"
+            + ("" if out.is_contiguous() else " (not contiguous)")
+        )
+    if out.dtype not in _KERNEL_DTYPES or (out_dtype is not None and out_dtype != out.dtype):
+        raise TypeError(
+            f"fused_merge: out has dtype {out.dtype}; expected {out_dtype or 'float32/float16/bfloat16'}"
+        )
 
 
 def masked_drop(

@@ -594,6 +594,21 @@ def test_fused_merge_reports_nonfinite_inputs(dev, mode, dtype):
         CPU.fused_merge(*fused_args(base, fts, nonfinite=flags))
 
 
+def test_fused_merge_out_overload_writes_the_same_bits(emu):
+    """``fused_merge.out`` (the engine's shard buffers) writes what ``fused_merge`` returns, inside
+    the staged output's bounds, on CPU and through the CUDA kernels."""
+    base, fts = make_inputs(3, (1031,), torch.bfloat16, seed=2)
+    for out_dtype in (None, torch.float32):
+        args = fused_args(base, fts, out_dtype=out_dtype, **mode_kwargs("ties_mean_welect", base, fts, 0))
+        want = CPU.fused_merge(*args)
+        for ops in (CPU, emu):
+            out = torch.full_like(want, float("nan"))
+            assert ops.fused_merge.out(*args, out=out) is None
+            assert_same(out, want, f"{ops} {out_dtype}")
+    with pytest.raises(RuntimeError, match="out is Float but out_dtype is BFloat16"):
+        CPU.fused_merge.out(*fused_args(base, fts, out_dtype=torch.bfloat16), out=torch.empty(1031))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The emulation itself
 def test_every_schedule_gives_the_same_bits(emu):

@@ -154,3 +154,34 @@ def test_row_ranks_equal_stable_sort(dtype, rows, row_len):
         1, torch.argsort(mags, dim=1, stable=True), torch.arange(row_len, dtype=torch.int32).expand(rows, -1)
     )
     assert torch.equal(ranks.reshape(rows, row_len), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("task_arithmetic", {"scale": 0.6}),
+        ("ties", {"density": 0.3}),
+        ("dare_ties", {"drop": 0.5, "seed": 3, "key": "w"}),
+        ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+        ("della", {"density": 0.5, "seed": 1, "key": "w"}),
+    ],
+)
+def test_out_holds_the_same_bits(method, params, dtype):
+    """``out=``: the fused methods write into a given tensor (the engine's shard buffer), the same
+    bits as the tensor they return without it, in any output dtype; a wrong ``out`` is refused."""
+    from mergekernels.methods import METHODS
+
+    spec = METHODS[method]
+    base, fts = make_inputs(3, (37, 29), dtype, seed=5)
+    call = {**spec.implied, **params}
+    for out_dtype in (dtype, torch.float32, torch.bfloat16):
+        want = spec.function(base, fts, out_dtype=out_dtype, **call)
+        out = torch.full(base.shape, float("nan"), dtype=out_dtype)
+        got = spec.function(base, fts, out=out, **call)
+        assert got.data_ptr() == out.data_ptr() and got.dtype == out_dtype
+        assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)), out_dtype
+    with pytest.raises(ValueError, match=r"out must be a contiguous tensor of shape \(37, 29\)"):
+        spec.function(base, fts, out=torch.empty(29, 37, dtype=dtype).t(), **call)
+    with pytest.raises(TypeError, match="out has dtype torch.float64"):
+        spec.function(base, fts, out=torch.empty(base.shape, dtype=torch.float64), **call)

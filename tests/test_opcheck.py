@@ -45,7 +45,7 @@ def test_opcheck_all_ops(device, dtype):
             ),
         ),
         (  # a combination of the points (base_scale), nearswap's clip, RAM's active mean
-            OPS.fused_merge,
+            OPS.fused_merge.default,
             (
                 base,
                 fts,
@@ -73,11 +73,11 @@ def test_opcheck_all_ops(device, dtype):
             ),
         ),
         (
-            OPS.fused_merge,
+            OPS.fused_merge.default,
             (base, fts, [], 1.0, 0, False, False, 4, thr, 0, [], [], [], True, None, [], 0, 0, 0, 1, None),
         ),
         (
-            OPS.fused_merge,
+            OPS.fused_merge.default,
             (
                 base,
                 fts,
@@ -104,7 +104,7 @@ def test_opcheck_all_ops(device, dtype):
             ),
         ),
         (
-            OPS.fused_merge,
+            OPS.fused_merge.default,
             (
                 base,
                 fts,
@@ -130,7 +130,7 @@ def test_opcheck_all_ops(device, dtype):
             ),
         ),
         (
-            OPS.fused_merge,
+            OPS.fused_merge.default,
             (
                 base,
                 fts,
@@ -156,7 +156,7 @@ def test_opcheck_all_ops(device, dtype):
             ),
         ),
         (
-            OPS.fused_merge,
+            OPS.fused_merge.default,
             (
                 base,
                 fts,
@@ -182,7 +182,7 @@ def test_opcheck_all_ops(device, dtype):
             ),
         ),
         (
-            OPS.fused_merge,
+            OPS.fused_merge.default,
             (
                 base,
                 fts,
@@ -213,3 +213,31 @@ def test_opcheck_all_ops(device, dtype):
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+    # the NaN / Inf flags (mutated), and the out= overload the checkpoint engine writes shards with
+    ties = (
+        base,
+        fts,
+        [1.0, 0.5, 2.0],
+        0.9,
+        1,
+        True,
+        False,
+        1,
+        thr,
+        0,
+        [],
+        [],
+        [],
+        True,
+        None,
+        [],
+        0,
+        0,
+        0,
+        1,
+    )
+    flags = torch.zeros(k + 1, dtype=torch.int32, device=device)
+    torch.library.opcheck(OPS.fused_merge.default, (*ties, None, [], None, flags))
+    out = torch.empty(base.shape, dtype=torch.float32, device=device)
+    torch.library.opcheck(OPS.fused_merge.out, (*ties, torch.float32, [], None, flags), {"out": out})
+    torch.library.opcheck(OPS.fused_merge.out, (*ties, None), {"out": torch.empty_like(base)})

@@ -160,6 +160,9 @@ void run_merge(const MergeConfig& c, const Inputs& in, at::Tensor& out) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mergekernels, CPU, m) { m.impl("fused_merge", &fused_merge_op<run_merge>); }
+TORCH_LIBRARY_IMPL(mergekernels, CPU, m) {
+  m.impl("fused_merge", &fused_merge_op<run_merge>);
+  m.impl("fused_merge.out", &fused_merge_out_op<run_merge>);
+}
 
 }  // namespace mk::cpu

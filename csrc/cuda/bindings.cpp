@@ -22,6 +22,7 @@ struct CudaDevice {
 TORCH_LIBRARY_IMPL(mergekernels, CUDA, m) {
   m.impl("row_ranks", &row_ranks_op<run_row_ranks<CudaDevice>>);
   m.impl("fused_merge", &fused_merge_op<run_merge<CudaDevice>>);
+  m.impl("fused_merge.out", &fused_merge_out_op<run_merge<CudaDevice>>);
   m.impl("masked_drop", &masked_drop_op<run_drop<CudaDevice>>);
   m.impl("drop_l1", &drop_l1_op<run_drop_l1<CudaDevice>>);
   m.impl("tv_stats", &tv_stats_op<run_stats<CudaDevice>>);

@@ -231,6 +231,8 @@ TORCH_LIBRARY(mergekernels_emu, m) {
 TORCH_LIBRARY_IMPL(mergekernels_emu, CPU, m) {
   using mk::emu::EmulatedDevice;
   m.impl("fused_merge", &mk::fused_merge_op<mk::emu::staged_pipeline<mk::cuda::run_merge<EmulatedDevice>>>);
+  m.impl("fused_merge.out",
+         &mk::fused_merge_out_op<mk::emu::staged_pipeline<mk::cuda::run_merge<EmulatedDevice>>>);
   m.impl("masked_drop", &mk::masked_drop_op<mk::emu::staged_pipeline<mk::cuda::run_drop<EmulatedDevice>>>);
   m.impl("drop_l1", &mk::drop_l1_op<mk::emu::staged_pipeline<mk::cuda::run_drop_l1<EmulatedDevice>>>);
   m.impl("tv_stats", &mk::tv_stats_op<mk::emu::staged_stats>);

@@ -6,11 +6,14 @@ its row range into the tensor's output buffer; the tensor is handed on when its 
 A ``group`` unit stacks its same-shape tensors and runs the matrix method's batched path.
 
 Methods whose fused kernels read the inputs (``MethodSpec.fused_io``) write the output dtype
-directly and report NaN / Inf inputs from the merge pass itself: the error names the tensor as the
-reader's own check would, without a second read of every input.
+directly, on the CPU straight into the tensor's place in its shard buffer (``slot``), and report
+NaN / Inf inputs from the merge pass itself: the error names the tensor as the reader's own check
+would, without a second read of every input.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -31,10 +34,12 @@ class Computer:
         per_tensor_params: dict[str, dict],
         diagnostics: dict[str, dict],
         staging=None,
+        slot: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
     ):
         self.work, self.reader, self.device, self.spec = work, reader, device, work.spec
         self.per_tensor_params, self.diagnostics = per_tensor_params, diagnostics
         self.staging = staging
+        self.slot = slot  # where a tensor's output goes (ShardOutput.slot), for CPU merges
         self._partial: dict[str, torch.Tensor] = {}  # row-chunked outputs being filled
 
     def run(self, unit: WorkUnit) -> list[tuple[TensorTask, torch.Tensor]]:
@@ -76,26 +81,36 @@ class Computer:
             **self.per_tensor_params.get(task.name, {}),
             **(unit.params or {}),
         }
-        flags = None
+        flags = into = None
         if self.work.in_kernels(task):
             call["out_dtype"] = self.work.out_dtype(task.name)
             if not self.reader.allow_nonfinite:
                 flags = call["nonfinite"] = torch.zeros(len(fts) + 1, dtype=torch.int32, device=b.device)
+            if self.slot is not None:
+                into = self.slot(task.name, task.shape)
         if unit.kind != "rows":
+            if into is not None:
+                call["out"] = into
             merged = self.spec.function(b, fts, **call)
             self._check_flags(task, flags)
             return [(task, merged)]
         if self.spec.uses_rng or self.spec.offsets or "tie_cuts" in call:  # by global element index
             call["element_offset"] = unit.rows[0] * numel_of(task.shape[1:])
+        start, stop = unit.rows
+        if into is not None:
+            full, call["out"] = into, into[start:stop]
+        else:
+            full = self._partial.setdefault(
+                task.name, torch.empty(task.shape, dtype=self.work.out_dtype(task.name))
+            )
         piece = self.spec.function(b, fts, **call)
         self._check_flags(task, flags)
-        full = self._partial.setdefault(
-            task.name, torch.empty(task.shape, dtype=self.work.out_dtype(task.name))
-        )
-        full[unit.rows[0] : unit.rows[1]] = piece.to("cpu", full.dtype)
+        if into is None:
+            full[start:stop] = piece.to("cpu", full.dtype)
         del piece
-        if unit.rows[1] == task.shape[0]:
-            return [(task, self._partial.pop(task.name))]
+        if stop == task.shape[0]:
+            self._partial.pop(task.name, None)
+            return [(task, full)]
         return []
 
     def _check_flags(self, task: TensorTask, flags: torch.Tensor | None) -> None:

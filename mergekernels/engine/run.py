@@ -464,10 +464,11 @@ def _stream(work, units, reader, dev, writer, pending, ranks, per_tensor_params,
     Returns the bytes written."""
     stop = threading.Event()
     prefetch = Prefetcher(work, units, reader, dev, stop)
-    compute = Computer(work, reader, dev, per_tensor_params, diagnostics, prefetch.staging)
     output = ShardOutput(
         writer, pending, work.out_dtype, stop, progress=bar.update if bar is not None else None
     )
+    slot = output.slot if dev.type == "cpu" else None  # CPU kernels write into the shard buffers
+    compute = Computer(work, reader, dev, per_tensor_params, diagnostics, prefetch.staging, slot)
     prefetch.start()
     output.start()
     try:

@@ -37,6 +37,7 @@ class Shard:
     names: tuple[str, ...]
     nbytes: int
     filename: str
+    sizes: tuple[int, ...] = ()  # bytes of each tensor, in the order of names
 
 
 def plan_shards(entries: list[tuple[str, int]], shard_size: int) -> list[Shard]:
@@ -56,7 +57,11 @@ def plan_shards(entries: list[tuple[str, int]], shard_size: int) -> list[Shard]:
     total = len(groups)
     return [
         Shard(
-            i, tuple(n for n, _ in g), sum(b for _, b in g), f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            i,
+            tuple(n for n, _ in g),
+            sum(b for _, b in g),
+            f"model-{i + 1:05d}-of-{total:05d}.safetensors",
+            tuple(b for _, b in g),
         )
         for i, g in enumerate(groups)
     ]

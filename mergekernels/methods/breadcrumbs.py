@@ -31,6 +31,7 @@ def breadcrumbs(
     element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
     nonfinite: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by Model Breadcrumbs.
 
@@ -52,6 +53,8 @@ def breadcrumbs(
         element_offset: the global index of this tensor's first element, which tie cuts refer to.
         nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
             Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
+        out: a contiguous tensor of base's shape to write the result into (its dtype is the
+            output dtype); returned.
     """
     p = _ops.prepare(base, finetuned, "breadcrumbs")
     k, n = len(p.finetuned), p.base.numel()
@@ -79,6 +82,7 @@ def breadcrumbs(
         element_offset=element_offset,
         out_dtype=out_dtype,
         nonfinite=nonfinite,
+        out=out,
     )
 
 

@@ -44,6 +44,7 @@ def dare(
     l1_norms: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     nonfinite: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by DARE.
 
@@ -65,6 +66,8 @@ def dare(
             after the drop) from :func:`dare_prepass`, so the rescale is that of the whole tensor.
         nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
             Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
+        out: a contiguous tensor of base's shape to write the result into (its dtype is the
+            output dtype); returned.
     """
     mode = _rescale_mode(rescale)
     p = _ops.prepare(base, finetuned, "dare")
@@ -96,6 +99,7 @@ def dare(
         element_offset=element_offset,
         out_dtype=out_dtype,
         nonfinite=nonfinite,
+        out=out,
     )
 
 

@@ -44,6 +44,7 @@ def della(
     element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
     nonfinite: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by DELLA.
 
@@ -58,6 +59,8 @@ def della(
             rows of a larger tensor (ranks are per row, so row blocks merge exactly as the whole).
         nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
             Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
+        out: a contiguous tensor of base's shape to write the result into (its dtype is the
+            output dtype); returned.
     """
     p = _ops.prepare(base, finetuned, "della")
     k = len(p.finetuned)
@@ -76,19 +79,24 @@ def della(
             )
         keep0.append(d - e if row_len > 1 else d)
         step.append(2.0 * e / (row_len - 1) if row_len > 1 else 0.0)
-    _, want = _ops._check_out_dtype(out_dtype, p.out_dtype)
-    out = torch.empty(p.base.shape, dtype=want, device=p.base.device)
+    if out is None:
+        _, want = _ops._check_out_dtype(out_dtype, p.out_dtype)
+        out = torch.empty(p.base.shape, dtype=want, device=p.base.device)
+    else:
+        _ops._check_out(out, p.base, out_dtype)
+        want = out.dtype
     if out.numel() == 0:
         return out
     base_rows = p.base.reshape(rows, row_len)
     ft_rows = [x.reshape(rows, row_len) for x in p.finetuned]
     out_rows = out.view(rows, row_len)
+    direct = out.dtype in _ops._KERNEL_DTYPES  # float64 results are computed in float32 and widened
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, k * row_len))
     for r0 in range(0, rows, per_chunk):
         r1 = min(rows, r0 + per_chunk)
         chunk = _ops.Prepared(base_rows[r0:r1], [x[r0:r1] for x in ft_rows], p.out_dtype)
         ranks = [_ops.row_ranks(chunk.base, x, row_len) for x in chunk.finetuned]
-        out_rows[r0:r1] = _ops.fused_merge(
+        merged = _ops.fused_merge(
             chunk,
             **reduce_args,
             sparsify="drop",
@@ -102,5 +110,8 @@ def della(
             element_offset=element_offset + r0 * row_len,
             out_dtype=want,
             nonfinite=nonfinite,
-        ).view(r1 - r0, row_len)
+            out=out_rows[r0:r1] if direct else None,
+        )
+        if not direct:
+            out_rows[r0:r1] = merged.view(r1 - r0, row_len)
     return out

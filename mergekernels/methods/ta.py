@@ -18,6 +18,7 @@ def task_arithmetic(
     normalize: bool = False,
     out_dtype: torch.dtype | None = None,
     nonfinite: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by task arithmetic.
 
@@ -30,6 +31,8 @@ def task_arithmetic(
         out_dtype: dtype of the result (default: base's dtype).
         nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
             Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
+        out: a contiguous tensor of base's shape to write the result into (its dtype is the
+            output dtype); returned.
 
     Returns:
         The merged tensor on base's device.
@@ -43,6 +46,7 @@ def task_arithmetic(
         reduce="weighted" if normalize else "sum",
         out_dtype=out_dtype,
         nonfinite=nonfinite,
+        out=out,
     )
 
 

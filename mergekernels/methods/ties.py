@@ -76,6 +76,7 @@ def ties(
     element_offset: int = 0,
     out_dtype: torch.dtype | None = None,
     nonfinite: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one tensor by TIES.
 
@@ -99,6 +100,8 @@ def ties(
         out_dtype: dtype of the result (default: base's dtype).
         nonfinite: int32 [K + 1] flags set to 1 for each input (base first) that holds a NaN or an
             Inf, from the merge pass itself (see :func:`mergekernels._ops.fused_merge`).
+        out: a contiguous tensor of base's shape to write the result into (its dtype is the
+            output dtype); returned.
     """
     _check_merge(merge)
     p = _ops.prepare(base, finetuned, "ties")
@@ -128,6 +131,7 @@ def ties(
         element_offset=element_offset,
         out_dtype=out_dtype,
         nonfinite=nonfinite,
+        out=out,
     )
 
 
