@@ -73,7 +73,11 @@ def _failing_rank(rank: int, world: int, store: str, config: dict, out: str, rep
     from mergekernels.engine import reader
 
     if rank == 1:
-        reader._finite = lambda x: False
+
+        def corrupt(self, task, rows=None):
+            raise self.nonfinite_error(task, 0)
+
+        reader.InputReader.read = corrupt
     _join(rank, world, store, 300)
     try:
         merge_checkpoints(config, out, device="cpu", quiet=True, shard_size=1500)
