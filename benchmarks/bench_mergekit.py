@@ -45,6 +45,9 @@ METHOD_PARAMS = {
     "linear": {"model": lambda i: {"weight": 1.0 + 0.5 * i}, "global": {"normalize": True}},
     "task_arithmetic": {"model": lambda i: {"weight": 0.5 + 0.25 * i}, "global": {}},
     "ties": {"model": lambda i: {"weight": 1.0, "density": 0.2 + 0.1 * i}, "global": {"normalize": True}},
+    # random masks: ours come from our Philox stream, mergekit's from torch.bernoulli (the same
+    # distribution, other entries), so its "diff" columns measure the masks, not an error
+    "dare_ties": {"model": lambda i: {"weight": 1.0, "density": 0.3 + 0.1 * i}, "global": {}},
     # the other mergekit methods; "count": how many fine-tuned models they take (None: all)
     "slerp": {"model": lambda i: {}, "global": {"t": [0.2, 0.8]}, "count": 1},
     "nuslerp": {"model": lambda i: {"weight": 1.0 + i}, "global": {}, "count": 2},

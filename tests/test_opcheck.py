@@ -25,6 +25,28 @@ def test_opcheck_all_ops(device, dtype):
     thr = torch.tensor([[0.0] * k, [float("inf")] * k], device=device)
     ranks = [torch.randperm(35, dtype=torch.int32).to(device) for _ in range(k)]
     row_keep = torch.full((k, 5), 0.5, device=device)
+    ties = (  # the TIES arguments up to out_dtype
+        base,
+        fts,
+        [1.0, 0.5, 2.0],
+        0.9,
+        1,
+        True,
+        False,
+        1,
+        thr,
+        0,
+        [],
+        [],
+        [],
+        True,
+        None,
+        [],
+        0,
+        0,
+        0,
+        1,
+    )
     cases = [
         (OPS.tv_stats, (base, fts, True)),
         (OPS.tv_stats, (base, fts, False)),
@@ -103,32 +125,7 @@ def test_opcheck_all_ops(device, dtype):
                 [0] * (2 * k),
             ),
         ),
-        (
-            OPS.fused_merge.default,
-            (
-                base,
-                fts,
-                [1.0, 0.5, 2.0],
-                0.9,
-                1,
-                True,
-                False,
-                1,
-                thr,
-                0,
-                [],
-                [],
-                [],
-                True,
-                None,
-                [],
-                0,
-                0,
-                0,
-                1,
-                None,
-            ),
-        ),
+        (OPS.fused_merge.default, (*ties, None)),  # TIES: trim, sign election, mean
         (
             OPS.fused_merge.default,
             (
@@ -214,28 +211,6 @@ def test_opcheck_all_ops(device, dtype):
     for op, args in cases:
         torch.library.opcheck(op, args)
     # the NaN / Inf flags (mutated), and the out= overload the checkpoint engine writes shards with
-    ties = (
-        base,
-        fts,
-        [1.0, 0.5, 2.0],
-        0.9,
-        1,
-        True,
-        False,
-        1,
-        thr,
-        0,
-        [],
-        [],
-        [],
-        True,
-        None,
-        [],
-        0,
-        0,
-        0,
-        1,
-    )
     flags = torch.zeros(k + 1, dtype=torch.int32, device=device)
     torch.library.opcheck(OPS.fused_merge.default, (*ties, None, [], None, flags))
     out = torch.empty(base.shape, dtype=torch.float32, device=device)
