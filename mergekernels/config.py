@@ -343,6 +343,8 @@ _NOT_CONFIGURABLE = {
     "out_dtype",
     "seed",
     "l1_norms",  # computed by the engine's pre-pass
+    "nonfinite",  # the merge pass's NaN / Inf flags, read by the engine
+    "out",  # the engine's shard buffer
     "coefficients",  # awd: computed by its statistics pass
 }
 # Parameters naming files (regmean's Grams, APL's scores), relative to the configuration's directory.

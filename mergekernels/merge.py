@@ -20,7 +20,7 @@ def _method(name: str):
 
 
 # Per-tensor switches that make no sense at model level (the model-level call has its own).
-_INTERNAL_PARAMS = {"base", "finetuned", "return_info", "return_loss", "key"}
+_INTERNAL_PARAMS = {"base", "finetuned", "return_info", "return_loss", "key", "out", "nonfinite"}
 
 
 def default_memory_cap(device: torch.device) -> int:

@@ -1248,3 +1248,16 @@ def test_awd_accepts_the_parameters_of_its_then_method():
                 "parameters": {"then": "nope"},
             }
         )
+
+
+def test_engine_plumbing_is_not_a_parameter():
+    """The fused methods' per-call ``out`` and ``nonfinite`` (the engine's shard buffer and NaN flags)
+    are neither configuration parameters nor ``mk.merge`` keywords."""
+    import mergekernels as mk
+
+    for key in ("out", "nonfinite"):
+        with pytest.raises(ValueError, match=rf"unknown parameter '{key}' for ties"):
+            cfg = {"merge_method": "ties", "dialect": "mergekernels", "base_model": "b", "models": ["m"]}
+            load_config({**cfg, "parameters": {key: 1}})
+        with pytest.raises(ValueError, match=rf"does not take {key}"):
+            mk.merge({"w": torch.zeros(3)}, [{"w": torch.ones(3)}], method="ties", **{key: None})
