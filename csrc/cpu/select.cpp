@@ -1,6 +1,9 @@
 // CPU radix-select histograms for the exact k-th largest |tau| (see csrc/common/mk_common.h for the
 // digit layout). Each thread counts into a private uint32 histogram, task by task over an L1-sized
-// block so one task's bins stay in cache, and the private histograms are added into `hist`.
+// block so one task's bins stay in cache, and the private histograms are added into `hist`. At level
+// 0 a thread keeps two copies of each task's histogram and counts alternate elements into them:
+// neighbouring elements mostly fall in the same few bins, and one copy would make every increment
+// wait for the previous one's store.
 #include <torch/library.h>
 
 #include <mutex>
@@ -29,7 +32,13 @@ void count_block(int level, int k, int64_t bins, const scalar_t* b, const std::v
     for (int64_t j = 0; j < len; ++j) keys[j] = abs_key(fsub(x[j], base_f[j]));
     uint32_t* ht = h + t * bins;
     if (level == 0) {
-      for (int64_t j = 0; j < len; ++j) ++ht[keys[j] >> kLevel1Bits];
+      uint32_t* ht2 = h + (k + t) * bins;  // the second copy (see above)
+      int64_t j = 0;
+      for (; j + 1 < len; j += 2) {
+        ++ht[keys[j] >> kLevel1Bits];
+        ++ht2[keys[j + 1] >> kLevel1Bits];
+      }
+      if (j < len) ++ht[keys[j] >> kLevel1Bits];
     } else {
       // Few entries match the prefix: test 64 at a time with a vectorised OR and only walk the
       // groups that hold a match.
@@ -58,12 +67,15 @@ void run_histogram(const Inputs& in, int level, const at::Tensor& pre, at::Tenso
     for (const auto& x : in.finetuned) ft.push_back(x.data_ptr<scalar_t>());
     const int64_t* p = level == 1 ? pre.data_ptr<int64_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(kPrivateMin, (n + at::get_num_threads() - 1) / at::get_num_threads());
+    const size_t copies = level == 0 ? 2 : 1;
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      std::vector<uint32_t> local(static_cast<size_t>(k) * bins, 0);
+      const size_t size = static_cast<size_t>(k) * bins;
+      std::vector<uint32_t> local(copies * size, 0);
       for (int64_t lo = begin; lo < end; lo += kBlock)
         count_block<scalar_t>(level, k, bins, b, ft, p, lo, std::min(lo + kBlock, end), local.data());
       std::lock_guard<std::mutex> guard(merge_lock);
-      for (size_t i = 0; i < local.size(); ++i) out[i] += local[i];
+      for (size_t i = 0; i < size; ++i)
+        out[i] += static_cast<int64_t>(local[i]) + (copies == 2 ? static_cast<int64_t>(local[size + i]) : 0);
     });
   });
 }
