@@ -39,15 +39,18 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mergekernels.bench.checkpoints import ModelSize, io_floor, write_models
-from mergekernels.config import parse_size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import run_merge  # noqa: E402
+from bench_mergekit import warm_page_cache  # noqa: E402
+
+from mergekernels.bench.checkpoints import ModelSize, io_floor, write_models  # noqa: E402
+from mergekernels.config import parse_size  # noqa: E402
 
 INPUT_SHARD_BYTES = 2 * 1024**3  # hub checkpoints of this size use 2-5 GB shards
 
@@ -72,7 +75,7 @@ def main() -> None:
     models = cached_big_models(root, size, args.experts, model_bytes)
     out = root / "out"
     shard_bytes = parse_size(args.shard_size, "--shard-size")
-    inputs = [f for m in models for f in sorted(m.glob("*.safetensors"))]
+    inputs = input_files(models)
     print(
         f"{len(models)} models of {model_bytes / 1e9:.2f} GB ({len(inputs)} input shards); output shards "
         f"of {shard_bytes / 1e9:.2f} GB",
@@ -81,16 +84,16 @@ def main() -> None:
 
     rows = []
     for cache in args.caches:
-        prepare_cache(cache, inputs)
-        read = read_files(inputs)
+        prepare_cache(cache, models)
+        read = read_inputs(models)
         rows.append({"cache": cache, "method": "inputs read in order (os.read, no output)", "seconds": read})
-        prepare_cache(cache, inputs)
+        prepare_cache(cache, models)
         floor = io_floor(models, out, shard_bytes, durable=True)
         rows.append({"cache": cache, "method": "I/O floor (fsynced)", "seconds": floor})
         print(f"{cache}: inputs read {read:.2f} s, I/O floor {floor:.2f} s", flush=True)
         for method in args.methods:
-            prepare_cache(cache, inputs)
-            seconds, wall, report = run_merge(root, models, method, shard_bytes, out)
+            prepare_cache(cache, models)
+            seconds, wall, report = merge(root, models, method, shard_bytes)
             rows.append(
                 {
                     "cache": cache,
@@ -145,33 +148,35 @@ def cached_big_models(root: Path, size: ModelSize, experts: int, model_bytes: in
     return models
 
 
-def read_files(files: list[Path]) -> float:
-    """Seconds to read the files one after another in 64 MB reads: the disk's share of any merge."""
+def read_inputs(models: list[Path]) -> float:
+    """Seconds to read the models' files one after another in 64 MB reads: the disk's share of any
+    merge."""
     t0 = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as handle:
-            while handle.read(64 * 1024**2):
-                pass
+    warm_page_cache(models)
     return time.perf_counter() - t0
 
 
-def prepare_cache(cache: str, files: list[Path]) -> None:
-    """``cold``: the files' pages dropped from the page cache; ``warm``: every file read once."""
+def prepare_cache(cache: str, models: list[Path]) -> None:
+    """``cold``: the models' file pages dropped from the page cache; ``warm``: every file read once."""
     os.sync()
-    for f in files:
+    if cache == "warm":
+        warm_page_cache(models)
+        return
+    for f in input_files(models):
         fd = os.open(f, os.O_RDONLY)
         try:
-            if cache == "cold":
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            else:
-                while os.read(fd, 64 * 1024**2):
-                    pass
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
 
-def run_merge(root: Path, models: list[Path], method: str, shard_bytes: int, out: Path):
-    """One ``mergekernels merge`` in a fresh process: (seconds inside the merge, wall seconds, report)."""
+def input_files(models: list[Path]) -> list[Path]:
+    return [f for m in models for f in sorted(m.glob("*.safetensors"))]
+
+
+def merge(root: Path, models: list[Path], method: str, shard_bytes: int):
+    """A merge of the models by ``method`` (TIES at density 0.3) in a fresh process, as
+    :func:`bench_engine.run_merge` times it."""
     cfg = {
         "merge_method": method,
         "dialect": "mergekernels",
@@ -181,17 +186,7 @@ def run_merge(root: Path, models: list[Path], method: str, shard_bytes: int, out
     }
     if method == "ties":
         cfg["parameters"] = {"density": 0.3}
-    cfg_path, report_file = root / f"{method}.json", root / f"{method}.report.json"
-    cfg_path.write_text(json.dumps(cfg))
-    shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "mergekernels", "merge", str(cfg_path), str(out), "--quiet"]
-    command += ["--device", "cpu", "--report", str(report_file)]
-    t0 = time.perf_counter()
-    subprocess.run(command, check=True)
-    wall = time.perf_counter() - t0
-    report = json.loads(report_file.read_text())
-    shutil.rmtree(out)
-    return report["seconds"]["total"], wall, report
+    return run_merge(root, method, cfg, "cpu")
 
 
 if __name__ == "__main__":

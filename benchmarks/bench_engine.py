@@ -39,7 +39,7 @@ import torch
 from mergekernels.bench.checkpoints import DEFAULT_SHARD_BYTES as SHARD_BYTES
 from mergekernels.bench.checkpoints import ModelSize, cached_models, io_floor, layer_shapes, write_model
 
-__all__ = ["SHARD_BYTES", "io_floor", "layer_shapes", "main", "write_model"]
+__all__ = ["SHARD_BYTES", "io_floor", "layer_shapes", "main", "run_merge", "write_model"]
 
 
 def main() -> None:
@@ -93,7 +93,7 @@ def main() -> None:
             }
             if method in params:
                 cfg["parameters"] = params[method]
-            runs = [_merge(root, f"{method}-{dtype}", cfg, args.device) for _ in range(args.repeats)]
+            runs = [run_merge(root, f"{method}-{dtype}", cfg, args.device) for _ in range(args.repeats)]
             seconds, wall, report = min(runs, key=lambda r: r[0])
             moved = model_bytes * (len(models) + 1)
             rows.append(
@@ -131,12 +131,14 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"rows": rows, "bound_bytes": bound}, indent=2))
 
 
-def _merge(root: Path, name: str, cfg: dict, device: str) -> tuple[float, float, dict]:
+def run_merge(root: Path, name: str, cfg: dict, device: str) -> tuple[float, float, dict]:
     """One ``mergekernels merge`` in a fresh process: (seconds inside the merge, wall seconds with
-    start-up, the merge's report)."""
+    start-up, the merge's report). Its output is deleted before and after, so only one is ever on
+    disk."""
     cfg_path, out, report_file = root / f"{name}.json", root / f"out-{name}", root / f"{name}.report.json"
     cfg_path.write_text(json.dumps(cfg))
-    command = [sys.executable, "-m", "mergekernels", "merge", str(cfg_path), str(out), "--overwrite"]
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "mergekernels", "merge", str(cfg_path), str(out)]
     command += ["--quiet", "--device", device, "--report", str(report_file)]
     t0 = time.perf_counter()
     subprocess.run(command, check=True)

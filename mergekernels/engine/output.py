@@ -97,17 +97,15 @@ class ShardOutput:
         """A shard buffer of at least nbytes: a written shard's, else a new one. Shards fill in order,
         so two buffers serve a whole merge (the one written and the one filled); a batched matrix
         group whose tensors span more shards gets more."""
-        for attempt in range(2):
-            try:
-                buffer = self._free.get_nowait()
-            except queue.Empty:
-                if attempt == 0 and self._buffers_made >= 2:
-                    self._queue.join()  # the shard being written gives its buffer back when done
-                    self.raise_if_failed()
-                continue
-            if buffer.numel() >= nbytes:
-                return buffer
-            break
+        if self._free.empty() and self._buffers_made >= 2:
+            self._queue.join()  # the shard being written gives its buffer back when done
+            self.raise_if_failed()
+        try:
+            buffer = self._free.get_nowait()
+        except queue.Empty:
+            buffer = None
+        if buffer is not None and buffer.numel() >= nbytes:
+            return buffer
         self._buffers_made += 1
         return torch.empty(nbytes, dtype=torch.uint8)
 

@@ -50,13 +50,12 @@ class InputReader:
         (``permute``)."""
         if task.vocab == "truncate" and rows is None:
             rows = (0, task.shape[0])
-        sources = [task.base, *task.inputs]
         if task.vocab == "permute":
             cast = self.dtype if self.work.converts(task) else None
             before = self.vocabulary.bytes_read
             tensors = self.vocabulary.read(task, rows, cast)
             self.bytes_read += self.vocabulary.bytes_read - before
-            self._check_finite(task, sources, tensors)
+            self._check_finite(task, tensors)
             return tensors[0], tensors[1:]
         base = self.checkpoints[task.base.model].read(task.base.name, rows)
         tensors = [base]
@@ -66,11 +65,12 @@ class InputReader:
         self.bytes_read += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
         tensors = [t.to(self.work.input_dtype(task, t.dtype)) for t in tensors]
         if not self.work.in_kernels(task):  # else the merge pass checks them (Computer)
-            self._check_finite(task, sources, tensors)
+            self._check_finite(task, tensors)
         return tensors[0], tensors[1:]
 
-    def _check_finite(self, task: TensorTask, sources: list, tensors: list[torch.Tensor]) -> None:
-        """NaN / Inf in a floating input is an error naming the file and tensor (unless allowed)."""
+    def _check_finite(self, task: TensorTask, tensors: list[torch.Tensor]) -> None:
+        """NaN / Inf in a floating input (base first, as in ``task``) is an error naming the file and
+        tensor (unless allowed)."""
         if not self.work.converts(task) or self.allow_nonfinite:
             return
         for index, x in enumerate(tensors):

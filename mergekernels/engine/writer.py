@@ -37,7 +37,7 @@ class Shard:
     names: tuple[str, ...]
     nbytes: int
     filename: str
-    sizes: tuple[int, ...] = ()  # bytes of each tensor, in the order of names
+    sizes: tuple[int, ...]  # bytes of each tensor, in the order of names
 
 
 def plan_shards(entries: list[tuple[str, int]], shard_size: int) -> list[Shard]:
