@@ -2,14 +2,15 @@
 # One call on a GPU machine (one H100 or H200, the project's torch already installed, no network):
 # build for the local GPU, check the CUDA kernels against the CPU kernels, benchmark.
 #
-#   bash benchmarks/device_run.sh --quick   # <= 5 minutes: build, CUDA tests, bench --quick, one merge
+#   bash benchmarks/device_run.sh --quick   # <= 6 minutes: build, GPU tests, benchmarks, merges
 #   bash benchmarks/device_run.sh           # <= 9 minutes: the full suite and every benchmark
 #
-# --quick: builds for this GPU's architecture only; runs the CUDA tests (the kernel test matrix of
-# tests/test_cuda_emulated.py on real CUDA, tests/test_cuda.py, tests/test_gpu_paths.py);
-# `mergekernels bench --quick --device cuda`; and one `mergekernels merge --device cuda` on a
-# generated Llama-shaped checkpoint, compared byte for byte with the same merge on the CPU
-# (benchmarks/device_merge_check.py).
+# --quick: builds for this GPU's architecture only; runs the GPU tests (the kernel test matrix of
+# tests/test_cuda_emulated.py on real CUDA, tests/test_cuda.py, opcheck on CUDA, the CUDA cases of
+# the GPU-path, ACE and spectral tests); the bandwidth benchmark at 8 x 4096x11008 bf16;
+# `mergekernels bench --quick --device cuda`; and `mergekernels merge --device cuda` with five
+# methods on a generated Llama-shaped checkpoint, compared byte for byte with the same merge on the
+# CPU (benchmarks/device_merge_check.py).
 # Full: the same build, the whole test suite, compute-sanitizer (memcheck, racecheck) on a few CUDA
 # tests where the machine allows it, `mergekernels bench --device cuda`, the bandwidth benchmark at
 # 8 x 4096x11008 bf16, ACE on one Llama-7B block (4 experts, fp32), the WUDI loss and the merge check.
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=full BUDGET=530
-if [[ "${1:-}" == "--quick" ]]; then MODE=quick BUDGET=290; fi
+if [[ "${1:-}" == "--quick" ]]; then MODE=quick BUDGET=360; fi
 OUT=${OUT:-device_out}
 LOGS=$OUT
 [[ "${DEVICE_PACK:-0}" == 1 ]] && LOGS=$(mktemp -d)
@@ -78,16 +79,22 @@ step info 20 "$PY" -m mergekernels info
 
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
+# The GPU's own tests: the CUDA-vs-CPU matrices, opcheck on CUDA, the CUDA paths of ACE and the
+# spectral methods; MK_EMULATION=0 leaves out the emulated build (CI runs it on every push).
+GPU_TESTS=(tests/test_cuda.py tests/test_cuda_emulated.py tests/test_gpu_paths.py tests/test_opcheck.py
+  tests/test_ace.py tests/test_spectral.py)
 if [[ $MODE == quick ]]; then
-  step cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_emulated.py \
-    tests/test_gpu_paths.py -k "cuda" "${XDIST[@]}"
-  step bench 50 "$PY" -m mergekernels bench --quick --device cuda --json "$LOGS/bench_quick_cuda.json" --no-progress
+  step cuda-tests 130 env MK_EMULATION=0 "$PY" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" -k cuda \
+    "${XDIST[@]}"
+  step bandwidth 45 "$PY" benchmarks/bandwidth.py --device cuda --k 8 --shape 4096x11008 --repeats 10 \
+    --json "$LOGS/bandwidth_cuda.json"
+  step bench 40 "$PY" -m mergekernels bench --quick --device cuda --json "$LOGS/bench_quick_cuda.json" --no-progress
   step merge-check 60 "$PY" benchmarks/device_merge_check.py --dir /tmp/mk_device_models \
-    --methods ties dare_ties --json "$LOGS/merge_check.json"
+    --methods task_arithmetic ties dare_ties breadcrumbs della --json "$LOGS/merge_check.json"
   exit "$FAILED"
 fi
 
-step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests "${XDIST[@]}"
+step tests 180 env MK_EMULATION=0 "$PY" -m pytest -q -p no:cacheprovider tests "${XDIST[@]}"
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
     step "sanitize-$tool" 40 compute-sanitizer --tool "$tool" --error-exitcode 9 \

@@ -12,6 +12,7 @@ emulated multiprocessor count and a forced grid size.
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -60,9 +61,12 @@ class CudaOps:
 
 
 HAS_GPU = torch.cuda.is_available() and mk.has_cuda_kernels()
+# MK_EMULATION=0 (the GPU machine's script): the real kernels alone, without building the emulation.
+EMULATION = os.environ.get("MK_EMULATION", "1") != "0"
+BACKENDS = (["emulated"] if EMULATION else []) + (["cuda"] if HAS_GPU else [])
 
 
-@pytest.fixture(scope="module", params=["emulated", "cuda"] if HAS_GPU else ["emulated"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request):
     return CudaOps() if request.param == "cuda" else load()
 
@@ -70,6 +74,8 @@ def backend(request):
 @pytest.fixture
 def emu(request):
     """The emulated library: default device, a seeded random schedule (a seed per test), no forced grid."""
+    if not EMULATION:
+        pytest.skip("MK_EMULATION=0: the emulated build is not used")
     ops = load()
     ops.configure(132, "random", zlib.crc32(request.node.nodeid.encode()), 0)
     yield ops

@@ -1,0 +1,6 @@
+// CPU fused merges from double inputs, to every output dtype (see merge_kernel.h).
+#include "merge_kernel.h"
+
+namespace mk::cpu::merge_detail {
+template void merge_from<double>(const MergeConfig&, const Inputs&, at::Tensor&);
+}  // namespace mk::cpu::merge_detail
