@@ -79,7 +79,8 @@ def main() -> int:
                 }
             )
         )
-        outs = [root / f"out-{method}-{i}-{device}" for i, device in enumerate(args.devices)]
+        # One output name under a folder per device: the model card names the output directory.
+        outs = [root / f"{i}-{device}" / f"out-{method}" for i, device in enumerate(args.devices)]
         seconds = [merge(config, out, device) for out, device in zip(outs, args.devices, strict=True)]
         a, b = digests(outs[0]), digests(outs[1])
         differ = sorted(name for name in a.keys() | b.keys() if a.get(name) != b.get(name))

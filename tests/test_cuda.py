@@ -34,7 +34,6 @@ CLOSE_METHODS = {
     "nuslerp_rows": lambda b, f: mk.nuslerp(b, f[:2], flatten=False),
     "model_stock": lambda b, f: mk.model_stock(b, f),
     "sce": lambda b, f: mk.sce(b, f, select_topk=0.5),
-    "arcee_fusion": lambda b, f: mk.arcee_fusion(b, f[:1]),
 }
 
 
@@ -98,3 +97,28 @@ def test_cuda_row_ranks_equal_cpu():
 
     base, (ft,) = make_inputs(1, (33, 1001), torch.bfloat16, seed=4)
     assert torch.equal(_ops.row_ranks(base.cuda(), ft.cuda(), 1001).cpu(), _ops.row_ranks(base, ft, 1001))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1027,), (33, 65), (300, 1001)])
+def test_cuda_arcee_fusion_differs_only_at_its_threshold(dtype, shape):
+    """Arcee Fusion's float32 KL divergence (mergekit's arithmetic) cancels: on random rows it is
+    good to about 0.5%, in another order on the GPU, so entries whose importance lies that close to
+    the threshold may be taken from the other model on one device and not the other. Every other
+    entry is equal, and the entries that differ are such near-ties in float64."""
+    base, fts = make_inputs(3, shape, dtype, seed=2)
+    cpu = mk.arcee_fusion(base, fts[:1])
+    gpu = mk.arcee_fusion(base.cuda(), [fts[0].cuda()]).cpu()
+    assert gpu.dtype == cpu.dtype
+    differ = gpu != cpu
+    assert int(differ.sum()) <= max(1, cpu.numel() // 1000)
+    if differ.any():
+        a, b = base.double(), fts[0].double()
+        p, q = torch.softmax(b, -1) + 1e-8, torch.softmax(a, -1) + 1e-8
+        importance = (b - a).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)
+        ordered = importance.reshape(-1).sort().values
+        q1, median, q3 = (ordered[int(q * (ordered.numel() - 1))] for q in (0.25, 0.5, 0.75))
+        threshold = median + 1.5 * (q3 - q1)
+        near = (importance - threshold).abs() <= 0.02 * threshold
+        assert bool(near[differ].all()), "an entry far from the threshold differs"
+        assert bool(((cpu == base) ^ (gpu == base))[differ].all())  # one device kept the base

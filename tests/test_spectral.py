@@ -26,6 +26,9 @@ RTOL_DESIGNED = 5e-5
 RTOL_GAUSSIAN = 2e-4
 # Two float32 computations of the same merge (batched vs alone, strided vs contiguous, CUDA vs CPU).
 RTOL_SAME = 1e-5
+# CUDA vs CPU: cuSOLVER's float32 SVD is another algorithm than LAPACK's; each is within
+# RTOL_DESIGNED of the float64 reference (measured on an H200: 1.7e-5 apart on TSV-M).
+RTOL_DEVICES = RTOL_DESIGNED
 
 
 def orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
@@ -437,7 +440,7 @@ def test_cuda_matches_reference_and_cpu(method, dtype):
     out = fn(base.cuda(), [x.cuda() for x in fts], alpha=0.6)
     assert out.device.type == "cuda" and out.dtype == dtype
     assert_matches(out, reference(base, fts, alpha=0.6), base, RTOL_DESIGNED)
-    assert_matches(out, fn(base, fts, alpha=0.6).to(F64), base, RTOL_SAME)
+    assert_matches(out, fn(base, fts, alpha=0.6).to(F64), base, RTOL_DEVICES)
     # a batch of 5 copies (expanded, stride 0 over layers) gives 5 times the same merge
     stack = BATCHED[method](
         base.cuda().expand(5, -1, -1), [x.cuda().expand(5, -1, -1) for x in fts], alpha=0.6
