@@ -60,8 +60,28 @@ def _nvidia_wheel_includes() -> list[str]:
     return found
 
 
+def _write_build_info(with_cuda: bool) -> None:
+    """mergekernels/_build_info.py: the torch (and CUDA) this build compiles against, which the
+    package compares with the installed torch at import (the extension only loads with that one)."""
+    import torch
+
+    info = {
+        "TORCH_VERSION": torch.__version__,
+        "TORCH_CUDA_VERSION": torch.version.cuda,
+        "CUDA_KERNELS": with_cuda,
+    }
+    lines = ['"""Written by setup.py at build time: what mergekernels._C was compiled against."""', ""]
+    lines += [f"{key} = {value!r}" for key, value in info.items()]
+    path = os.path.join(ROOT, "mergekernels", "_build_info.py")
+    text = "\n".join(lines) + "\n"
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def _extension():
     with_cuda = _cuda_mode()
+    _write_build_info(with_cuda)
     cpu_sources = ["csrc/ops.cpp", "csrc/covariance.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # The C++ standard is left to torch (C++20 since torch 2.10); the sources are C++17-clean.
     # no-loop-unroll-and-jam: gcc would otherwise jam the task loop into the element loop and lose

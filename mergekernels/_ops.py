@@ -14,16 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import devices
+from . import build, devices
 
 try:
     from . import _C  # noqa: F401  (loading the extension registers the ops)
-except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt checkout
-    raise ImportError(
-        "mergekernels: the compiled extension mergekernels._C is missing or failed to load "
-        f"({exc}). Build it with `pip install --no-build-isolation -e .` from the repository root "
-        "(or `make build`); set MK_CUDA=0 for a CPU-only build."
-    ) from exc
+except ImportError as exc:
+    raise ImportError(build.load_error(exc)) from exc
+build.warn_if_mismatched()
 
 _lib = torch.ops.mergekernels
 

@@ -196,9 +196,15 @@ def _bench(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__, _ops
+    from . import __version__, _ops, build
 
     print(f"mergekernels {__version__}, torch {torch.__version__}")
+    built = build.built_against()
+    if built is not None:
+        cuda = f"CUDA {built['cuda']}" if built["cuda"] else "CPU only"
+        print(
+            f"built against torch {built['torch']} ({cuda}); CUDA sources compiled: {built['cuda_kernels']}"
+        )
     print(f"CUDA kernels built: {_ops.has_cuda_kernels()}; CUDA device visible: {torch.cuda.is_available()}")
     return 0
 

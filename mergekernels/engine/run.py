@@ -262,13 +262,17 @@ def _merge_as_rank(
     rank, world = ranks.rank, ranks.world
     opts = {k: v for k, v in cfg.options.items() if v is not None}
     shard_bytes = parse_size(shard_size or opts.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size")
-    memory_cap = (
-        parse_size(opts["memory_cap"], "memory_cap") if "memory_cap" in opts else default_memory_cap(dev)
-    )
+    if "memory_cap" in opts:
+        memory_cap, cap_source = parse_size(opts["memory_cap"], "memory_cap"), "options.memory_cap"
+    else:
+        memory_cap = default_memory_cap(dev)
+        cap_source = (
+            "70% of the GPU's free memory" if dev.type == "cuda" else "half the available host memory"
+        )
 
     # 1. plan
     plan, checkpoints = _plan(cfg, inputs)
-    work = WorkPlan(cfg, plan, memory_cap, chunk_bytes)
+    work = WorkPlan(cfg, plan, memory_cap, chunk_bytes, cap_source)
     shards = work.shards(shard_bytes)
     # Ranks split the shards (shard i goes to rank i mod world); rank 0 prepares the output first.
     fingerprint = _fingerprint(cfg, checkpoints, shard_bytes)

@@ -50,7 +50,16 @@ class WorkPlan:
     """The units of a merge in processing order, the row pieces of each tensor, the prefetch
     budget and the output dtype of each tensor."""
 
-    def __init__(self, cfg: MergeConfig, plan: MergePlan, memory_cap: int, chunk_bytes: int):
+    def __init__(
+        self,
+        cfg: MergeConfig,
+        plan: MergePlan,
+        memory_cap: int,
+        chunk_bytes: int,
+        memory_cap_source: str = "options.memory_cap",
+    ):
+        """``memory_cap``: the bytes one matrix-method layer may use; ``memory_cap_source`` says
+        where that number came from, for the error when a tensor does not fit."""
         self.cfg, self.plan = cfg, plan
         self.spec = METHODS[cfg.method]
         self.tasks = {task.name: task for task in plan.tasks}
@@ -65,6 +74,7 @@ class WorkPlan:
                 continue
             if task.name in grouped:
                 members = groups[grouped[task.name]]
+                self._check_fits(task, memory_cap, memory_cap_source)
                 size = batch_layers(self.spec, task.shape, len(task.inputs), task.dtype, memory_cap)
                 for start in range(0, len(members), size):
                     batch = tuple(members[start : start + size])
@@ -92,6 +102,19 @@ class WorkPlan:
         self.budget = max(
             (self.read_bytes(self.tasks[n], r) for n in self.order for r in self.pieces[n]), default=0
         )
+
+    def _check_fits(self, task: TensorTask, memory_cap: int, source: str) -> None:
+        """A matrix method merges each layer whole (no row chunks): refuse, before anything is read
+        or written, a layer whose working set is over the cap, instead of failing mid-way or being
+        killed by the OOM killer."""
+        needed = self.spec.layer_bytes(*task.shape, len(task.inputs), task.dtype.itemsize)
+        if needed > memory_cap:
+            raise MemoryCapError(
+                f"tensor {task.name!r} ({' x '.join(map(str, task.shape))}, {len(task.inputs)} models): "
+                f"{self.cfg.method} merges it whole, which needs about {_gib(needed)} of working memory, "
+                f"over the memory cap of {_gib(memory_cap)} ({source}); raise options.memory_cap if "
+                "the memory is there, or merge on a machine (or device) with more"
+            )
 
     def _splits(self, task: TensorTask) -> bool:
         shape, chunks = task.shape, self.spec.chunks_for(task.params)
@@ -139,6 +162,14 @@ class WorkPlan:
 
     def shards(self, shard_bytes: int) -> list[Shard]:
         return plan_shards([(n, self.out_bytes(n)) for n in self.order], shard_bytes)
+
+
+class MemoryCapError(ValueError):
+    """A tensor that must be merged whole needs more memory than the cap allows."""
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB ({nbytes} bytes)"
 
 
 def numel_of(shape: tuple[int, ...]) -> int:
