@@ -82,7 +82,12 @@ def _write_build_info(with_cuda: bool) -> None:
 def _extension():
     with_cuda = _cuda_mode()
     _write_build_info(with_cuda)
-    cpu_sources = ["csrc/ops.cpp", "csrc/covariance.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cpu_sources = [
+        "csrc/ops.cpp",
+        "csrc/covariance.cpp",
+        "csrc/input_faults.cpp",
+        *sorted(glob.glob("csrc/cpu/*.cpp")),
+    ]
     # The C++ standard is left to torch (C++20 since torch 2.10); the sources are C++17-clean.
     # no-loop-unroll-and-jam: gcc would otherwise jam the task loop into the element loop and lose
     # the vectorisation of the merge kernels.

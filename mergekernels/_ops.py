@@ -17,12 +17,20 @@ import torch
 from . import build, devices
 
 try:
-    from . import _C  # noqa: F401  (loading the extension registers the ops)
+    from . import _C  # loading the extension registers the ops
 except ImportError as exc:
     raise ImportError(build.load_error(exc)) from exc
 build.warn_if_mismatched()
 
 _lib = torch.ops.mergekernels
+
+
+def install_input_fault_handler(prefix: str) -> None:
+    """Make a SIGBUS from a file map (an input truncated while the merge reads it through its map)
+    print ``prefix``, the file and what happened, and exit with status 2. For the merge command:
+    a library imported into someone else's program leaves that program's signals alone."""
+    _C.install_input_fault_handler(prefix)
+
 
 # Mirrors of the enums in csrc/common/merge_element.h.
 SPARSIFY = {"none": 0, "trim": 1, "band": 2, "drop": 3, "clip": 4}

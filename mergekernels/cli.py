@@ -58,6 +58,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     from .config import ConfigWarning
     from .engine import OutputError, merge_checkpoints
+    from .engine.writer import OutputWarning
 
     for flag, reason in _NO_EFFECT.items():
         if getattr(args, flag, None):
@@ -82,9 +83,13 @@ def _merge(args: argparse.Namespace) -> int:
     device = args.device or {True: "cuda", False: "cpu", None: "auto"}[args.cuda]
 
     def show(message, category, filename, lineno, file=None, line=None):
-        prefix = "warning" if issubclass(category, ConfigWarning) else category.__name__
+        prefix = "warning" if issubclass(category, (ConfigWarning, OutputWarning)) else category.__name__
         print(f"mergekernels merge: {prefix}: {message}", file=sys.stderr)
 
+    from . import _ops
+
+    # A mapped input truncated during the merge ends it with an error naming the file, not a bus error.
+    _ops.install_input_fault_handler("mergekernels merge: error: ")
     try:
         shard_size = args.shard_size
         if args.out_shard_size is not None:
@@ -118,6 +123,68 @@ def _merge(args: argparse.Namespace) -> int:
         with open(args.report, "w") as f:
             json.dump(report.to_json(), f, indent=2, default=str)
     return 0
+
+
+def _merge_command(args: argparse.Namespace) -> int:
+    """``mergekernels merge``: SIGINT or SIGTERM ends it within about 2 s (the main thread's kernel
+    call in progress ends first), saying where the work stands; the partial directory is left to
+    ``--resume``; the exit code is 128 + the signal's (130, 143). A second signal leaves at once."""
+    import os
+
+    from .engine.signals import Terminated, raising_signals, signal_number
+
+    published = _inode(args.out_dir)  # an existing OUT_DIR (--overwrite) is not this run's
+
+    def leave_now(signum: int) -> None:
+        try:
+            print(_where_it_stands(args.out_dir, signum, published), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001, S110 - stderr busy with the first one's line: leave anyway
+            pass
+        os._exit(128 + signum)
+
+    try:
+        with raising_signals(second=leave_now):
+            return _merge(args)
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(_where_it_stands(args.out_dir, signal_number(exc), published), file=sys.stderr)
+        return 128 + signal_number(exc)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _where_it_stands(out_dir: str, signum: int, before: tuple[int, int] | None) -> str:
+    """One line for an interrupted merge: what is on disk and what to do next."""
+    import json
+    import signal
+    from pathlib import Path
+
+    from .engine.writer import PLAN_FILE
+
+    head = f"mergekernels merge: interrupted ({signal.Signals(signum).name})"
+    out = Path(out_dir)
+    partial = out.with_name(out.name + ".partial")
+    if partial.is_dir():
+        try:
+            shards = [name for name, _ in json.loads((partial / PLAN_FILE).read_text())["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{head}: nothing written to {partial} yet; run again to start over"
+        done = sum((partial / name).is_file() for name in shards)
+        where = f"{done} of {len(shards)} shards written to {partial}"
+        return f"{head}: {where}; run again with --resume to finish"
+    if _inode(out_dir) not in (None, before):
+        return f"{head} after the merge finished: {out} is complete"
+    parts = Path(str(out) + ".parts")  # a multi-document merge's finished intermediate merges
+    if parts.is_dir():
+        return f"{head}: intermediate merges kept in {parts}; run again with --resume to finish"
+    return f"{head} before any output was written; nothing to resume"
 
 
 def _add_mergekit_flags(p: argparse.ArgumentParser) -> None:
@@ -259,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", default=None, help="bytes per output shard, e.g. 5GB (default 5GB)")
     p.add_argument("--report", metavar="FILE", default=None, help="write the merge report as JSON")
     _add_mergekit_flags(p)
-    p.set_defaults(func=_merge)
+    p.set_defaults(func=_merge_command)
     p = sub.add_parser(
         "bench",
         help="measure every kernel and method on this machine against its ceilings and torch references",

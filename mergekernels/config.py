@@ -571,7 +571,13 @@ def read_documents(path: str | Path) -> list[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"merge config {str(path)!r} not found")
     try:
-        return list(yaml.load_all(path.read_text(encoding="utf-8"), Loader=_StrictLoader))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # a ValueError that would not name the file
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return list(yaml.load_all(text, Loader=_StrictLoader))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: invalid YAML: {exc}") from exc
 

@@ -11,7 +11,6 @@ ever written to disk. Tensors an adapter saves whole (``modules_to_save``) repla
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import Checkpoint, CheckpointError, TensorInfo
+from .checkpoint import Checkpoint, CheckpointError, TensorInfo, header_problem, json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -38,12 +37,14 @@ class LoraCheckpoint:
         self.path, self.files, self.tensors = model.path, model.files, model.tensors
         self.directory = model.directory
         config = self._config()
-        self.alpha = config.get("lora_alpha", 8)
-        self.alpha_pattern = config.get("alpha_pattern") or {}
-        self.rslora = bool(config.get("use_rslora", False))
-        self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-        if config.get("use_dora"):
-            raise CheckpointError(f"{self.adapter}: DoRA adapters (use_dora) are not supported, only LoRA")
+        self.alpha = self._number(config.get("lora_alpha", 8), "lora_alpha")
+        self.alpha_pattern = self._patterns(config.get("alpha_pattern"))
+        self.rslora = self._flag(config, "use_rslora")
+        self.fan_in_fan_out = self._flag(config, "fan_in_fan_out")
+        if self._flag(config, "use_dora"):
+            raise CheckpointError(
+                f"{self._config_file}: DoRA adapters (use_dora) are not supported, only LoRA"
+            )
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
         self.replaced: dict[str, torch.Tensor] = {}
         self._load(allow_pickle)
@@ -51,16 +52,43 @@ class LoraCheckpoint:
         self.files = [*model.files, *self._weight_files, self.adapter / ADAPTER_CONFIG]
 
     def _config(self) -> dict:
-        file = self.adapter / ADAPTER_CONFIG
+        file = self._config_file = self.adapter / ADAPTER_CONFIG
         if not file.is_file():
             raise CheckpointError(f"{self.adapter}: not a LoRA adapter (no {ADAPTER_CONFIG})")
-        try:
-            config = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
-        if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        config = json_object(file)
+        if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{file}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
         return config
+
+    # The values the update uses are checked here, naming the key: a wrong type would otherwise fail
+    # mid-merge, on the reader thread, with a TypeError or re.error naming nothing.
+    def _number(self, value, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{self._config_file}: {key} must be a finite number, got {value!r:.80}")
+        return value
+
+    def _flag(self, config: dict, key: str) -> bool:
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise CheckpointError(f"{self._config_file}: {key} must be true or false, got {value!r:.80}")
+        return bool(value)
+
+    def _patterns(self, value) -> dict[str, float]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"{self._config_file}: alpha_pattern must map module patterns to alphas, got {value!r:.80}"
+            )
+        for pattern, alpha in value.items():
+            self._number(alpha, f"alpha_pattern[{pattern!r}]")
+            try:
+                re.compile(rf"(.*\.)?{pattern}")  # as _alpha matches it
+            except re.error as exc:
+                raise CheckpointError(
+                    f"{self._config_file}: alpha_pattern key {pattern!r} is not a regular expression ({exc})"
+                ) from None
+        return value
 
     def _load(self, allow_pickle: bool) -> None:
         weights = next((self.adapter / n for n in ADAPTER_WEIGHTS if (self.adapter / n).is_file()), None)
@@ -75,7 +103,8 @@ class LoraCheckpoint:
             else:
                 raise CheckpointError(f"{weights}: a pickle adapter needs allow_pickle (--allow-pickle)")
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{weights}: cannot be read ({exc})") from None
+            problem = header_problem(weights) if isinstance(exc, SafetensorError) else None
+            raise CheckpointError(f"{weights}: cannot be read ({problem or exc})") from None
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state.items():
             name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
@@ -114,6 +143,11 @@ class LoraCheckpoint:
                     f"{weights}: LoRA module {module!r} matches no tensor of {self.model.path}"
                 )
             rank = a.shape[0]
+            if rank == 0 or not (a.is_floating_point() and b.is_floating_point()):
+                raise CheckpointError(
+                    f"{weights}: module {module!r} needs floating-point LoRA factors of rank >= 1, got "
+                    f"{a.dtype} {list(a.shape)} and {b.dtype} {list(b.shape)}"
+                )
             alpha = self._alpha(module)
             scale = alpha / math.sqrt(rank) if self.rslora else alpha / rank
             transposed = embedding or self.fan_in_fan_out
@@ -124,7 +158,23 @@ class LoraCheckpoint:
                     f"{weights}: LoRA update of {target!r} has shape {list(out_shape)}, "
                     f"the weight {list(shape)}"
                 )
+            self._check_range(weights, module, target, a, b, scale)
             self.updates[target] = (a.float(), b.float(), scale, transposed)
+
+    def _check_range(self, weights, module: str, target: str, a, b, scale: float) -> None:
+        """Finite factors, and an update |s * B @ A| <= s * r * max|A| * max|B| within the weight's
+        dtype (an overflow would fail mid-merge, or read as NaN / Inf in the model's file)."""
+        dtype = self.model.tensors[target].dtype
+        a_max, b_max = a.abs().max().item() if a.numel() else 0.0, b.abs().max().item() if b.numel() else 0.0
+        if not (math.isfinite(a_max) and math.isfinite(b_max)):
+            raise CheckpointError(f"{weights}: the LoRA factors of module {module!r} hold NaN or Inf")
+        bound = abs(scale) * a.shape[0] * a_max * b_max
+        limit = torch.finfo(dtype).max if dtype.is_floating_point else torch.finfo(torch.float32).max
+        if not bound <= limit:
+            raise CheckpointError(
+                f"{weights}: the LoRA update of {target!r} may overflow {dtype} (scale {scale:g} from "
+                f"lora_alpha / alpha_pattern in {self._config_file.name}, factors up to {a_max:g}, {b_max:g})"
+            )
 
     def _alpha(self, module: str) -> float:
         for pattern, alpha in self.alpha_pattern.items():

@@ -73,6 +73,7 @@ class ShardOutput:
         self._buffers_made = 0
         self.bytes_written = 0
         self.error: BaseException | None = None
+        self._abandoned = False
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self.thread = threading.Thread(target=self._write_loop, daemon=True)
 
@@ -127,17 +128,26 @@ class ShardOutput:
         self.thread.join()
         self.raise_if_failed()
 
-    def abandon(self) -> None:
-        """Stop after the write in progress (the merge failed elsewhere)."""
-        self._queue.put(None)
-        self.thread.join()
+    def abandon(self, wait: bool = True) -> None:
+        """Stop after the write in progress (the merge failed elsewhere). ``wait=False`` (an interrupt)
+        returns at once: the shard being written is finished, or left as a temporary file that resume
+        removes if the process ends first; a shard waiting for the thread is not written."""
+        if wait:
+            self._queue.put(None)
+            self.thread.join()
+            return
+        self._abandoned = True
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # the thread takes the shard waiting there, sees _abandoned and leaves
+            pass
 
     def _write_loop(self) -> None:
         # After a failure keep draining the queue, so the compute step never blocks on it.
         while True:
             item = self._queue.get()
             try:
-                if item is None:
+                if item is None or self._abandoned:
                     return
                 if self.error is not None:
                     continue

@@ -48,13 +48,15 @@ from ..planner import MergePlan, PlanError, plan_config
 from ..vocab import Vocabulary, build_vocabulary, resolve_template
 from ..vocab.build import chat_template_files
 from .card import model_card
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, InputChangedError, check_unchanged, json_object
 from .compute import Computer
+from .guard import check_output_path, local_inputs, output_lock
 from .lora import LoraCheckpoint
 from .multi import merge_documents
 from .output import ShardOutput
 from .ranks import Ranks
 from .reader import Failed, InputReader, Prefetcher
+from .signals import ends_process
 from .work import WorkPlan, numel_of
 from .writer import CheckpointWriter
 
@@ -206,7 +208,8 @@ def merge_checkpoints(
                 allow_crimes=allow_crimes,
                 hub_cache=hub_cache,
             )
-            return merge_documents(Path(config), documents, out_dir, merge_checkpoints, **options)
+            with output_lock(out_dir, take=_process_rank() == 0):  # the final merge takes it again
+                return merge_documents(Path(config), documents, out_dir, merge_checkpoints, **options)
     t_start = time.perf_counter()
     start_rss = _rss_bytes()
     cfg = config if isinstance(config, MergeConfig) else load_config(config, strict=strict)
@@ -216,23 +219,25 @@ def merge_checkpoints(
         cfg = dataclasses.replace(cfg, options={**cfg.options, "seed": seed}, _cache={})
     inputs = InputOptions(allow_pickle, allow_crimes, hub_cache)
     outputs = OutputOptions(copy_tokenizer, model_card, Path(out_dir).name)
+    check_output_path(out_dir, local_inputs(_references(cfg)))  # before anything is written
     ranks = Ranks.start(device)
     try:
-        report = _merge_as_rank(
-            cfg,
-            out_dir,
-            ranks,
-            devices.resolve(device),
-            resume=resume,
-            overwrite=overwrite,
-            quiet=quiet,
-            inputs=inputs,
-            outputs=outputs,
-            shard_size=shard_size,
-            chunk_bytes=chunk_bytes,
-            t_start=t_start,
-            start_rss=start_rss,
-        )
+        with output_lock(out_dir, take=ranks.rank == 0):  # rank 0 creates and publishes the output
+            report = _merge_as_rank(
+                cfg,
+                out_dir,
+                ranks,
+                devices.resolve(device),
+                resume=resume,
+                overwrite=overwrite,
+                quiet=quiet,
+                inputs=inputs,
+                outputs=outputs,
+                shard_size=shard_size,
+                chunk_bytes=chunk_bytes,
+                t_start=t_start,
+                start_rss=start_rss,
+            )
     except BaseException as exc:
         # The other ranks stop at their next rendezvous or check, with this error in theirs.
         ranks.fail(exc)
@@ -240,6 +245,22 @@ def merge_checkpoints(
         raise
     ranks.close()
     return report
+
+
+def _references(cfg: MergeConfig) -> list[str | None]:
+    """Every model reference of a configuration: base, slice bases and sources, tokenizer source."""
+    source = cfg.tokenizer.source_model if cfg.tokenizer is not None else None
+    slices = [ref for sl in cfg.slices for ref in (sl.base_model, *(src.path for src in sl.sources))]
+    return [cfg.base_model, *slices, source]
+
+
+def _process_rank() -> int:
+    """This process's rank under torch.distributed before a merge joins the group (torchrun's RANK)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _merge_as_rank(
@@ -272,6 +293,8 @@ def _merge_as_rank(
 
     # 1. plan
     plan, checkpoints = _plan(cfg, inputs)
+    inputs_at = [p for c in checkpoints for p in (c.path, getattr(c, "adapter", None)) if p]
+    check_output_path(out_dir, inputs_at)  # again, with hub ids resolved
     work = WorkPlan(cfg, plan, memory_cap, chunk_bytes, cap_source)
     shards = work.shards(shard_bytes)
     # Ranks split the shards (shard i goes to rank i mod world); rank 0 prepares the output first.
@@ -279,6 +302,7 @@ def _merge_as_rank(
     writer = None
     if rank == 0:
         writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=overwrite, resume=resume)
+        writer.warn_if_short_of_space()
     ranks.sync()
     if rank != 0:
         writer = CheckpointWriter(out_dir, shards, fingerprint, overwrite=True, resume=resume, attach=True)
@@ -307,17 +331,22 @@ def _merge_as_rank(
         bytes_written = _stream(
             work, units, reader, dev, writer, pending, ranks, per_tensor_params, diagnostics, bar
         )
+        seconds["merge"] = time.perf_counter() - t_merge
+
+        # publish, only if every input is still the file the plan opened
+        t_finish = time.perf_counter()
+        ranks.sync()  # every rank's shards are written
+        if rank == 0:
+            check_unchanged({Path(f): (size, mtime) for f, size, mtime in fingerprint["files"]})
+            side = _side_files(cfg, plan, checkpoints, outputs)
+            writer.finish(side, sum(work.out_bytes(n) for n in work.order))
+    except InputChangedError:
+        if rank == 0:  # its shards may mix two versions of an input: none of them may be resumed
+            writer.discard()
+        raise
     finally:
         if bar is not None:
             bar.close()
-    seconds["merge"] = time.perf_counter() - t_merge
-
-    # publish
-    t_finish = time.perf_counter()
-    ranks.sync()  # every rank's shards are written
-    if rank == 0:
-        side = _side_files(cfg, plan, checkpoints, outputs)
-        writer.finish(side, sum(work.out_bytes(n) for n in work.order))
     ranks.sync()
     seconds["finish"] = time.perf_counter() - t_finish
     seconds["total"] = time.perf_counter() - t_start
@@ -362,8 +391,7 @@ def _plan(cfg: MergeConfig, inputs: InputOptions) -> tuple[MergePlan, list[Check
     paths = [cfg.base_model, *(src.path for sl in cfg.slices for src in sl.sources)]
     for path in dict.fromkeys(paths):
         opened[path] = _open(path, inputs)
-    if not inputs.allow_crimes:
-        _check_architectures(opened)
+    _check_architectures(opened, compare=not inputs.allow_crimes)
     vocabulary = _vocabulary(cfg, opened, inputs) if cfg.tokenizer is not None else None
     try:
         plan = plan_config(cfg, {path: ckpt.tensors for path, ckpt in opened.items()}, vocabulary)
@@ -402,21 +430,24 @@ def _open(reference: str, inputs: InputOptions) -> Checkpoint | LoraCheckpoint:
     return LoraCheckpoint(checkpoint, adapter, allow_pickle=inputs.allow_pickle)
 
 
-def _check_architectures(opened: dict[str, Checkpoint]) -> None:
-    """Models whose config.json names different architectures are refused (mergekit's "crimes")."""
-    found: dict[str, tuple] = {}
-    for path, ckpt in opened.items():
+def _check_architectures(opened: dict[str, Checkpoint], compare: bool = True) -> None:
+    """Every model's config.json must be a JSON object with a list of class names as ``architectures``;
+    models whose architectures differ are refused (mergekit's "crimes") when ``compare``."""
+    found: dict[Path, tuple] = {}
+    for ckpt in opened.values():
         config = ckpt.directory / "config.json"
         if not (ckpt.path.is_dir() and config.is_file()):
             continue
-        try:
-            architectures = json.loads(config.read_text()).get("architectures")
-        except (json.JSONDecodeError, AttributeError, OSError):
+        architectures = json_object(config).get("architectures")
+        if architectures is None or architectures == []:
             continue
-        if architectures:
-            found[path] = tuple(architectures)
-    if len(set(found.values())) > 1:
-        listed = "; ".join(f"{path}: {', '.join(arch)}" for path, arch in found.items())
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise CheckpointError(
+                f"{config}: architectures must be a list of class names, got {architectures!r:.80}"
+            )
+        found[config] = tuple(architectures)
+    if compare and len(set(found.values())) > 1:
+        listed = "; ".join(f"{config}: {', '.join(arch)}" for config, arch in found.items())
         raise CheckpointError(
             f"the models have different architectures ({listed}); --allow-crimes (allow_crimes=True) "
             "merges them anyway"
@@ -489,9 +520,9 @@ def _stream(work, units, reader, dev, writer, pending, ranks, per_tensor_params,
             prefetch.budget.release(held)
             if bar is not None:
                 bar.update(in_bytes)
-    except BaseException:
+    except BaseException as exc:
         stop.set()
-        output.abandon()
+        output.abandon(wait=not ends_process(exc))  # a signal to the command: exit within 2 s
         raise
     output.close()
     return output.bytes_written
@@ -556,12 +587,7 @@ def _with_sizes(data: bytes, plan: MergePlan, where) -> bytes:
     """config.json with the output's layer count (slices) and vocabulary rows, when they changed."""
     if plan.num_layers is None and plan.vocab_rows is None:
         return data
-    try:
-        config = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{where / 'config.json'}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{where / 'config.json'}: expected a JSON object")
+    config = json_object(where / "config.json", data)
     if plan.num_layers is not None:
         key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
         config[key] = plan.num_layers

@@ -6,7 +6,8 @@ fingerprint of the inputs and config, and the shard layout) lets ``resume`` skip
 The index JSON is written last, then the partial directory is renamed to ``OUT_DIR``: an
 ``OUT_DIR`` exists only when the merge finished. A killed writer can leave temporary files behind
 (ours and safetensors' own ``.tmpXXXXXX``); they are removed on resume and before publishing, so the
-output holds exactly the planned files.
+output holds exactly the planned files. A merge holds a lock beside the partial directory while it
+runs (:mod:`.guard`); SIGINT / SIGTERM wait out the rename that publishes it (:mod:`.signals`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..cachedir import umask
+from .signals import deferred_signals
 
 PLAN_FILE = ".plan.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,6 +34,10 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class OutputError(RuntimeError):
     """The output cannot be written as asked; the message names the path."""
+
+
+class OutputWarning(UserWarning):
+    """The output may not be written as asked (the disk looks too small for it)."""
 
 
 @dataclass(frozen=True)
@@ -75,10 +84,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _disk_error(path: Path, exc: OSError) -> OutputError:
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB"
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes where path lives (its nearest existing ancestor)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _os_error(exc: OSError | SafetensorError) -> OSError:
+    """safetensors reports its writes' I/O errors as SafetensorError("... (os error N)"): the OSError."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code))
+
+
+def _disk_error(path: Path, exc: OSError, remaining: int | None = None) -> OutputError:
+    """An OSError while writing as an OutputError naming the path; a full disk also says how much
+    of the output is left to write (``remaining`` bytes) against the space free now."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = "" if remaining is None else (
+            f"; the rest of the output needs about {_size(remaining)}, {_size(_free_bytes(path))} is free"
+        )  # fmt: skip
         return OutputError(
-            f"{path}: the disk is full ({exc.strerror}); finished shards are kept in the partial "
+            f"{path}: the disk is full ({exc.strerror}){need}; finished shards are kept in the partial "
             "directory, free space and run again with --resume"
         )
     return OutputError(f"{path}: cannot be written ({exc})")
@@ -145,6 +179,22 @@ class CheckpointWriter:
         """Whether the shard was finished by this run or an earlier one (its final name exists)."""
         return (self.partial / shard.filename).exists()
 
+    def remaining_bytes(self) -> int:
+        """Tensor bytes of the planned shards not written yet (headers and side files are small)."""
+        return sum(s.nbytes for s in self.shards if not self.done(s))
+
+    def warn_if_short_of_space(self) -> None:
+        """Warn up front when the output will not fit on its disk: the merge would stop part-way."""
+        remaining, free = self.remaining_bytes(), _free_bytes(self.partial)
+        if remaining > free:
+            warnings.warn(
+                f"{self.partial}: the output needs about {_size(remaining)} more, but {_size(free)} is "
+                "free there; the merge will stop when the disk is full (finished shards are kept "
+                "for --resume)",
+                OutputWarning,
+                stacklevel=2,
+            )
+
     def write_shard(self, shard: Shard, tensors: dict[str, torch.Tensor]) -> None:
         final = self.partial / shard.filename
         tmp = final.with_name(final.name + ".tmp")
@@ -158,9 +208,9 @@ class CheckpointWriter:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
             _fsync_dir(self.partial)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             tmp.unlink(missing_ok=True)
-            raise _disk_error(final, exc) from exc
+            raise _disk_error(final, _os_error(exc), self.remaining_bytes()) from exc
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -169,6 +219,10 @@ class CheckpointWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def discard(self) -> None:
+        """Remove the partial directory (shards that must not be resumed)."""
+        shutil.rmtree(self.partial, ignore_errors=True)
 
     def finish(self, side_files: dict[str, bytes], total_size: int) -> None:
         """Side files (config.json, tokenizer, the merge config), the index last, then publish."""
@@ -181,17 +235,24 @@ class CheckpointWriter:
             self._atomic_write(self.partial / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
             tops = {Path(name).parts[0] for name in side_files}
             self._remove_strays({INDEX_FILE, PLAN_FILE, *tops, *(s.filename for s in self.shards)})
-            (self.partial / PLAN_FILE).unlink()
-            _fsync_dir(self.partial)
         except OSError as exc:
             raise _disk_error(self.partial, exc) from exc
-        if self.out_dir.exists():  # overwrite: move the old output aside, publish, then delete it
-            old = self.out_dir.with_name(self.out_dir.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.out_dir, old)
-            os.replace(self.partial, self.out_dir)
+        old = self.out_dir.with_name(self.out_dir.name + ".old")
+        if self.out_dir.exists() and old.exists():
             shutil.rmtree(old)
-        else:
+        # SIGINT / SIGTERM wait for the end of this section: without its plan the partial directory
+        # no longer resumes, so a signal finds either it whole (with its plan) or OUT_DIR published
+        # (and an output it replaced deleted: unlinking a model's few files takes milliseconds)
+        with deferred_signals():
+            try:
+                (self.partial / PLAN_FILE).unlink()
+                _fsync_dir(self.partial)
+            except OSError as exc:
+                raise _disk_error(self.partial, exc) from exc
+            replaced = self.out_dir.exists()
+            if replaced:  # overwrite: move the old output aside, publish, then delete it
+                os.replace(self.out_dir, old)
             os.replace(self.partial, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
+            _fsync_dir(self.out_dir.parent)
+            if replaced:
+                shutil.rmtree(old)

@@ -19,6 +19,7 @@ rows loses the extra ones (BPE tokenizers only, as in mergekit).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .settings import TokenizerSettings
+
+# Ids more than this far beyond a tokenizer's token count mark a corrupt file (real ones are dense).
+MAX_ID_GAP = 2**16
 
 
 class TokenizerError(ValueError):
@@ -80,15 +84,21 @@ class Vocabulary:
     def files(self, chat_template: str | None = None) -> dict[str, bytes]:
         """The output tokenizer's files as transformers saves them (``tokenizer.json``,
         ``tokenizer_config.json``, ``chat_template.jinja`` ...), with ``chat_template`` set when given."""
-        return tokenizer_files(self.tokenizer, chat_template)
+        return tokenizer_files(
+            self.tokenizer, chat_template, f"{self.base}: the tokenizer merged from its cannot be saved"
+        )
 
 
-def tokenizer_files(tokenizer, chat_template: str | None = None) -> dict[str, bytes]:
-    """A tokenizer saved with ``save_pretrained`` into a scratch directory: relative name -> bytes."""
+def tokenizer_files(
+    tokenizer, chat_template: str | None = None, what: str = "the output tokenizer cannot be saved"
+) -> dict[str, bytes]:
+    """A tokenizer saved with ``save_pretrained`` into a scratch directory: relative name -> bytes
+    (a TokenizerError ``what: ...`` when transformers cannot save it)."""
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     with tempfile.TemporaryDirectory(prefix="mergekernels-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
+        with _malformed(what):
+            tokenizer.save_pretrained(tmp)
         root = Path(tmp)
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -112,10 +122,48 @@ def load_tokenizer(directory: Path, reference: str, trust_remote_code: bool = Fa
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "unreadable"
         raise TokenizerError(
             f"{reference}: cannot load its tokenizer from {directory}: {type(exc).__name__}: {exc}"
+            + _config_problem(directory)
+        ) from None
+    except BaseException as exc:
+        if not _is_rust_panic(exc):
+            raise
+        raise TokenizerError(
+            f"{reference}: cannot load its tokenizer from {directory}: tokenizers failed on its files ({exc})"
         ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise TokenizerError(f"{reference}: its tokenizer has no tokenizer.json (a fast tokenizer is needed)")
+    vocab = tokenizer.get_vocab()
+    token, largest = max(vocab.items(), key=lambda item: item[1], default=("", 0))
+    if largest >= len(vocab) + MAX_ID_GAP:
+        # tokenizers saves a BPE vocabulary by walking every id up to the largest (one entry per
+        # hole): a corrupt id of 2**31 would take minutes and gigabytes when the merge saves it
+        raise TokenizerError(
+            f"{reference}: its tokenizer ({directory}) gives {token!r} id {largest}, far beyond its "
+            f"{len(vocab)} tokens"
+        )
     return tokenizer
+
+
+def _is_rust_panic(exc: BaseException) -> bool:
+    """A panic inside tokenizers' Rust code on a malformed file: pyo3 raises it as a PanicException,
+    a BaseException (not an Exception), which has no importable class."""
+    return type(exc).__name__ == "PanicException"
+
+
+def _config_problem(directory: Path) -> str:
+    """A note that the model's config.json does not load either, when so: AutoTokenizer reads it too,
+    and its errors name a field but not the file."""
+    if not (directory / "config.json").is_file():
+        return ""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # noqa: BLE001 - as above: any failure means "unreadable"
+        return (
+            f" ({directory / 'config.json'}, which it reads too, does not load either: {type(exc).__name__})"
+        )
+    return ""
 
 
 def config_rows(directory: Path) -> int | None:
@@ -128,8 +176,14 @@ def config_rows(directory: Path) -> int | None:
     if not isinstance(config, dict):
         return None
     for holder in (config, config.get("text_config")):
-        if isinstance(holder, dict) and isinstance(holder.get("vocab_size"), int):
-            return holder["vocab_size"]
+        if isinstance(holder, dict) and holder.get("vocab_size") is not None:
+            rows = holder["vocab_size"]
+            # the rows decide which tokens a model has: a bool, zero or negative count is no count
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+                raise TokenizerError(
+                    f"{directory / 'config.json'}: vocab_size must be a positive integer, got {rows!r:.40}"
+                )
+            return rows
     return None
 
 
@@ -150,16 +204,34 @@ def _model_vocabulary(reference: str, tokenizer, rows: int | None) -> ModelVocab
     return ModelVocabulary(reference, kept, rows, getattr(tokenizer, "chat_template", None))
 
 
-def _reload(tokenizer, edit=None):
+def _reload(tokenizer, edit=None, reference: str = "the base model"):
     """A copy of a tokenizer through save / load (transformers has no deep copy of a fast tokenizer);
-    ``edit(directory)`` may change the saved files first."""
+    ``edit(directory)`` may change the saved files first. A malformed tokenizer can load and still
+    fail here (a merge naming a token its vocabulary lacks): a TokenizerError naming ``reference``."""
     from transformers import AutoTokenizer
 
+    what = f"{reference}: its tokenizer cannot be saved and loaded again"
     with tempfile.TemporaryDirectory(prefix="mergekernels-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
+        with _malformed(what):
+            tokenizer.save_pretrained(tmp)
         if edit is not None:
             edit(Path(tmp))
-        return AutoTokenizer.from_pretrained(tmp)
+        with _malformed(what):
+            return AutoTokenizer.from_pretrained(tmp)
+
+
+@contextlib.contextmanager
+def _malformed(what: str):
+    """transformers' and tokenizers' errors on a malformed tokenizer as a TokenizerError ``what: ...``
+    (they raise many kinds, and a panic in tokenizers' Rust code is not an Exception)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - as in load_tokenizer: all mean "malformed"
+        raise TokenizerError(f"{what}: {type(exc).__name__}: {exc}") from None
+    except BaseException as exc:
+        if not _is_rust_panic(exc):
+            raise
+        raise TokenizerError(f"{what}: tokenizers failed on it ({exc})") from None
 
 
 def strip_tokenizer(tokenizer, rows: int, reference: str):
@@ -203,10 +275,10 @@ def strip_tokenizer(tokenizer, rows: int, reference: str):
                     config[key] = [t for t in config[key] if content(t) not in unused]
             config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2))
 
-    return _reload(tokenizer, edit)
+    return _reload(tokenizer, edit, reference)
 
 
-def union_tokenizer(base, others: list[tuple[object, ModelVocabulary]]):
+def union_tokenizer(base, others: list[tuple[object, ModelVocabulary]], reference: str = "the base model"):
     """The base's tokenizer with every other model's tokens it lacks (see the module docstring)."""
     from tokenizers import AddedToken
 
@@ -226,7 +298,7 @@ def union_tokenizer(base, others: list[tuple[object, ModelVocabulary]]):
                     )
             else:
                 regular.setdefault(token)
-    out = _reload(base)
+    out = _reload(base, reference=reference)
     have = out.get_vocab()
     out.add_tokens([t for t in regular if t not in have])
     have = out.get_vocab()
@@ -281,12 +353,16 @@ def build_vocabulary(
         models[reference] = _model_vocabulary(reference, tokenizers[reference], rows)
 
     if settings.source == "base":
-        out = _reload(base_tokenizer)
+        out = _reload(base_tokenizer, reference=base)
     elif settings.source == "union":
-        out = union_tokenizer(base_tokenizer, [(tokenizers[m], models[m]) for m in models if m in tokenizers])
+        others = [(tokenizers[m], models[m]) for m in models if m in tokenizers]
+        out = union_tokenizer(base_tokenizer, others, reference=base)
     else:
         directory = directories.get(settings.source, source_directory)
-        out = load_tokenizer(directory, settings.source, trust_remote_code)
+        # a copy, as in the other cases: one that cannot be saved fails here, not after the merge
+        out = _reload(
+            load_tokenizer(directory, settings.source, trust_remote_code), reference=settings.source
+        )
     have = out.get_vocab()
     out.add_tokens([t for t in settings.tokens if t not in have])
     return _finish(out, models, settings, base)
@@ -324,4 +400,6 @@ def chat_template_files(setting: str, base: str, directories: dict[str, Path]) -
     template = resolve_template(setting, templates)
     if template is None:
         return None
-    return tokenizer_files(load_tokenizer(directories[base], base), template)
+    return tokenizer_files(
+        load_tokenizer(directories[base], base), template, f"{base}: its tokenizer cannot be saved"
+    )
