@@ -69,7 +69,18 @@ def diagnose(case: str, dev: str) -> None:
         defined = [line for line in nm.splitlines() if "_M_insert<" in line]
         print("iostream inserts in _C:", defined[:4])
     print("CC/CXX/LDFLAGS/CXXFLAGS:", {k: os.environ.get(k) for k in ("CC", "CXX", "LDFLAGS", "CXXFLAGS")})
-    print(subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1])
+    # The 2026-12-04 build used /opt/gcc/bin/g++: does that toolchain link libstdc++ statically
+    # (a second copy of iostreams in _C, which crashes as pytorch/pytorch#109923 describes)?
+    compiler = os.environ.get("CXX", "c++")
+    for args in (["--version"], ["-print-file-name=libstdc++.so"], ["-dumpspecs"]):
+        out = subprocess.run([compiler, *args], capture_output=True, text=True).stdout.splitlines()
+        keep = out[:1] if args[0] != "-dumpspecs" else [line for line in out if "static-libstdc++" in line]
+        print(compiler, args[0], keep[:3])
+    if ext and shutil.which("readelf"):
+        dynamic = subprocess.run(["readelf", "-d", str(ext)], capture_output=True, text=True).stdout
+        print(
+            "NEEDED:", [line.split("[")[-1].rstrip("]") for line in dynamic.splitlines() if "NEEDED" in line]
+        )
     if shutil.which("cuda-gdb"):
         code = CASE.format(root=str(ROOT), case=case, dev=dev, maps=False)
         script = Path("/tmp/mk_crash_case.py")
