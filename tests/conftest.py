@@ -35,3 +35,23 @@ def assert_close_to_ref(out, ref, dtype=None):
     tol = 2 * ULP[dtype] * r.abs() + 1e-6
     bad = (o - r).abs() > tol
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} differ; max {(o - r).abs().max().item():.3g}"
+
+
+def write_layer_models(root, layers: int, shape, experts: int = 2, seed: int = 0) -> list:
+    """A base (``root/base``) and ``experts`` fine-tuned copies (``root/e1`` ...) of ``layers`` bf16
+    ``layers.i.weight`` tensors of ``shape``, one model.safetensors each: checkpoints for merges run
+    as commands. Returns their directories, the base first."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    base = {f"layers.{i}.weight": torch.randn(shape, generator=g).to(torch.bfloat16) for i in range(layers)}
+    paths = []
+    for who in ["base"] + [f"e{i}" for i in range(1, experts + 1)]:
+        sd = {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for n, v in base.items()}
+        directory = Path(root) / who
+        directory.mkdir()
+        save_file(base if who == "base" else sd, str(directory / "model.safetensors"))
+        paths.append(directory)
+    return paths

@@ -26,6 +26,8 @@ from mergekernels.engine import reader as reader_module
 from mergekernels.engine import writer as writer_module
 from mergekernels.methods import METHODS
 
+from .conftest import write_layer_models
+
 SHAPES = {
     "embed.weight": (64, 24),
     "layers.0.weight": (24, 24),
@@ -579,12 +581,7 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path):
     import signal
     import time
 
-    g = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.weight": torch.randn(512, 1024, generator=g).to(torch.bfloat16) for i in range(12)}
-    for who in ("base", "e1", "e2"):
-        sd = {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for n, v in base.items()}
-        (tmp_path / who).mkdir()
-        save_file(base if who == "base" else sd, str(tmp_path / who / "model.safetensors"))
+    write_layer_models(tmp_path, 12, (512, 1024))
     cfg = _config(tmp_path, [str(tmp_path / "e1"), str(tmp_path / "e2")], "dare_ties", drop=0.5, seed=7)
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(Path(mk.__file__).parent.parent)}

@@ -13,15 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import save_file
 
 import mergekernels as mk
 from mergekernels.cli import main as cli_main
 from mergekernels.engine import merge_checkpoints
 from mergekernels.engine import writer as writer_module
 
+from .conftest import write_layer_models
 from .test_engine import _config, _files, models  # noqa: F401  (fixture)
 
 SHARD = 1500  # bytes: the test models' tensors make 4 shards
@@ -285,12 +284,7 @@ def test_an_output_in_an_input_models_directory_is_refused(models, capsys):  # n
 def test_sigterm_at_a_random_moment_of_a_real_merge(tmp_path):
     """No step made to wait: SIGTERM once the first shard is written finds the reader, the kernels
     and the writer at work; the merge still ends within 2 s, and --resume gives the clean bytes."""
-    g = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.weight": torch.randn(256, 1024, generator=g).to(torch.bfloat16) for i in range(24)}
-    for who in ("base", "e1", "e2"):
-        sd = {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for n, v in base.items()}
-        (tmp_path / who).mkdir()
-        save_file(base if who == "base" else sd, str(tmp_path / who / "model.safetensors"))
+    write_layer_models(tmp_path, 24, (256, 1024))
     cfg = _config(tmp_path, [str(tmp_path / "e1"), str(tmp_path / "e2")], "ties", density=0.3)
     config = tmp_path / "cfg.yml"
     config.write_text(yaml.safe_dump(cfg))

@@ -22,6 +22,7 @@ from mergekernels.engine import checkpoint as checkpoint_module
 from mergekernels.engine import run as run_module
 from mergekernels.engine import writer as writer_module
 
+from .conftest import write_layer_models
 from .test_engine import _config, _files, models  # noqa: F401  (the fixture)
 
 
@@ -48,16 +49,7 @@ def test_a_matrix_layer_over_the_memory_cap_is_refused_before_any_read(models, c
 
 def _square_models(tmp_path: Path, experts: int = 2) -> list[Path]:
     """A base and experts of a few 256 x 256 bf16 tensors (128 KiB each: many pages per tensor)."""
-    g = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.weight": torch.randn(256, 256, generator=g).to(torch.bfloat16) for i in range(4)}
-    paths = []
-    for who in ["base"] + [f"e{i}" for i in range(1, experts + 1)]:
-        sd = base if who == "base" else {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype)
-                                         for n, v in base.items()}  # fmt: skip
-        (tmp_path / who).mkdir()
-        save_file(sd, str(tmp_path / who / "model.safetensors"))
-        paths.append(tmp_path / who)
-    return paths
+    return write_layer_models(tmp_path, 4, (256, 256), experts)
 
 
 def _ta_config(paths: list[Path]) -> dict:
@@ -179,15 +171,7 @@ def test_a_real_full_disk_stops_with_the_space_needed_and_resumes_once_freed(tmp
     """A 12 MB output onto a 5 MB disk: warned up front, stopped in the third shard with an error
     naming the shard and the space needed; after the disk grows, --resume finishes it, byte for
     byte equal to a merge that never stopped."""
-    g = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.weight": torch.randn(512, 1024, generator=g).to(torch.bfloat16) for i in range(12)}
-    paths = []
-    for who in ("base", "e1", "e2"):
-        sd = base if who == "base" else {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype)
-                                         for n, v in base.items()}  # fmt: skip
-        (tmp_path / who).mkdir()
-        save_file(sd, str(tmp_path / who / "model.safetensors"))
-        paths.append(tmp_path / who)
+    paths = write_layer_models(tmp_path, 12, (512, 1024))
     cfg = _ta_config(paths)
     assert _run(tmp_path, cfg, tmp_path / "clean", "--shard-size", "2MiB") == 0
     capsys.readouterr()

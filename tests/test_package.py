@@ -11,18 +11,28 @@ import mergekernels
 import mergekernels.build
 
 
-def test_import_without_extension_says_how_to_build(tmp_path):
+def _import_a_copy(
+    tmp_path: Path, *python_flags: str, ignore=("__pycache__",), build_info: str | None = None
+):
+    """``import mergekernels`` from a copy of the package (without the ``ignore`` patterns, with
+    ``build_info`` as its _build_info.py when given) in a fresh interpreter."""
     pkg = Path(mergekernels.__file__).parent
-    shutil.copytree(pkg, tmp_path / "mergekernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(pkg, tmp_path / "mergekernels", ignore=shutil.ignore_patterns(*ignore))
+    if build_info is not None:
+        (tmp_path / "mergekernels" / "_build_info.py").write_text(build_info)
     # -S: no site hooks, so an editable install's import finder cannot bring in the built package.
     site_packages = Path(torch.__file__).parent.parent
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", "import mergekernels"],
+    return subprocess.run(
+        [sys.executable, "-S", *python_flags, "-c", "import mergekernels"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         env={"PYTHONPATH": f"{tmp_path}:{site_packages}", "PATH": "/usr/bin:/bin"},
     )
+
+
+def test_import_without_extension_says_how_to_build(tmp_path):
+    proc = _import_a_copy(tmp_path, ignore=("*.so", "__pycache__"))
     assert proc.returncode != 0
     assert "mergekernels._C is missing" in proc.stderr
     assert "pip install --no-build-isolation -e ." in proc.stderr
@@ -56,18 +66,7 @@ def test_a_build_for_another_torch_names_both_and_how_to_rebuild():
 
 def test_a_mismatched_build_that_loads_warns(tmp_path):
     """An extension that loads although its build's torch is another one may still crash: warned."""
-    pkg = Path(mergekernels.__file__).parent
-    shutil.copytree(pkg, tmp_path / "mergekernels", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "mergekernels" / "_build_info.py").write_text(
-        'TORCH_VERSION = "2.11.0+cu130"\nTORCH_CUDA_VERSION = "13.0"\nCUDA_KERNELS = True\n'
-    )
-    site_packages = Path(torch.__file__).parent.parent
-    proc = subprocess.run(
-        [sys.executable, "-S", "-W", "error::RuntimeWarning", "-c", "import mergekernels"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": f"{tmp_path}:{site_packages}", "PATH": "/usr/bin:/bin"},
-    )
+    info = 'TORCH_VERSION = "2.11.0+cu130"\nTORCH_CUDA_VERSION = "13.0"\nCUDA_KERNELS = True\n'
+    proc = _import_a_copy(tmp_path, "-W", "error::RuntimeWarning", build_info=info)
     assert proc.returncode != 0
     assert "built against torch 2.11.0+cu130 (CUDA 13.0)" in proc.stderr
