@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -76,17 +77,35 @@ void find_mapping(uintptr_t addr, char* path, size_t cap) {
   close(fd);
 }
 
+// Appends s to the message at *end (bounded by limit).
+void append(char*& end, const char* limit, const char* s) {
+  while (*s && end < limit) *end++ = *s++;
+}
+
 void on_bus_error(int, siginfo_t* info, void*) {
+  // Several threads may fault on the same truncated file at once: the first reports and exits,
+  // the others wait for the exit (a lock-free exchange is async-signal-safe).
+  static std::atomic<int> entered{0};
+  if (entered.exchange(1) != 0) {
+    for (;;) pause();
+  }
   char path[4096];
   find_mapping(reinterpret_cast<uintptr_t>(info->si_addr), path, sizeof(path));
   if (path[0] != '/') {  // not a file map: a genuine fault, which gets the default action
     signal(SIGBUS, SIG_DFL);
+    entered.store(0);
     return;  // the faulting access runs again and the process ends with SIGBUS
   }
-  put(g_prefix);
-  put(path);
-  put(": the file changed (was truncated or replaced) while the merge read it; nothing was "
-      "published. Run the merge again once the inputs are stable.\n");
+  static char message[sizeof(g_prefix) + sizeof(path) + 256];
+  char* end = message;
+  const char* limit = message + sizeof(message) - 1;
+  append(end, limit, g_prefix);
+  append(end, limit, path);
+  append(end, limit,
+         ": the file changed (was truncated or replaced) while the merge read it; nothing was "
+         "published. Run the merge again once the inputs are stable.\n");
+  *end = '\0';
+  put(message);  // one write: the line is never interleaved
   _exit(kErrorStatus);
 }
 
