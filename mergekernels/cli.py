@@ -162,23 +162,20 @@ def _inode(path: str) -> tuple[int, int] | None:
 
 def _where_it_stands(out_dir: str, signum: int, before: tuple[int, int] | None) -> str:
     """One line for an interrupted merge: what is on disk and what to do next."""
-    import json
     import signal
     from pathlib import Path
 
-    from .engine.writer import PLAN_FILE
+    from .engine.writer import partial_progress
 
     head = f"mergekernels merge: interrupted ({signal.Signals(signum).name})"
     out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
     if partial.is_dir():
-        try:
-            shards = [name for name, _ in json.loads((partial / PLAN_FILE).read_text())["shards"]]
-        except (OSError, ValueError, KeyError, TypeError):
+        progress = partial_progress(partial)
+        if progress is None:
             return f"{head}: nothing written to {partial} yet; run again to start over"
-        done = sum((partial / name).is_file() for name in shards)
-        where = f"{done} of {len(shards)} shards written to {partial}"
-        return f"{head}: {where}; run again with --resume to finish"
+        done, planned = progress
+        return f"{head}: {done} of {planned} shards written to {partial}; run again with --resume to finish"
     if _inode(out_dir) not in (None, before):
         return f"{head} after the merge finished: {out} is complete"
     parts = Path(str(out) + ".parts")  # a multi-document merge's finished intermediate merges

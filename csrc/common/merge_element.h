@@ -113,7 +113,7 @@ struct MergeConfig {
 };
 
 // NaN or +-Inf: the exponent bits all ones, tested on the bits (the same on the host and device).
-MK_HD bool is_nonfinite(float v) { return abs_key(v) >= 0x7F800000u; }
+MK_HD bool is_nonfinite(float v) { return abs_key(v) >= kInfKey; }
 
 template <int kSource>
 MK_HD float keep_probability_as(const MergeConfig& c, int t, int64_t global, int64_t local) {

@@ -54,6 +54,8 @@ MK_HD float bits_float(uint32_t u) {
 
 // |x| as an order-preserving unsigned key.
 MK_HD uint32_t abs_key(float x) { return float_bits(x) & 0x7FFFFFFFu; }
+// abs_key of +Inf: the keys of Inf and NaN (exponent bits all ones) are this or above.
+constexpr uint32_t kInfKey = 0x7F800000u;
 
 MK_HD float abs_f(float x) { return bits_float(abs_key(x)); }
 

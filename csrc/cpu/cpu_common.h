@@ -103,7 +103,7 @@ inline const float* as_float(const T* __restrict__ x, float* __restrict__ buf, i
 inline bool any_nonfinite(const float* __restrict__ x, int64_t len) {
   uint32_t largest = 0;
   for (int64_t j = 0; j < len; ++j) largest = std::max(largest, abs_key(x[j]));
-  return largest >= 0x7F800000u;
+  return largest >= kInfKey;  // is_nonfinite of the largest magnitude
 }
 
 // Sets a flag that other threads may set too (the same value: no ordering needed).

@@ -210,7 +210,7 @@ class Checkpoint:
         self.path = Path(path)
         self.allow_pickle = allow_pickle
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
-        self._listed: dict[str, str] = {}  # an index's weight_map
+        self._listed: dict[str, tuple[str, Path]] = {}  # an index's weight_map: (as written, resolved)
         self.files, self.index_file = self._resolve()
         self.stamps = file_stamps(self.files)
         self.tensors: dict[str, TensorInfo] = {}
@@ -244,10 +244,10 @@ class Checkpoint:
             if index.exists():
                 if pickled:
                     self._check_pickle(index)
-                self._listed = _weight_map(index)
                 files: dict[Path, None] = {}  # file order, no repeats
-                for name, relative in self._listed.items():
+                for name, relative in _weight_map(index).items():
                     file = _inside(p, relative, index, name)
+                    self._listed[name] = (relative, file)
                     # a safetensors index naming another kind of file must not load it as a pickle
                     if not pickled and file.suffix != ".safetensors":
                         raise CheckpointError(
@@ -280,8 +280,8 @@ class Checkpoint:
     def _check_index(self) -> None:
         """Every tensor the index lists is in the file it names (readers that trust the index, as
         mergekit's, would otherwise fail on it or read another tensor)."""
-        for name, relative in self._listed.items():
-            info, file = self.tensors.get(name), (self.path / relative).resolve()
+        for name, (relative, file) in self._listed.items():
+            info = self.tensors.get(name)
             if info is None:
                 raise CheckpointError(f"{file}: has no tensor {name!r}, which {self.index_file} lists there")
             if info.file != file:

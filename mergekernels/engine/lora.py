@@ -73,22 +73,25 @@ class LoraCheckpoint:
             raise CheckpointError(f"{self._config_file}: {key} must be true or false, got {value!r:.80}")
         return bool(value)
 
-    def _patterns(self, value) -> dict[str, float]:
+    def _patterns(self, value) -> dict[re.Pattern, float]:
+        """alpha_pattern as {compiled pattern: alpha}: a key matches a module name or its last
+        dotted parts (``down_proj`` matches ``model.layers.0.mlp.down_proj``)."""
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise CheckpointError(
                 f"{self._config_file}: alpha_pattern must map module patterns to alphas, got {value!r:.80}"
             )
+        patterns = {}
         for pattern, alpha in value.items():
             self._number(alpha, f"alpha_pattern[{pattern!r}]")
             try:
-                re.compile(rf"(.*\.)?{pattern}")  # as _alpha matches it
+                patterns[re.compile(rf"(.*\.)?{pattern}")] = alpha
             except re.error as exc:
                 raise CheckpointError(
                     f"{self._config_file}: alpha_pattern key {pattern!r} is not a regular expression ({exc})"
                 ) from None
-        return value
+        return patterns
 
     def _load(self, allow_pickle: bool) -> None:
         weights = next((self.adapter / n for n in ADAPTER_WEIGHTS if (self.adapter / n).is_file()), None)
@@ -178,7 +181,7 @@ class LoraCheckpoint:
 
     def _alpha(self, module: str) -> float:
         for pattern, alpha in self.alpha_pattern.items():
-            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            if pattern.fullmatch(module):
                 return alpha
         return self.alpha
 

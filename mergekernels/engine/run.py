@@ -48,7 +48,14 @@ from ..planner import MergePlan, PlanError, plan_config
 from ..vocab import Vocabulary, build_vocabulary, resolve_template
 from ..vocab.build import chat_template_files
 from .card import model_card
-from .checkpoint import Checkpoint, CheckpointError, InputChangedError, check_unchanged, json_object
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    InputChangedError,
+    check_unchanged,
+    file_stamps,
+    json_object,
+)
 from .compute import Computer
 from .guard import check_output_path, local_inputs, output_lock
 from .lora import LoraCheckpoint
@@ -125,9 +132,7 @@ def _fingerprint(cfg: MergeConfig, checkpoints: list[Checkpoint], shard_size: in
         read = list(ckpt.files)
         if cfg.tokenizer is not None:  # the vocabulary decides the vocabulary tensors' rows
             read += [ckpt.directory / n for n in TOKENIZER_FILES if (ckpt.directory / n).is_file()]
-        for f in read:
-            st = f.stat()
-            files.append([str(f), st.st_size, st.st_mtime_ns])
+        files += [[str(f), size, mtime] for f, (size, mtime) in file_stamps(read).items()]
     return {
         "version": __version__,
         "config": hashlib.sha256(

@@ -76,6 +76,16 @@ def plan_shards(entries: list[tuple[str, int]], shard_size: int) -> list[Shard]:
     ]
 
 
+def partial_progress(partial: Path) -> tuple[int, int] | None:
+    """(finished shards, planned shards) of a partial directory, from its plan; None when it has no
+    readable plan (nothing written yet, or a publish under way)."""
+    try:
+        shards = [name for name, _ in json.loads((partial / PLAN_FILE).read_text())["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sum((partial / name).is_file() for name in shards), len(shards)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -23,6 +23,7 @@ import contextlib
 import json
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,19 +118,10 @@ def load_tokenizer(directory: Path, reference: str, trust_remote_code: bool = Fa
         raise TokenizerError(
             f"{reference}: no tokenizer files (tokenizer.json, tokenizer_config.json) in {directory}"
         )
-    try:
+    with _malformed(
+        f"{reference}: cannot load its tokenizer from {directory}", lambda: _config_problem(directory)
+    ):
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "unreadable"
-        raise TokenizerError(
-            f"{reference}: cannot load its tokenizer from {directory}: {type(exc).__name__}: {exc}"
-            + _config_problem(directory)
-        ) from None
-    except BaseException as exc:
-        if not _is_rust_panic(exc):
-            raise
-        raise TokenizerError(
-            f"{reference}: cannot load its tokenizer from {directory}: tokenizers failed on its files ({exc})"
-        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise TokenizerError(f"{reference}: its tokenizer has no tokenizer.json (a fast tokenizer is needed)")
     vocab = tokenizer.get_vocab()
@@ -159,7 +151,7 @@ def _config_problem(directory: Path) -> str:
 
     try:
         AutoConfig.from_pretrained(str(directory))
-    except Exception as exc:  # noqa: BLE001 - as above: any failure means "unreadable"
+    except Exception as exc:  # noqa: BLE001 - as in _malformed: any failure means "unreadable"
         return (
             f" ({directory / 'config.json'}, which it reads too, does not load either: {type(exc).__name__})"
         )
@@ -221,17 +213,18 @@ def _reload(tokenizer, edit=None, reference: str = "the base model"):
 
 
 @contextlib.contextmanager
-def _malformed(what: str):
+def _malformed(what: str, note: Callable[[], str] = lambda: ""):
     """transformers' and tokenizers' errors on a malformed tokenizer as a TokenizerError ``what: ...``
-    (they raise many kinds, and a panic in tokenizers' Rust code is not an Exception)."""
+    (they raise many kinds, all meaning "malformed", and a panic in tokenizers' Rust code is not an
+    Exception); ``note()`` adds what else is known about an exception's cause."""
     try:
         yield
-    except Exception as exc:  # noqa: BLE001 - as in load_tokenizer: all mean "malformed"
-        raise TokenizerError(f"{what}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise TokenizerError(f"{what}: {type(exc).__name__}: {exc}{note()}") from None
     except BaseException as exc:
         if not _is_rust_panic(exc):
             raise
-        raise TokenizerError(f"{what}: tokenizers failed on it ({exc})") from None
+        raise TokenizerError(f"{what}: tokenizers failed on its files ({exc})") from None
 
 
 def strip_tokenizer(tokenizer, rows: int, reference: str):
